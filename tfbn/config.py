@@ -1,0 +1,47 @@
+"""The chapter's training recipe, in one place for the CLI, the notebook and the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NORMS: tuple[str, ...] = ("tfbn", "keras", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Hyperparameters of the chapter's LeNet experiment.
+
+    Attributes:
+        learning_rate: SGD learning rate for LeNet with batch normalization.
+        plain_learning_rate: SGD learning rate for LeNet without normalization.
+        epochs: Number of passes over the training set.
+        batch_size: Global batch size (split across replicas).
+        momentum: Momentum of the BatchNorm moving averages.
+        epsilon: Variance epsilon of BatchNorm.
+    """
+
+    learning_rate: float = 1.0
+    plain_learning_rate: float = 0.9
+    epochs: int = 10
+    batch_size: int = 256
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    def lr_for(self, norm: str) -> float:
+        """The default learning rate for a LeNet variant (`"tfbn"`, `"keras"` or `"none"`)."""
+        return self.plain_learning_rate if norm == "none" else self.learning_rate
+
+
+RECIPE = Recipe()
