@@ -1,0 +1,40 @@
+"""Test set-up: three logical CPU devices, so tf.distribute runs with several replicas on a CPU.
+
+The logical devices must exist before TensorFlow initializes its runtime, so this runs at import
+time, before any test module touches TensorFlow.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+N_LOGICAL_CPUS = 3
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(N_LOGICAL_CPUS)]
+)
+
+
+@pytest.fixture
+def cpu_devices():
+    """Names of the logical CPU devices, e.g. ['/device:CPU:0', '/device:CPU:1', ...]."""
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _reset_keras_state():
+    import keras
+
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()
