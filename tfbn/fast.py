@@ -1,0 +1,177 @@
+"""Fast paths for training-mode batch normalization.
+
+Two kernels, both giving the same results as the reference path in `tfbn.ops` (moments, then
+normalize, differentiated by autodiff):
+
+- `fused_batch_norm`: TensorFlow's fused batch-norm kernel (oneDNN on CPU, cuDNN on GPU, XLA's
+  BatchNormTraining under `jit_compile`) for rank-4/5 inputs with the channel axis second or last.
+  It reads float16/bfloat16 inputs directly, computes the statistics in float32, and returns the
+  biased variance (the kernel itself reports the Bessel-corrected one, which is converted here).
+- `composed_batch_norm`: any rank and axis, optionally with the statistics of the global batch
+  across `tf.distribute` replicas. Forward as in `tfbn.ops`; backward by the closed-form gradient
+  of batch normalization (`tf.custom_gradient`) instead of autodiff through the moments, so the
+  backward pass is two reductions and one elementwise pass.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfbn import ops
+
+__all__ = [
+    "FUSED_DTYPES",
+    "composed_batch_norm",
+    "fused_batch_norm",
+    "fused_data_format",
+    "fused_is_faster",
+]
+
+FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+_FORMATS = {(4, -1): "NHWC", (4, 1): "NCHW", (5, -1): "NDHWC", (5, 1): "NCDHW"}
+
+
+def fused_data_format(rank: int, axis: int, dtype: tf.DType) -> str | None:
+    """The fused kernel's data format for this input, or `None` when the kernel cannot take it."""
+    if tf.as_dtype(dtype) not in FUSED_DTYPES or rank not in (4, 5):
+        return None
+    axis = ops.canonical_axis(axis, rank)
+    return _FORMATS.get((rank, -1 if axis == rank - 1 else axis))
+
+
+def fused_is_faster(channels: int) -> bool:
+    """Whether the fused kernel is expected to beat the composed one for this many channels.
+
+    On GPUs (cuDNN) it is. On CPUs, oneDNN's kernel runs a blocked layout: measured on a 2-core
+    x86 CPU, forward+backward on (256, 24, 24, C) took 0.4-0.55x Keras's time for C in
+    {4, 8, 12, 16, 20, 32} but 1.1-6x for C in {3, 6, 7, 9, 10}, where the composed kernel wins.
+    """
+    if tf.config.list_logical_devices("GPU"):
+        return True
+    return channels % 4 == 0
+
+
+def _count(x: tf.Tensor, axis: int) -> tf.Tensor:
+    shape = tf.shape(x)
+    return tf.cast(tf.reduce_prod(shape) // shape[axis], tf.float32)
+
+
+def fused_batch_norm(
+    x: tf.Tensor,
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    epsilon: float,
+    axis: int,
+) -> tuple[tf.Tensor, ops.Moments]:
+    """Training-mode batch normalization with TensorFlow's fused kernel.
+
+    Args:
+        x: Rank-4 or rank-5 tensor, float16, bfloat16 or float32.
+        gamma: Per-channel scale (float32) or `None` for 1.
+        beta: Per-channel offset (float32) or `None` for 0.
+        epsilon: Variance epsilon.
+        axis: Channel axis: 1 or the last.
+
+    Returns:
+        `(y, moments)`: `y` in the dtype of `x`; `moments` in float32 with the biased variance.
+    """
+    rank = x.shape.rank
+    axis = ops.canonical_axis(axis, rank)
+    data_format = fused_data_format(rank, axis, x.dtype)
+    if data_format is None:
+        raise ValueError(
+            f"The fused kernel takes rank-4/5 float16, bfloat16 or float32 inputs with the channel "
+            f"axis 1 or last; received shape {x.shape}, axis={axis}, dtype={x.dtype.name}."
+        )
+    channels = tf.shape(x)[axis]
+    if gamma is None:
+        gamma = tf.ones([channels], tf.float32)
+    if beta is None:
+        beta = tf.zeros([channels], tf.float32)
+    y, mean, corrected_variance = tf.compat.v1.nn.fused_batch_norm(
+        x,
+        tf.cast(gamma, tf.float32),
+        tf.cast(beta, tf.float32),
+        epsilon=epsilon,
+        data_format=data_format,
+        is_training=True,
+    )
+    count = _count(x, axis)
+    # The kernel reports var * n / (n - 1); batch normalization tracks the biased variance.
+    variance = corrected_variance * tf.math.divide_no_nan(tf.maximum(count - 1.0, 0.0), count)
+    return y, ops.Moments(tf.stop_gradient(mean), tf.stop_gradient(variance), count)
+
+
+def composed_batch_norm(
+    x: tf.Tensor,
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    epsilon: float,
+    axis: int,
+    *,
+    synchronized: bool = False,
+) -> tuple[tf.Tensor, ops.Moments]:
+    """Training-mode batch normalization with a closed-form gradient.
+
+    With `synchronized=True` in a `tf.distribute` replica context the statistics are those of the
+    global batch (see `tfbn.ops.moments`), and the backward pass all-reduces its two per-channel
+    reductions, so the gradients equal a single-device run on the concatenated batch.
+
+    Args:
+        x: Floating-point tensor of rank >= 2. float16/bfloat16 are computed in float32.
+        gamma: Per-channel scale or `None`.
+        beta: Per-channel offset or `None`.
+        epsilon: Variance epsilon.
+        axis: Channel axis.
+        synchronized: Whether to use the global batch's statistics across replicas.
+
+    Returns:
+        `(y, moments)`: `y` in the statistics dtype (float32, or float64 for float64 inputs).
+    """
+    rank = x.shape.rank
+    axis = ops.canonical_axis(axis, rank)
+    axes = [i for i in range(rank) if i != axis]
+    dtype = ops.statistics_dtype(x.dtype)
+    x = tf.cast(x, dtype)
+    shape = [1] * rank
+    shape[axis] = -1
+    ctx = tf.distribute.get_replica_context()
+    sync = synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
+    stats = ops.moments(x, axis, synchronized=synchronized)
+    channels = tf.shape(x)[axis]
+    gamma_t = tf.ones([channels], dtype) if gamma is None else tf.cast(gamma, dtype)
+    beta_t = tf.zeros([channels], dtype) if beta is None else tf.cast(beta, dtype)
+    mean = tf.stop_gradient(stats.mean)
+    inv = tf.math.rsqrt(tf.stop_gradient(stats.variance) + tf.cast(epsilon, dtype))
+    count = tf.stop_gradient(stats.count)
+
+    @tf.custom_gradient
+    def normalize(x, gamma_t, beta_t):
+        scale = inv * gamma_t
+        y = x * tf.reshape(scale, shape) + tf.reshape(beta_t - mean * scale, shape)
+
+        def grad(dy):
+            dy = tf.cast(dy, dtype)
+            x_hat = (x - tf.reshape(mean, shape)) * tf.reshape(inv, shape)
+            sum_dy = tf.reduce_sum(dy, axes)
+            sum_dy_xhat = tf.reduce_sum(dy * x_hat, axes)
+            if sync:
+                # The statistics came from the global batch, so must their derivatives.
+                packed = ctx.all_reduce(
+                    tf.distribute.ReduceOp.SUM, tf.concat([sum_dy, sum_dy_xhat], 0)
+                )
+                global_dy, global_dy_xhat = packed[:channels], packed[channels:]
+            else:
+                global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
+            mean_dy = tf.math.divide_no_nan(global_dy, count)
+            mean_dy_xhat = tf.math.divide_no_nan(global_dy_xhat, count)
+            dx = (dy - tf.reshape(mean_dy, shape) - x_hat * tf.reshape(mean_dy_xhat, shape)) * (
+                tf.reshape(scale, shape)
+            )
+            # The parameters' gradients are per replica: the optimizer all-reduces them.
+            return dx, sum_dy_xhat, sum_dy
+
+        return y, grad
+
+    y = normalize(x, gamma_t, beta_t)
+    return y, ops.Moments(mean, tf.stop_gradient(stats.variance), count)
