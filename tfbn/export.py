@@ -1,0 +1,618 @@
+"""Inference-only SavedModel export, with batch normalization folded into the preceding layer.
+
+`export_saved_model` writes `<directory>/<name>/<version>/`, the layout TensorFlow Serving watches.
+The SavedModel holds plain TensorFlow variables and traced functions only: it loads and serves
+with TensorFlow alone (`tf.saved_model.load`, `saved_model_cli`, TensorFlow Serving), in a process
+where neither `tfbn` nor a Keras custom object is importable.
+
+Signatures (shown for a model whose input is `(28, 28, 1)`; the sizes follow the model):
+
+- `serving_default`: `images`, uint8 `[batch, 28, 28, 1]`, pixel values 0-255 (divided by 255 in
+  the graph, as training does).
+- `serving_uint8_2d`: `images`, uint8 `[batch, 28, 28]` (a channel axis of size 1 is added).
+- `serving_float`: `images`, float32 `[batch, 28, 28, 1]`, values already scaled to `[0, 1]`.
+
+Every signature returns `logits` (float32 `[batch, classes]`), `probabilities` (their softmax),
+`class_id` (int64 argmax) and `class_name` (string, from `tfbn.config.CLASS_NAMES`). An input of any
+other shape or dtype is refused by the signature itself.
+
+BatchNorm is in inference mode in the graph: it uses the moving statistics, there is no training
+branch and nothing is assigned. With folding (the default), a batch-norm layer that directly
+follows a `Conv1D`/`Conv2D`/`Conv3D` or `Dense` layer without activation, and whose axis is that
+layer's channel axis, is merged into that layer's kernel and bias:
+
+    s = gamma / sqrt(moving_variance + epsilon)
+    kernel' = kernel * s      (on the output-channel axis)
+    bias'   = (bias - moving_mean) * s + beta
+
+Any other batch-norm layer becomes one per-channel multiply-add, `x * s + (beta - moving_mean * s)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfbn.config import CLASS_NAMES
+from tfbn.layers import BatchNorm
+
+__all__ = [
+    "FOLD_TOLERANCE",
+    "SIGNATURES",
+    "UNFOLDED_TOLERANCE",
+    "export_saved_model",
+    "fold_batch_norm",
+]
+
+# Largest max-abs logit difference accepted between the exported model and `model.predict`.
+FOLD_TOLERANCE = 1e-4
+UNFOLDED_TOLERANCE = 1e-5
+
+# Signature name -> (input dtype, whether the input has the channel axis).
+SIGNATURES: dict[str, tuple[tf.DType, bool]] = {
+    "serving_default": (tf.uint8, True),
+    "serving_uint8_2d": (tf.uint8, False),
+    "serving_float": (tf.float32, True),
+}
+
+_BATCH_NORM_TYPES = (BatchNorm, keras.layers.BatchNormalization)
+_FOLDABLE_TYPES = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Dense,
+)
+_CHECK_SAMPLE_SIZE = 64
+_CHECK_BATCH_SIZE = 256
+
+
+# --------------------------------------------------------------------------------------- folding
+def _batch_norm_affine(layer) -> tuple[np.ndarray, np.ndarray]:
+    """A batch-norm layer's inference transform as `x * scale + offset`, in float64."""
+    mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
+    variance = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
+    gamma = (
+        np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float64)
+        if layer.scale
+        else np.ones_like(mean)
+    )
+    beta = (
+        np.asarray(keras.ops.convert_to_numpy(layer.beta), np.float64)
+        if layer.center
+        else np.zeros_like(mean)
+    )
+    scale = gamma / np.sqrt(variance + float(layer.epsilon))
+    return scale, beta - mean * scale
+
+
+def _single_input(layer):
+    """The layer's one input tensor in its model graph, or None (shared layer, several inputs)."""
+    try:
+        tensor = layer.input
+    except (AttributeError, ValueError):
+        return None
+    if isinstance(tensor, (list, tuple, dict)):
+        return None
+    return tensor
+
+
+def _producer(tensor):
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def _channel_axis(layer, rank: int) -> int:
+    if isinstance(layer, keras.layers.Dense):
+        return rank - 1
+    return 1 if layer.data_format == "channels_first" else rank - 1
+
+
+def _foldable_producer(bn, model: keras.Model, consumers: dict[int, int]):
+    """The Conv/Dense layer `bn` can be folded into, or None."""
+    if isinstance(bn, keras.layers.BatchNormalization) and getattr(bn, "renorm", False):
+        # Batch renormalization also uses the moving statistics at inference, but keep it apart.
+        return None
+    tensor = _single_input(bn)
+    if tensor is None:
+        return None
+    producer = _producer(tensor)
+    if not isinstance(producer, _FOLDABLE_TYPES) or producer not in model.layers:
+        return None
+    if _single_input(producer) is None or producer.output is not tensor:
+        return None
+    # The activation runs before the batch norm; folding across it would change the result.
+    if keras.activations.serialize(producer.activation) not in ("linear", None):
+        return None
+    if getattr(producer, "lora_enabled", False) or getattr(producer, "quantization_mode", None):
+        return None
+    # Another consumer of the conv/dense output still needs the unnormalized values.
+    if consumers.get(id(tensor), 0) != 1:
+        return None
+    rank = len(tensor.shape)
+    axis = bn.axis if isinstance(bn.axis, int) else None
+    if axis is None or axis % rank != _channel_axis(producer, rank):
+        return None
+    return producer
+
+
+def _fold_plan(model: keras.Model) -> dict[str, str | None]:
+    """Batch-norm layer name -> name of the layer it folds into (None: per-channel affine)."""
+    consumers: dict[int, int] = {}
+    for layer in model.layers:
+        try:
+            inputs = keras.tree.flatten(layer.input)
+        except (AttributeError, ValueError):
+            continue
+        for tensor in inputs:
+            consumers[id(tensor)] = consumers.get(id(tensor), 0) + 1
+    for tensor in model.outputs:
+        consumers[id(tensor)] = consumers.get(id(tensor), 0) + 1
+    plan: dict[str, str | None] = {}
+    for layer in model.layers:
+        if isinstance(layer, _BATCH_NORM_TYPES):
+            producer = _foldable_producer(layer, model, consumers)
+            plan[layer.name] = None if producer is None else producer.name
+    return plan
+
+
+def _fold_weights(producer, bn) -> list[np.ndarray]:
+    """Kernel and bias of `producer` with `bn` folded in (the output channel is the last axis)."""
+    weights = producer.get_weights()
+    kernel = np.asarray(weights[0], np.float64)
+    bias = np.asarray(weights[1], np.float64) if producer.use_bias else 0.0
+    scale, offset = _batch_norm_affine(bn)
+    dtype = weights[0].dtype
+    return [(kernel * scale).astype(dtype), (bias * scale + offset).astype(dtype)]
+
+
+class _ChannelAffine(keras.layers.Layer):
+    """`x * scale + offset` per channel: an inference-mode batch norm that could not be folded."""
+
+    def __init__(self, scale, offset, axis: int, **kwargs):
+        super().__init__(**kwargs)
+        self._scale_value = np.asarray(scale, np.float32)
+        self._offset_value = np.asarray(offset, np.float32)
+        self.axis = axis
+
+    def build(self, input_shape):
+        self._rank = len(input_shape)
+        shape = self._scale_value.shape
+        self.scale = self.add_weight(
+            shape=shape,
+            name="scale",
+            initializer=keras.initializers.Constant(self._scale_value),
+            trainable=False,
+            autocast=False,
+        )
+        self.offset = self.add_weight(
+            shape=shape,
+            name="offset",
+            initializer=keras.initializers.Constant(self._offset_value),
+            trainable=False,
+            autocast=False,
+        )
+
+    def call(self, inputs):
+        shape = [1] * self._rank
+        shape[self.axis % self._rank] = -1
+        x = keras.ops.cast(inputs, "float32")
+        x = x * keras.ops.reshape(self.scale, shape) + keras.ops.reshape(self.offset, shape)
+        return keras.ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def fold_batch_norm(model: keras.Model) -> keras.Model:
+    """Returns an inference-only copy of `model` with its batch-norm layers folded away.
+
+    A `tfbn.BatchNorm` or `keras.layers.BatchNormalization` that directly follows a Conv or Dense
+    layer (no activation in between, that layer's output used by the batch norm alone, batch-norm
+    axis = that layer's channel axis) is merged into that layer's kernel and bias; the Conv/Dense
+    layer gets a bias if it had none. Any other batch-norm layer becomes one per-channel
+    multiply-add with the moving statistics. Other layers are copied with their weights. Batch-norm
+    layers inside nested models are left as they are (they run in inference mode).
+
+    Args:
+        model: A built `keras.Sequential` or functional `keras.Model`.
+
+    Returns:
+        A new model with the same inputs and outputs in inference mode. `model` is not modified.
+
+    Raises:
+        ValueError: if `model` is not a built Sequential or functional model.
+    """
+    if not isinstance(model, keras.Model) or not model.built:
+        raise ValueError(
+            "Argument `model` must be a built keras.Sequential or functional keras.Model; "
+            f"received model={model!r}."
+        )
+    try:
+        model.inputs  # noqa: B018 - subclassed models have no graph to rebuild
+    except (AttributeError, ValueError):
+        model_inputs = None
+    else:
+        model_inputs = model.inputs
+    if not model_inputs:
+        raise ValueError(
+            "Argument `model` must be a Sequential or functional model (a graph of layers); "
+            f"received a subclassed model of type {type(model).__name__}."
+        )
+    plan = _fold_plan(model)
+    folded_into = {producer: bn for bn, producer in plan.items() if producer is not None}
+
+    def clone_layer(layer):
+        if layer.name in plan:
+            if plan[layer.name] is not None:
+                return keras.layers.Identity(name=layer.name)
+            scale, offset = _batch_norm_affine(layer)
+            return _ChannelAffine(scale, offset, layer.axis, name=layer.name)
+        config = layer.get_config()
+        if layer.name in folded_into:
+            config["use_bias"] = True
+            config["bias_initializer"] = "zeros"
+        return layer.__class__.from_config(config)
+
+    folded = keras.models.clone_model(model, clone_function=clone_layer)
+    by_name = {layer.name: layer for layer in model.layers}
+    for layer in folded.layers:
+        source = by_name[layer.name]
+        if layer.name in plan:
+            continue
+        if layer.name in folded_into:
+            layer.set_weights(_fold_weights(source, by_name[folded_into[layer.name]]))
+        else:
+            layer.set_weights(source.get_weights())
+    return folded
+
+
+# ------------------------------------------------------------------------------------- checking
+def _image_shape(model: keras.Model) -> tuple[int, ...]:
+    shape = tuple(model.input_shape) if not isinstance(model.input_shape, list) else None
+    if shape is None or len(shape) not in (3, 4) or any(d is None for d in shape[1:]):
+        raise ValueError(
+            "Argument `model` must take one batch of images of known size, shape (batch, height, "
+            f"width) or (batch, height, width, channels); received input_shape={model.input_shape}."
+        )
+    return tuple(int(d) for d in shape[1:])
+
+
+def _as_model_input(images, image_shape: tuple[int, ...], argument: str) -> np.ndarray:
+    """uint8 images (0-255) or float images in [0, 1] as the float32 batch the model takes."""
+    array = np.asarray(images)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / np.float32(255.0)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    else:
+        raise ValueError(
+            f"Argument `{argument}` must hold uint8 images (0-255) or floats in [0, 1]; received "
+            f"dtype={array.dtype}."
+        )
+    if array.shape[1:] != image_shape:
+        if image_shape[-1] == 1 and array.shape[1:] == image_shape[:-1]:
+            array = array[..., None]
+        else:
+            raise ValueError(
+                f"Argument `{argument}` must have shape (n, {', '.join(map(str, image_shape))}); "
+                f"received shape {array.shape}."
+            )
+    if array.shape[0] == 0:
+        raise ValueError(f"Argument `{argument}` must hold at least one image; received none.")
+    return array
+
+
+def _sample_images(image_shape: tuple[int, ...]) -> np.ndarray:
+    """A deterministic batch of images in [0, 1] with image-like structure (smooth blobs)."""
+    rng = np.random.default_rng(20150211)
+    coarse = rng.uniform(0.0, 1.0, size=(_CHECK_SAMPLE_SIZE, 7, 7, 1)).astype(np.float32)
+    height, width = image_shape[0], image_shape[1]
+    smooth = tf.image.resize(coarse, (height, width), method="bilinear").numpy()
+    noise = rng.uniform(-0.1, 0.1, size=smooth.shape).astype(np.float32)
+    images = np.clip(smooth + noise, 0.0, 1.0)
+    if len(image_shape) == 2:
+        return images[..., 0]
+    return np.repeat(images, image_shape[-1], axis=-1)
+
+
+def _logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    outputs = [
+        keras.ops.convert_to_numpy(model(images[i : i + _CHECK_BATCH_SIZE], training=False))
+        for i in range(0, len(images), _CHECK_BATCH_SIZE)
+    ]
+    return np.concatenate(outputs).astype(np.float64)
+
+
+def _check_close(reference, candidate, tolerance: float, what: str) -> None:
+    if not np.all(np.isfinite(candidate)):
+        raise ValueError(f"{what}: the logits are not all finite; not writing the export.")
+    diff = float(np.max(np.abs(reference - candidate)))
+    if not diff <= tolerance:
+        raise ValueError(
+            f"{what}: logits differ from the Keras model by up to {diff:.3g} (tolerance "
+            f"{tolerance:g}); not writing the export."
+        )
+
+
+# ----------------------------------------------------------------------------------- the module
+def _serving_module(
+    model: keras.Model, image_shape: tuple[int, ...], class_names: Sequence[str], jit_compile: bool
+) -> tuple[tf.Module, dict]:
+    """A tf.Module holding one tf.function per signature and the tf.Variables they read."""
+    names = tf.constant(list(class_names), dtype=tf.string)
+    has_channels = len(image_shape) == 3
+
+    @tf.function(jit_compile=jit_compile, autograph=False)
+    def core(x):
+        return model(x, training=False)
+
+    def outputs(x):
+        logits = tf.cast(core(x), tf.float32)
+        class_id = tf.argmax(logits, axis=-1, output_type=tf.int64)
+        return {
+            "logits": logits,
+            "probabilities": tf.nn.softmax(logits, axis=-1),
+            "class_id": class_id,
+            "class_name": tf.gather(names, class_id),
+        }
+
+    def to_float(images):
+        return tf.cast(images, tf.float32) / 255.0
+
+    if has_channels:
+        full = [None, *image_shape]
+        squeezed = [None, *image_shape[:-1]] if image_shape[-1] == 1 else None
+    else:
+        full, squeezed = [None, *image_shape, 1], [None, *image_shape]
+
+    def model_layout(x):
+        # The signatures' full form has a channel axis; a 2-D model takes the images without it.
+        return x if has_channels else tf.squeeze(x, axis=-1)
+
+    @tf.function(input_signature=[tf.TensorSpec(full, tf.uint8, name="images")])
+    def serving_default(images):
+        return outputs(model_layout(to_float(images)))
+
+    @tf.function(input_signature=[tf.TensorSpec(full, tf.float32, name="images")])
+    def serving_float(images):
+        return outputs(model_layout(images))
+
+    signatures = {"serving_default": serving_default, "serving_float": serving_float}
+    if squeezed is not None:
+
+        @tf.function(input_signature=[tf.TensorSpec(squeezed, tf.uint8, name="images")])
+        def serving_uint8_2d(images):
+            x = to_float(images)
+            return outputs(x[..., None] if has_channels else x)
+
+        signatures["serving_uint8_2d"] = serving_uint8_2d
+
+    module = tf.Module(name="serving")
+    variables: dict[int, tf.Variable] = {}
+    for name, function in signatures.items():
+        setattr(module, name, function)
+        for variable in function.get_concrete_function().variables:
+            variables.setdefault(id(variable), variable)
+    # Only the tf.Variables the traced graphs read are saved, never the Keras objects.
+    module.model_variables = list(variables.values())
+    return module, signatures
+
+
+# ---------------------------------------------------------------------------------- the export
+def _validate_name(name) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(sep in name for sep in ("/", "\\", os.sep))
+    ):
+        raise ValueError(
+            "Argument `name` must be a non-empty folder name without path separators or a leading "
+            f"dot; received name={name!r}."
+        )
+    return name
+
+
+def _versions(model_root: pathlib.Path) -> list[int]:
+    if not model_root.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _write_atomically(
+    module: tf.Module, signatures: dict, target: pathlib.Path, overwrite: bool, check
+) -> None:
+    """Saves into a hidden folder beside `target`, checks it, then renames it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # TensorFlow Serving only picks up all-digit folder names, so the temp folders stay unseen.
+    temp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:12]}"
+    old = None
+    try:
+        tf.saved_model.save(module, str(temp), signatures=signatures)
+        check(temp)
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:12]}"
+            os.rename(target, old)
+        try:
+            os.rename(temp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+                old = None
+            raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def export_saved_model(
+    model: keras.Model,
+    directory: str | os.PathLike = "saved_models",
+    *,
+    name: str = "lenet",
+    version: int | None = None,
+    fold: bool = True,
+    overwrite: bool = False,
+    check_data=None,
+    class_names: Sequence[str] = CLASS_NAMES,
+    jit_compile: bool = False,
+) -> pathlib.Path:
+    """Exports `model` as an inference-only SavedModel that TensorFlow Serving can load.
+
+    The SavedModel is written to `<directory>/<name>/<version>/` atomically: it is saved into a
+    hidden folder beside the target, reloaded and checked, then renamed into place, so an
+    interrupted export leaves no partial version behind. Batch normalization runs with its moving
+    statistics and, with `fold=True`, is folded into the preceding Conv/Dense layers (see the
+    module docstring). The model's input must be images scaled to `[0, 1]`, shape
+    `(height, width)` or `(height, width, channels)`, and its output the class logits.
+
+    Before anything is written, the folded model's logits are compared with the original model's
+    on `check_data` (or on a fixed deterministic sample of images), and the reloaded SavedModel's
+    logits with the original model's again; the export is refused if they differ by more than
+    `FOLD_TOLERANCE` (1e-4) folded or `UNFOLDED_TOLERANCE` (1e-5) unfolded.
+
+    Args:
+        model: A built Keras model (Sequential or functional when `fold=True`) that maps a batch
+            of images in `[0, 1]` to `len(class_names)` logits.
+        directory: Base folder of the exports.
+        name: Model name, the folder under `directory` (TensorFlow Serving's model base path).
+        version: Positive integer version; `None` takes the next free one (1 for the first).
+        fold: Whether to fold batch normalization into the preceding layers.
+        overwrite: Whether to replace an existing version folder (the old one is only removed
+            once the new one is in place).
+        check_data: Images to compare the exported and the original model on: uint8 `(n, h, w)`
+            or `(n, h, w, c)` in 0-255, or floats in `[0, 1]`. `None` uses a deterministic sample.
+        class_names: Names of the classes, in logit order (the `class_name` output).
+        jit_compile: Whether to compile the model's part of the serving functions with XLA.
+
+    Returns:
+        The path of the version folder written.
+
+    Raises:
+        ValueError: if an argument is invalid, the version exists and `overwrite` is False, or
+            the folded or exported model's logits differ from `model`'s beyond the tolerance.
+    """
+    if not isinstance(model, keras.Model) or not model.built:
+        raise ValueError(f"Argument `model` must be a built keras.Model; received model={model!r}.")
+    image_shape = _image_shape(model)
+    output_shape = model.output_shape
+    class_names = tuple(class_names)
+    if (
+        isinstance(output_shape, list)
+        or len(output_shape) != 2
+        or output_shape[-1] != len(class_names)
+    ):
+        raise ValueError(
+            f"Argument `model` must output one logit per class, shape (batch, {len(class_names)}) "
+            f"for class_names of length {len(class_names)}; received output_shape={output_shape}."
+        )
+    if not all(isinstance(c, str) for c in class_names):
+        raise ValueError(
+            f"Argument `class_names` must be strings; received class_names={class_names!r}."
+        )
+    name = _validate_name(name)
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1
+    ):
+        raise ValueError(
+            f"Argument `version` must be a positive integer or None; received version={version!r}."
+        )
+    root = pathlib.Path(directory) / name
+    if root.exists() and not root.is_dir():
+        raise ValueError(
+            f"Argument `directory` must lead to a folder; {str(root)!r} exists and is a file."
+        )
+    if version is None:
+        existing = _versions(root)
+        version = existing[-1] + 1 if existing else 1
+    target = root / str(int(version))
+    if target.exists() and not overwrite:
+        raise ValueError(
+            f"Argument `version`: {str(target)!r} already exists; pass overwrite=True "
+            "(--overwrite) to replace it, or another version."
+        )
+    if check_data is None:
+        images = _sample_images(image_shape)
+    else:
+        images = _as_model_input(check_data, image_shape, "check_data")
+
+    reference = _logits(model, images)
+    serving_model = model
+    tolerance = UNFOLDED_TOLERANCE
+    if fold:
+        serving_model = fold_batch_norm(model)
+        tolerance = FOLD_TOLERANCE
+        _check_close(reference, _logits(serving_model, images), tolerance, "Folded model")
+
+    module, signatures = _serving_module(serving_model, image_shape, class_names, jit_compile)
+
+    def check_saved(path: pathlib.Path) -> None:
+        loaded = tf.saved_model.load(str(path))
+        serve = loaded.signatures["serving_float"]
+        batch = images if len(image_shape) == 3 else images[..., None]
+        logits = np.concatenate(
+            [
+                serve(images=tf.constant(batch[i : i + _CHECK_BATCH_SIZE]))["logits"].numpy()
+                for i in range(0, len(batch), _CHECK_BATCH_SIZE)
+            ]
+        )
+        _check_close(reference, logits.astype(np.float64), tolerance, "Exported SavedModel")
+
+    _write_atomically(module, signatures, target, overwrite, check_saved)
+    return target
+
+
+# -------------------------------------------------------------------------------------- the CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Adds the `tfbn export` arguments."""
+    parser.add_argument("model", help="trained model file (.keras)")
+    parser.add_argument(
+        "--dir", default="saved_models", help="base folder of the exports (default saved_models)"
+    )
+    parser.add_argument("--name", default="lenet", help="model name folder (default lenet)")
+    parser.add_argument(
+        "--version", type=int, default=None, help="version number (default: the next free one)"
+    )
+    parser.add_argument(
+        "--no-fold",
+        dest="fold",
+        action="store_false",
+        help="keep batch normalization as a separate step instead of folding it",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the version folder if it exists"
+    )
+    parser.add_argument(
+        "--jit-compile", action="store_true", help="compile the serving functions with XLA"
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Runs `tfbn export`: loads the .keras model and exports it."""
+    path = pathlib.Path(args.model)
+    if path.suffix != ".keras" or not path.is_file():
+        raise ValueError(
+            f"Argument `model` must be an existing .keras file; received {str(path)!r}."
+        )
+    model = keras.saving.load_model(path, compile=False)
+    target = export_saved_model(
+        model,
+        args.dir,
+        name=args.name,
+        version=args.version,
+        fold=args.fold,
+        overwrite=args.overwrite,
+        jit_compile=args.jit_compile,
+    )
+    print(f"Exported {'folded' if args.fold else 'unfolded'} SavedModel to {target}")
+    return 0
