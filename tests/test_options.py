@@ -1,0 +1,277 @@
+"""Batch-norm options (masks, ghost batches, batch renormalization, adjustment): the stateless
+math in `tfbn.ops` against float64 NumPy and against Keras 3's own BatchNormalization layer."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfbn import ops
+
+ATOL = 1e-5
+
+
+def numpy_ghost_moments(x, axis, virtual_batch_size, mask=None):
+    """float64 reference: virtual batch j holds examples j, j + g, j + 2g, ... (tf-keras order)."""
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    groups = x.shape[0] // virtual_batch_size
+    means, variances, counts = [], [], []
+    for j in range(groups):
+        xj = np.moveaxis(x[j::groups], axis, -1).reshape(-1, x.shape[axis])
+        if mask is None:
+            w = np.ones(xj.shape[0])
+        else:
+            w = np.asarray(mask[j::groups], np.float64).reshape(-1)
+        mean = (w[:, None] * xj).sum(0) / w.sum()
+        means.append(mean)
+        variances.append((w[:, None] * (xj - mean) ** 2).sum(0) / w.sum())
+        counts.append(w.sum())
+    return np.array(means), np.array(variances), np.array(counts)
+
+
+# ------------------------------------------------------------------------------ argument checks
+@pytest.mark.parametrize(
+    "clipping, words",
+    [
+        ({"rmax": 2.0, "bogus": 1.0}, "unknown keys"),
+        ({"rmax": 1.0, "rmin": 2.0}, "rmax >= rmin"),
+        ({"dmax": -0.5}, "dmax >= 0"),
+        ({"rmax": "big"}, "needs numbers"),
+        ([("rmax", 2.0)], "must be a dict"),
+    ],
+)
+def test_bad_renorm_clipping_is_a_value_error(clipping, words):
+    with pytest.raises(ValueError, match="renorm_clipping") as info:
+        ops.check_renorm_clipping(clipping)
+    assert words in str(info.value)
+
+
+def test_renorm_clipping_keeps_given_keys_as_floats():
+    assert ops.check_renorm_clipping(None) == {}
+    assert ops.check_renorm_clipping({"rmax": 3, "dmax": None}) == {"rmax": 3.0}
+
+
+@pytest.mark.parametrize("size", [0, -2, 2.5, True, "4"])
+def test_bad_virtual_batch_size_is_a_value_error(size):
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        ops.check_virtual_batch_size(size)
+
+
+def test_virtual_batch_size_with_synchronized_is_a_value_error():
+    with pytest.raises(ValueError, match="synchronized=True"):
+        ops.check_virtual_batch_size(4, synchronized=True)
+
+
+def test_non_callable_adjustment_is_a_value_error():
+    with pytest.raises(ValueError, match="adjustment"):
+        ops.check_adjustment((1.0, 0.0))
+    assert ops.check_adjustment(None) is None
+
+
+# ------------------------------------------------------------------------------ ghost batches
+@pytest.mark.parametrize(
+    "shape, axis, vbs", [((12, 3), -1, 4), ((8, 3, 4, 5), 1, 2), ((6, 2, 3, 4), -1, 3)]
+)
+def test_ghost_moments_match_numpy(rng, shape, axis, vbs):
+    x = rng.normal(size=shape) * 3 + rng.normal(size=(shape[0],) + (1,) * (len(shape) - 1)) * 5
+    stats = ops.ghost_moments(tf.constant(x, tf.float32), axis, vbs)
+    mean, variance, count = numpy_ghost_moments(x, axis, vbs)
+    np.testing.assert_allclose(stats.mean.numpy(), mean, atol=ATOL, rtol=1e-5)
+    np.testing.assert_allclose(stats.variance.numpy(), variance, atol=ATOL, rtol=1e-5)
+    np.testing.assert_allclose(stats.count.numpy(), count)
+
+
+def test_ghost_moments_ignore_masked_positions(rng):
+    x = rng.normal(size=(8, 5, 3))
+    mask = rng.random((8, 5)) > 0.3
+    stats = ops.ghost_moments(tf.constant(x, tf.float32), -1, 4, mask=tf.constant(mask))
+    mean, variance, count = numpy_ghost_moments(x, -1, 4, mask=mask)
+    np.testing.assert_allclose(stats.mean.numpy(), mean, atol=ATOL, rtol=1e-5)
+    np.testing.assert_allclose(stats.variance.numpy(), variance, atol=ATOL, rtol=1e-5)
+    np.testing.assert_allclose(stats.count.numpy(), count)
+
+
+def test_ghost_batch_size_must_divide_the_batch():
+    with pytest.raises(ValueError, match="must divide the batch size"):
+        ops.ghost_moments(tf.zeros((10, 3)), -1, 4)
+
+
+def test_ghost_batch_size_must_divide_the_batch_in_a_graph():
+    fn = tf.function(
+        lambda x: ops.ghost_moments(x, -1, 4).mean,
+        input_signature=[tf.TensorSpec([None, 3], tf.float32)],
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must divide the batch size"):
+        fn(tf.zeros((10, 3)))
+
+
+def test_ghost_batch_norm_normalizes_each_virtual_batch(rng):
+    x = rng.normal(size=(12, 4, 3)) * 2 + np.arange(12)[:, None, None]
+    gamma, beta = rng.normal(size=3), rng.normal(size=3)
+    y, stats = ops.batch_norm_training(
+        tf.constant(x, tf.float32), -1, gamma=gamma, beta=beta, epsilon=1e-3, virtual_batch_size=3
+    )
+    groups = 4
+    expected = np.empty_like(x)
+    for j in range(groups):
+        xj = x[j::groups]
+        mean, var = xj.mean((0, 1)), xj.var((0, 1))
+        expected[j::groups] = gamma * (xj - mean) / np.sqrt(var + 1e-3) + beta
+    np.testing.assert_allclose(y.numpy(), expected, atol=ATOL, rtol=1e-5)
+    # The moving statistics follow the mean over virtual batches of their means and variances.
+    mean, variance, _ = numpy_ghost_moments(x, -1, 3)
+    np.testing.assert_allclose(stats.mean.numpy(), mean.mean(0), atol=ATOL, rtol=1e-5)
+    np.testing.assert_allclose(stats.variance.numpy(), variance.mean(0), atol=ATOL, rtol=1e-5)
+    assert float(stats.count) == x.shape[0] * x.shape[1]
+
+
+# ------------------------------------------------------------------------------ renorm
+def test_renorm_correction_matches_numpy(rng):
+    mean, variance = rng.normal(size=6), rng.random(6) * 4
+    renorm_mean, renorm_stddev = rng.normal(size=6), rng.random(6) * 2
+    renorm_stddev[0] = 0.0  # a first step: the divisor is floored at sqrt(epsilon)
+    eps = 1e-3
+    clipping = {"rmax": 1.5, "rmin": 0.5, "dmax": 0.4}
+    r, d = ops.renorm_correction(
+        tf.constant(mean, tf.float32),
+        tf.constant(variance, tf.float32),
+        renorm_mean,
+        renorm_stddev,
+        eps,
+        clipping,
+    )
+    sigma = np.maximum(renorm_stddev, np.sqrt(eps))
+    expected_r = np.clip(np.sqrt(variance + eps) / sigma, 0.5, 1.5)
+    expected_d = np.clip((mean - renorm_mean) / sigma, -0.4, 0.4)
+    np.testing.assert_allclose(r.numpy(), expected_r, rtol=1e-5)
+    np.testing.assert_allclose(d.numpy(), expected_d, rtol=1e-5, atol=1e-6)
+
+
+def _keras_renorm_variables(layer):
+    names = ["moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"]
+    return {name: tf.Variable(getattr(layer, name).numpy(), name=name) for name in names}
+
+
+@pytest.mark.parametrize("clipping", [None, {"rmax": 1.3, "rmin": 0.8, "dmax": 0.3}])
+def test_renorm_training_steps_match_keras_layer(rng, clipping):
+    """Four training steps of the ops (outputs, gradients, every moving variable) against Keras 3's
+    BatchNormalization(renorm=True) fed the same batches."""
+    layer = keras.layers.BatchNormalization(
+        renorm=True, renorm_clipping=clipping, renorm_momentum=0.7, momentum=0.8
+    )
+    layer.build((16, 4))
+    layer.gamma.assign(rng.normal(size=4) + 1)
+    layer.beta.assign(rng.normal(size=4))
+    moving = _keras_renorm_variables(layer)
+    for step in range(4):
+        x = tf.constant(rng.normal(size=(16, 4)) * (step + 1) + step, tf.float32)
+        probe = tf.constant(rng.normal(size=(16, 4)), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y_keras = layer(x, training=True)
+            loss = tf.reduce_sum(y_keras * probe)
+        grads_keras = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, stats = ops.batch_norm_training(
+                x,
+                -1,
+                beta=layer.beta,
+                gamma=layer.gamma,
+                epsilon=layer.epsilon,
+                renorm_mean=moving["renorm_mean"],
+                renorm_stddev=moving["renorm_stddev"],
+                renorm_clipping=clipping,
+            )
+            loss = tf.reduce_sum(y * probe)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        update = ops.moving_statistics_update(
+            stats, moving, momentum=0.8, epsilon=layer.epsilon, renorm_momentum=0.7
+        )
+        for name, value in update.items():
+            moving[name].assign(value)
+        np.testing.assert_allclose(y.numpy(), y_keras.numpy(), atol=ATOL)
+        for got, want in zip(grads, grads_keras, strict=True):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=ATOL)
+        for name, variable in moving.items():
+            np.testing.assert_allclose(
+                variable.numpy(), getattr(layer, name).numpy(), atol=ATOL, err_msg=name
+            )
+
+
+# ------------------------------------------------------------------------------ adjustment
+def test_adjustment_applies_between_normalization_and_gamma(rng):
+    x = rng.normal(size=(10, 3)) * 2 + 1
+    gamma, beta = rng.normal(size=3), rng.normal(size=3)
+    a, b = rng.random(3) + 0.5, rng.normal(size=3)
+    seen = []
+
+    def adjustment(shape):
+        seen.append(shape)
+        return tf.constant(a, tf.float32), tf.constant(b, tf.float32)
+
+    xt = tf.constant(x, tf.float32)
+    y, _ = ops.batch_norm_training(
+        xt, -1, gamma=gamma, beta=beta, epsilon=1e-3, adjustment=adjustment
+    )
+    x_hat = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3)
+    np.testing.assert_allclose(y.numpy(), (x_hat * a + b) * gamma + beta, atol=ATOL, rtol=1e-5)
+    assert list(seen[0].numpy()) == [10, 3]
+
+
+# ------------------------------------------------------------------------------ Bessel, updates
+def test_bessel_corrected_is_numpy_ddof_1(rng):
+    x = rng.normal(size=(5, 2, 3))
+    stats = ops.bessel_corrected(ops.moments(tf.constant(x, tf.float32), -1))
+    np.testing.assert_allclose(
+        stats.variance.numpy(), x.reshape(-1, 3).var(0, ddof=1), rtol=1e-5
+    )
+
+
+def test_moving_update_skips_a_batch_without_examples():
+    empty = ops.moments(tf.zeros((0, 3)), -1)
+    moving = {"moving_mean": tf.fill([3], 2.0), "moving_variance": tf.fill([3], 3.0)}
+    new = ops.moving_statistics_update(empty, moving, momentum=0.9, epsilon=1e-3)
+    np.testing.assert_array_equal(new["moving_mean"].numpy(), [2.0] * 3)
+    np.testing.assert_array_equal(new["moving_variance"].numpy(), [3.0] * 3)
+
+
+# ------------------------------------------------------------------------------ masks
+def test_masked_batch_norm_matches_keras_layer(rng):
+    """tfbn.BatchNorm with a mask against Keras 3's layer with the same mask: masked positions do
+    not count in the batch statistics (outputs, gradients, moving statistics)."""
+    import tfbn
+
+    x = tf.constant(rng.normal(size=(6, 7, 4)) * 2 + 1, tf.float32)
+    mask = tf.constant(rng.random((6, 7)) > 0.4)
+    probe = tf.constant(rng.normal(size=(6, 7, 4)), tf.float32)
+    ours, theirs = tfbn.BatchNorm(momentum=0.8), keras.layers.BatchNormalization(momentum=0.8)
+    results = []
+    for layer in (ours, theirs):
+        layer.build(x.shape)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True, mask=mask)
+            loss = tf.reduce_sum(y * probe)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append((y, grads, layer.moving_mean.numpy(), layer.moving_variance.numpy()))
+    (y, grads, mean, var), (y_k, grads_k, mean_k, var_k) = results
+    np.testing.assert_allclose(y.numpy(), y_k.numpy(), atol=ATOL)
+    for got, want in zip(grads, grads_k, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=ATOL)
+    np.testing.assert_allclose(mean, mean_k, atol=ATOL)
+    np.testing.assert_allclose(var, var_k, atol=ATOL)
+    # And against float64 NumPy over the unmasked positions only.
+    kept = x.numpy()[mask.numpy()]
+    np.testing.assert_allclose(mean, 0.2 * kept.mean(0), atol=ATOL)
+    np.testing.assert_allclose(var, 0.8 + 0.2 * kept.var(0), atol=ATOL)
+
+
+@pytest.mark.parametrize("mask_shape", [(6,), (6, 7, 4, 1)])
+def test_mask_of_wrong_rank_is_a_value_error(mask_shape):
+    import tfbn
+
+    layer = tfbn.BatchNorm()
+    with pytest.raises(ValueError, match="mask"):
+        layer(tf.zeros((6, 7, 4)), training=True, mask=tf.ones(mask_shape, tf.bool))
