@@ -403,6 +403,8 @@ def _serving_module(
             variables.setdefault(id(variable), variable)
     # Only the tf.Variables the traced graphs read are saved, never the Keras objects.
     module.model_variables = list(variables.values())
+    # Readable after loading (`loaded.class_names`), for clients that print the top-k classes.
+    module.class_names = tf.Variable(list(class_names), trainable=False, dtype=tf.string)
     return module, signatures
 
 
