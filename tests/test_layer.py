@@ -1,0 +1,389 @@
+"""tfbn.BatchNorm against Keras's BatchNormalization and a float64 NumPy version of the chapter's math."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tfbn
+
+# --------------------------------------------------------------------------- NumPy reference (float64)
+
+
+def np_batch_norm_train(x, gamma, beta, eps, axis):
+    """The chapter's formulas: per-channel mean and biased variance over every other axis."""
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    mean = x.mean(axis=axes)
+    var = ((x - mean.reshape(shape)) ** 2).mean(axis=axes)
+    x_hat = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return gamma.reshape(shape) * x_hat + beta.reshape(shape), mean, var, x_hat
+
+
+def np_batch_norm_grads(dy, x_hat, var, gamma, eps, axis):
+    """Closed-form derivatives of the training-mode output (Ioffe and Szegedy, 2015, sec. 3)."""
+    axes = tuple(i for i in range(dy.ndim) if i != axis % dy.ndim)
+    shape = [1] * dy.ndim
+    shape[axis] = -1
+    n = dy.size / dy.shape[axis]
+    d_beta = dy.sum(axis=axes)
+    d_gamma = (dy * x_hat).sum(axis=axes)
+    dx = (gamma / np.sqrt(var + eps)).reshape(shape) * (
+        dy - d_beta.reshape(shape) / n - x_hat * d_gamma.reshape(shape) / n
+    )
+    return dx, d_gamma, d_beta
+
+
+def _grads(layer, x, dy, training=True):
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=training)
+    wrt = [x] + [w for w in (layer.gamma, layer.beta) if w is not None]
+    return y.numpy(), [g.numpy() for g in tape.gradient(y, wrt, output_gradients=tf.constant(dy))]
+
+
+def _assert_close(actual, expected, rtol=1e-5, atol=1e-5, scale=None):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    # Reductions of many terms: compare relative to the size of the terms summed.
+    tol = atol * (1.0 if scale is None else max(1.0, scale))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=tol)
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@st.composite
+def cases(draw):
+    rank = draw(st.integers(2, 5))
+    dims = [draw(st.integers(3, 6))] + [draw(st.integers(2, 6)) for _ in range(rank - 1)]
+    axis = draw(st.sampled_from([a for a in range(-rank, rank) if a % rank != 0]))
+    fused = draw(st.sampled_from([None, False] + ([True] if rank >= 4 and axis % rank in (1, rank - 1) else [])))
+    return {
+        "shape": tuple(dims),
+        "axis": axis,
+        "momentum": draw(st.floats(0.0, 0.99)),
+        "epsilon": draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+        "center": draw(st.booleans()),
+        "scale": draw(st.booleans()),
+        "fused": fused,
+        # Well-conditioned batches (|mean| / std <= 10): float32 parity, not cancellation, is tested.
+        "loc": draw(st.floats(-5, 5)),
+        "spread": draw(st.floats(0.5, 10)),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_matches_keras_batch_normalization_in_both_modes(case):
+    rng = np.random.default_rng(case["seed"])
+    x = (rng.normal(size=case["shape"]) * case["spread"] + case["loc"]).astype("float32")
+    dy = rng.normal(size=case["shape"]).astype("float32")
+    common = {k: case[k] for k in ("axis", "momentum", "epsilon", "center", "scale")}
+    ours = tfbn.BatchNorm(fused=case["fused"], **common)
+    theirs = keras.layers.BatchNormalization(**common)
+    ours.build(x.shape)
+    theirs.build(x.shape)
+    channels = x.shape[case["axis"]]
+    # Non-trivial parameters and moving statistics, the same in both layers.
+    for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+        if getattr(ours, name) is not None:
+            value = rng.uniform(0.5, 2.0, size=channels).astype("float32")
+            getattr(ours, name).assign(value)
+            getattr(theirs, name).assign(value)
+
+    for batch in (x, 0.5 * x - 1.0):  # the second step starts from updated moving statistics
+        y_ours, g_ours = _grads(ours, batch, dy)
+        y_theirs, g_theirs = _grads(theirs, batch, dy)
+        _assert_close(y_ours, y_theirs)
+        n = x.size / channels
+        for a, b in zip(g_ours, g_theirs, strict=True):
+            _assert_close(a, b, scale=np.abs(b).max() if a.ndim == 1 else None, atol=1e-5 * n ** 0.5)
+        _assert_close(ours.moving_mean.numpy(), theirs.moving_mean.numpy())
+        _assert_close(ours.moving_variance.numpy(), theirs.moving_variance.numpy())
+    _assert_close(ours(x, training=False), theirs(x, training=False))
+
+
+@pytest.mark.parametrize(
+    "shape,axis,fused",
+    [
+        ((64, 7), -1, None),
+        ((16, 5, 3), 1, None),
+        ((8, 6, 6, 8), -1, True),
+        ((8, 6, 6, 6), -1, None),
+        ((8, 4, 6, 6), 1, True),
+        ((8, 4, 6, 6), 1, False),
+        ((4, 3, 4, 5, 8), -1, None),
+        ((4, 8, 3, 4, 5), 1, True),
+    ],
+)
+def test_training_step_equals_float64_numpy_chapter_formulas(rng, shape, axis, fused):
+    x = rng.normal(size=shape) * 3.0 + 1.5
+    dy = rng.normal(size=shape)
+    momentum, eps = 0.9, 1e-5
+    layer = tfbn.BatchNorm(axis=axis, momentum=momentum, epsilon=eps, fused=fused)
+    layer.build(shape)
+    channels = shape[axis]
+    gamma = rng.uniform(0.5, 2, channels)
+    beta = rng.normal(size=channels)
+    old_mean, old_var = rng.normal(size=channels), rng.uniform(0.5, 2, channels)
+    for var, value in zip(
+        (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance),
+        (gamma, beta, old_mean, old_var),
+        strict=True,
+    ):
+        var.assign(value.astype("float32"))
+
+    y, (dx, d_gamma, d_beta) = _grads(layer, x.astype("float32"), dy.astype("float32"))
+    y_ref, mean, var, x_hat = np_batch_norm_train(x, gamma, beta, eps, axis)
+    dx_ref, d_gamma_ref, d_beta_ref = np_batch_norm_grads(dy, x_hat, var, gamma, eps, axis)
+    n = x.size / channels
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_gamma, d_gamma_ref, rtol=1e-5, atol=1e-5 * n)
+    np.testing.assert_allclose(d_beta, d_beta_ref, rtol=1e-5, atol=1e-5 * n)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), momentum * old_mean + (1 - momentum) * mean, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), momentum * old_var + (1 - momentum) * var, rtol=1e-5, atol=1e-5
+    )
+    # Inference mode: the moving statistics, not the batch's.
+    shape_c = [1] * len(shape)
+    shape_c[axis] = -1
+    mm, mv = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    expected = gamma.reshape(shape_c) * (x - mm.reshape(shape_c)) / np.sqrt(
+        mv.reshape(shape_c) + eps
+    ) + beta.reshape(shape_c)
+    np.testing.assert_allclose(layer(x.astype("float32")).numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_batch_norm_op_equals_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3, 4)) * 2 + 1
+    mean, var = rng.normal(size=3), rng.uniform(0.1, 3, size=3)
+    beta, gamma = rng.normal(size=3), rng.normal(size=3)
+    got = tfbn.batch_norm(tf.constant(x), mean, var, beta, gamma, 1e-3, axis=1).numpy()
+    shape = (1, 3, 1)
+    expected = gamma.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(
+        var.reshape(shape) + 1e-3
+    ) + beta.reshape(shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    stats = tfbn.moments(tf.constant(x), axis=1)
+    np.testing.assert_allclose(stats.mean.numpy(), x.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(stats.variance.numpy(), x.var(axis=(0, 2)), rtol=1e-12)
+    assert stats.count.numpy() == 20
+
+
+# --------------------------------------------------------------------------- training resolution
+
+
+def _small_model(layer):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), layer])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    return model
+
+
+def test_fit_trains_while_predict_evaluate_and_bare_call_infer(rng):
+    x = (rng.normal(size=(64, 4)) * 3 + 5).astype("float32")
+    y = rng.normal(size=(64, 3)).astype("float32")
+    layer = tfbn.BatchNorm(momentum=0.5)
+    model = _small_model(layer)
+    before = layer.moving_mean.numpy().copy()
+    model.predict(x, verbose=0)
+    model.evaluate(x, y, verbose=0)
+    model(x)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
+    # In inference mode the output uses the moving statistics (initially mean 0, variance 1).
+    dense_out = model.layers[0](x).numpy()
+    np.testing.assert_allclose(
+        model(x).numpy(), dense_out / np.sqrt(1 + layer.epsilon), rtol=1e-5, atol=1e-5
+    )
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    assert not np.allclose(layer.moving_mean.numpy(), before)
+
+
+def test_trainable_false_means_inference_mode(rng):
+    x = (rng.normal(size=(32, 4)) * 2 + 3).astype("float32")
+    layer = tfbn.BatchNorm()
+    layer.build(x.shape)
+    layer.moving_mean.assign([1.0, 2.0, 3.0, 4.0])
+    layer.trainable = False
+    mean_before = layer.moving_mean.numpy().copy()
+    out_train = layer(x, training=True).numpy()
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), mean_before)
+    np.testing.assert_allclose(out_train, layer(x, training=False).numpy())
+    assert layer.trainable_weights == []
+    reference = keras.layers.BatchNormalization()
+    reference.build(x.shape)
+    reference.set_weights(layer.get_weights())
+    reference.trainable = False
+    np.testing.assert_allclose(out_train, reference(x, training=True).numpy(), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("shape", [(32, 6), (8, 5, 5, 8), (8, 5, 5, 6)])
+def test_mixed_precision_keeps_float32_statistics_without_overflow(rng, policy, shape):
+    low = tf.float16 if policy == "mixed_float16" else tf.bfloat16
+    # Values around 1e4: their squares (1e8) overflow float16.
+    x = (rng.normal(size=shape) * 50 + 1e4).astype("float32")
+    x_low = tf.cast(tf.constant(x), low)
+    reference = tfbn.BatchNorm(momentum=0.5, dtype="float32")
+    expected = reference(tf.cast(x_low, tf.float32), training=True).numpy()
+
+    keras.mixed_precision.set_global_policy(policy)
+    layer = tfbn.BatchNorm(momentum=0.5)
+    out = layer(x_low, training=True)
+    assert out.dtype == low
+    assert layer.moving_mean.dtype == "float32" and layer.moving_variance.dtype == "float32"
+    out = tf.cast(out, tf.float32).numpy()
+    assert np.isfinite(out).all()
+    tol = 2e-2 if low == tf.float16 else 6e-2
+    np.testing.assert_allclose(out, expected, atol=tol)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=1e-4
+    )
+    inference = tf.cast(layer(x_low, training=False), tf.float32).numpy()
+    assert np.isfinite(inference).all()
+
+
+def test_mixed_precision_lenet_trains_with_finite_loss(rng):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = tfbn.lenet("tfbn")
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = rng.uniform(size=(64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=64)
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert model.layers[1].moving_variance.dtype == "float32"
+
+
+# --------------------------------------------------------------------------- serialization
+
+
+def test_config_round_trip_and_keras_file_reload_without_custom_objects(tmp_path, rng):
+    layer = tfbn.BatchNorm(
+        axis=1,
+        momentum=0.8,
+        epsilon=1e-4,
+        center=False,
+        gamma_regularizer="l2",
+        beta_constraint="non_neg",
+        synchronized=True,
+        fused=False,
+        name="bn",
+    )
+    config = layer.get_config()
+    clone = tfbn.BatchNorm.from_config(config)
+    assert clone.get_config() == config
+
+    model = keras.Sequential(
+        [keras.Input((3, 4, 4)), tfbn.BatchNorm(axis=1, momentum=0.5), keras.layers.Flatten()]
+    )
+    x = (rng.normal(size=(8, 3, 4, 4)) * 2 + 1).astype("float32")
+    model(x, training=True)  # move the statistics away from their initial values
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)  # no custom_objects: the layer is registered
+    assert isinstance(reloaded.layers[0], tfbn.BatchNorm)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        reloaded.layers[0].moving_variance.numpy(), model.layers[0].moving_variance.numpy()
+    )
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": -1e-3}, "epsilon"),
+        ({"axis": 1.5}, "axis"),
+        ({"fused": "yes"}, "fused"),
+        ({"fused": True, "synchronized": True}, "fused"),
+    ],
+)
+def test_bad_constructor_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tfbn.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape,match",
+    [
+        ({}, (4,), "rank 2 or more"),
+        ({}, (None, None), "known size"),
+        ({"axis": 2}, (4, 3), "out of range"),
+        ({"axis": -3}, (4, 3), "out of range"),
+        ({"axis": 0}, (4, 3), "batch axis"),
+        ({"fused": True}, (4, 3), "rank-4 or rank-5"),
+        ({"fused": True, "axis": 2}, (4, 3, 3, 3), "channel axis 1 or last"),
+    ],
+)
+def test_bad_build_shapes_raise_value_error(kwargs, shape, match):
+    with pytest.raises(ValueError, match=match):
+        tfbn.BatchNorm(**kwargs).build(shape)
+
+
+def test_channel_mismatch_and_integer_input_raise_value_error():
+    layer = tfbn.BatchNorm()
+    layer(np.zeros((4, 3), "float32"))
+    with pytest.raises(ValueError, match="3 channels"):
+        layer(np.zeros((4, 5), "float32"))
+    with pytest.raises(ValueError, match="rank"):
+        layer(np.zeros((4, 2, 3), "float32"))
+    with pytest.raises(ValueError, match="floating-point"):
+        tfbn.BatchNorm()(tf.zeros((4, 3), tf.int32))
+
+
+def test_batch_of_one_raises_in_eager_training_and_gives_beta_in_graph_mode():
+    layer = tfbn.BatchNorm(beta_initializer=keras.initializers.Constant(0.25))
+    x = np.array([[1.0, 2.0, 3.0]], "float32")
+    with pytest.raises(ValueError, match="batch of size 1"):
+        layer(x, training=True)
+    # Inference on one example is fine.
+    assert np.isfinite(layer(x, training=False).numpy()).all()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    def train_step(x):
+        return layer(x, training=True)
+
+    out = train_step(x).numpy()
+    np.testing.assert_allclose(out, np.full((1, 3), 0.25))
+    np.testing.assert_allclose(layer.moving_variance.numpy(), np.full(3, 0.99), rtol=1e-6)
+
+
+def test_zero_size_batch_leaves_moving_statistics_unchanged():
+    layer = tfbn.BatchNorm(momentum=0.5)
+    layer.build((None, 3))
+    layer.moving_mean.assign([1.0, 2.0, 3.0])
+    out = layer(tf.zeros((0, 3)), training=True)
+    assert out.shape == (0, 3)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), [1.0, 1.0, 1.0])
+
+
+def test_xla_compiled_training_step_matches_eager(rng):
+    x = (rng.normal(size=(16, 6, 6, 8)) * 2 + 1).astype("float32")
+    eager = tfbn.BatchNorm(momentum=0.7)
+    compiled = tfbn.BatchNorm(momentum=0.7)
+    y_eager = eager(x, training=True).numpy()
+    compiled.build(x.shape)
+    y_xla = tf.function(lambda x: compiled(x, training=True), jit_compile=True)(x).numpy()
+    np.testing.assert_allclose(y_xla, y_eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled.moving_variance.numpy(), eager.moving_variance.numpy(), rtol=1e-5)
