@@ -1,0 +1,333 @@
+"""The benchmark suite's output: structure and internal consistency, not timings.
+
+The suite runs once in `--quick` mode (tiny shapes, three repeats) through the command line; every
+test then checks what it wrote: each case present, every ratio and pass count recomputed from the
+raw samples of the same JSON, the Markdown table agreeing with the JSON, files replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tfbn import bench, cli
+
+LAYER_SHAPES = {"4d": (8, 4, 4, 8), "2d": (16, 32)}  # the quick shapes, stated independently
+QUICK_REPEATS = 3
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Runs `tfbn bench --quick` once: its JSON, Markdown, stdout and `os.replace` calls."""
+    out = tmp_path_factory.mktemp("bench")
+    replaced = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        replaced.append((Path(src), Path(dst), Path(src).read_text(encoding="utf-8")))
+        real_replace(src, dst)
+
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(bench.os, "replace", recording_replace)
+        code = cli.main(["bench", "--quick", "--output-dir", str(out), "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    markdown = (out / "results.md").read_text(encoding="utf-8")
+    return {
+        "dir": out,
+        "results": results,
+        "markdown": markdown,
+        "stdout": stdout.getvalue(),
+        "replaced": replaced,
+    }
+
+
+def _close(a, b):
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+
+
+def _table(markdown: str, header_start: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the Markdown table whose header starts as given."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+# ----------------------------------------------------------------------------- structure
+def test_every_case_and_target_present(quick_run):
+    results = quick_run["results"]
+    assert list(results["cases"]) == ["layer", "lenet", "pipeline", "export"]
+    expected_ids = {
+        f"layer/{shape}/{mode}/{xla}"
+        for shape in LAYER_SHAPES
+        for mode in ("train", "inference")
+        for xla in ("no-xla", "xla")
+    }
+    rows = results["cases"]["layer"]["rows"]
+    assert {row["id"] for row in rows} == expected_ids
+    fused = results["settings"]["fused_argument"]
+    expected_variants = ["keras", "tfbn"] + (["tfbn_fused", "tfbn_unfused"] if fused else [])
+    for row in rows:
+        assert list(row["variants"]) == expected_variants
+        assert row["variants"]["keras"]["available"] and row["variants"]["tfbn"]["available"]
+        for v in row["variants"].values():
+            # Every timed implementation computed the same output (dx or y) as Keras's layer.
+            if v["available"]:
+                assert v["max_abs_diff_vs_keras"] < 1e-3
+        assert tuple(row["shape"]) == LAYER_SHAPES[row["id"].split("/")[1]]
+    assert set(results["cases"]["lenet"]["variants"]) == {"tfbn", "keras", "none"}
+    for name in ("pipeline", "export"):
+        case = results["cases"][name]
+        assert case["available"] in (True, False)
+        if not case["available"]:
+            assert case["reason"]
+    assert [t["key"] for t in results["targets"]] == [key for key, *_ in bench.TARGETS]
+
+
+def test_machine_described(quick_run):
+    import keras
+    import tensorflow as tf
+
+    machine = quick_run["results"]["machine"]
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    assert machine["cpu"] == models[0]
+    assert machine["cores"] == os.cpu_count()
+    assert machine["tensorflow"] == tf.__version__
+    assert machine["keras"] == keras.__version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", machine["date"])
+
+
+# ----------------------------------------------------------------------------- consistency
+def test_layer_medians_and_ratios_recomputed_from_samples(quick_run):
+    for row in quick_run["results"]["cases"]["layer"]["rows"]:
+        keras_median = statistics.median(row["variants"]["keras"]["samples_s"])
+        for name, v in row["variants"].items():
+            if not v["available"]:
+                assert v["reason"]
+                continue
+            assert len(v["samples_s"]) == QUICK_REPEATS
+            assert all(s > 0 for s in v["samples_s"])
+            assert _close(v["median_s"], float(np.median(v["samples_s"])))
+            assert _close(v["ratio"], v["median_s"] / keras_median), (row["id"], name)
+        assert row["variants"]["keras"]["ratio"] == 1.0
+
+
+def test_passes_are_time_over_single_pass_time(quick_run):
+    for row in quick_run["results"]["cases"]["layer"]["rows"]:
+        nbytes = int(np.prod(row["shape"])) * 4
+        copy_median = float(np.median(row["copy"]["samples_s"]))
+        assert row["bytes_per_pass"] == nbytes
+        # The copy reads the tensor once and writes it once: two passes.
+        assert _close(row["pass_time_s"], copy_median / 2)
+        assert _close(row["bandwidth_gb_s"], 2 * nbytes / copy_median / 1e9)
+        assert row["min_passes"] == {"train": 5, "inference": 2}[row["mode"]]
+        assert _close(row["bound_s"], row["min_passes"] * row["pass_time_s"])
+        for v in row["variants"].values():
+            if v["available"]:
+                assert _close(v["passes"], v["median_s"] / row["pass_time_s"])
+
+
+def test_lenet_epoch_times_and_ratios(quick_run):
+    lenet = quick_run["results"]["cases"]["lenet"]
+    steps = math.ceil(60000 / lenet["batch_size"])
+    assert lenet["steps_per_epoch"] == steps
+    epochs = {}
+    for norm, v in lenet["variants"].items():
+        assert len(v["samples_s"]) == QUICK_REPEATS
+        assert _close(v["median_s"], float(np.median(v["samples_s"])))
+        assert _close(v["epoch_s"], v["median_s"] * steps)
+        assert _close(v["examples_per_s"], lenet["batch_size"] / v["median_s"])
+        epochs[norm] = v["epoch_s"]
+    assert _close(lenet["ratio"], epochs["tfbn"] / epochs["keras"])
+    assert _close(
+        lenet["overhead_ratio"],
+        (epochs["tfbn"] - epochs["none"]) / (epochs["keras"] - epochs["none"]),
+    )
+
+
+def test_pipeline_and_export_ratios(quick_run):
+    cases = quick_run["results"]["cases"]
+    pipeline = cases["pipeline"]
+    if pipeline["available"]:
+        assert pipeline["examples_per_s"] > 0
+        assert _close(
+            pipeline["ratio"], pipeline["examples_per_s"] / pipeline["training_examples_per_s"]
+        )
+    else:
+        assert "tfbn.data" in pipeline["reason"]
+    export = cases["export"]
+    if export["available"]:
+        assert set(export["batches"]) == {"1", "256"}
+        for v in export["batches"].values():
+            folded = float(np.median(v["folded"]["samples_examples_per_s"]))
+            unfolded = float(np.median(v["unfolded"]["samples_examples_per_s"]))
+            assert _close(v["ratio"], folded / unfolded)
+    else:
+        assert "tfbn.export" in export["reason"]
+
+
+def test_targets_pass_fail_follow_values(quick_run):
+    results = quick_run["results"]
+    cases = results["cases"]
+    by_id = {row["id"]: row for row in cases["layer"]["rows"]}
+    sources = {
+        "layer_4d_train_ratio": by_id["layer/4d/train/no-xla"]["variants"]["tfbn"]["ratio"],
+        "layer_4d_train_xla_ratio": by_id["layer/4d/train/xla"]["variants"]["tfbn"]["ratio"],
+        "layer_4d_train_passes": by_id["layer/4d/train/no-xla"]["variants"]["tfbn"]["passes"],
+        "layer_4d_train_xla_passes": by_id["layer/4d/train/xla"]["variants"]["tfbn"]["passes"],
+        "lenet_epoch_ratio": cases["lenet"]["ratio"],
+        "lenet_overhead_ratio": cases["lenet"]["overhead_ratio"],
+        "pipeline_ratio": cases["pipeline"].get("ratio"),
+        "export_folded_ratio": cases["export"].get("batches", {}).get("256", {}).get("ratio"),
+    }
+    thresholds = {
+        "layer_4d_train_ratio": ("<=", 0.5),
+        "layer_4d_train_xla_ratio": ("<=", 1.0),
+        "layer_4d_train_passes": ("<=", 12),
+        "layer_4d_train_xla_passes": ("<=", 12),
+        "lenet_epoch_ratio": ("<=", 0.9),
+        "lenet_overhead_ratio": ("<=", 0.5),
+        "pipeline_ratio": (">=", 5),
+        "export_folded_ratio": (">=", 1.2),
+    }
+    for target in results["targets"]:
+        value = sources[target["key"]]
+        assert target["value"] == value
+        op, threshold = thresholds[target["key"]]
+        assert (target["comparison"], target["threshold"]) == (op, threshold)
+        if value is None:
+            assert target["pass"] is None
+        else:
+            assert target["pass"] == (value <= threshold if op == "<=" else value >= threshold)
+
+
+# ----------------------------------------------------------------------------- outputs
+def test_markdown_matches_json(quick_run):
+    results, markdown = quick_run["results"], quick_run["markdown"]
+    assert quick_run["stdout"].startswith(markdown)  # the printed table is the file's
+
+    layer_rows = _table(markdown, "| case | impl |")
+    expected = []
+    for row in results["cases"]["layer"]["rows"]:
+        for name, v in row["variants"].items():
+            if not v["available"]:
+                expected.append([row["id"], name, f"not available: {v['reason']}"])
+                continue
+            expected.append(
+                [
+                    row["id"],
+                    name,
+                    f"{v['median_s'] * 1e3:.3f}",
+                    f"{v['ratio']:.2f}",
+                    f"{v['passes']:.1f}",
+                    str(row["min_passes"]),
+                    f"{row['bound_s'] * 1e3:.3f}",
+                    f"{row['bandwidth_gb_s']:.1f}",
+                    f"{v['max_abs_diff_vs_keras']:.1e}",
+                ]
+            )
+    assert [r[: len(e)] for r, e in zip(layer_rows, expected, strict=False)] == expected
+    assert len(layer_rows) == len(expected)
+
+    lenet = results["cases"]["lenet"]
+    assert _table(markdown, "| model | step ms |") == [
+        [norm, f"{v['median_s'] * 1e3:.3f}", f"{v['epoch_s']:.2f}", f"{v['examples_per_s']:.0f}"]
+        for norm, v in lenet["variants"].items()
+    ]
+    assert f"tfbn / keras epoch time: {lenet['ratio']:.2f}" in markdown
+
+    target_rows = _table(markdown, "| target | value |")
+    assert [r[0] for r in target_rows] == [t["description"] for t in results["targets"]]
+    for cells, t in zip(target_rows, results["targets"], strict=True):
+        assert cells[1] == ("n/a" if t["value"] is None else f"{t['value']:.2f}")
+        assert cells[3] == {True: "pass", False: "FAIL", None: "not measured"}[t["pass"]]
+
+    for name in ("pipeline", "export"):
+        if not results["cases"][name]["available"]:
+            assert f"not available: {results['cases'][name]['reason']}" in markdown
+
+
+def test_files_written_atomically(quick_run):
+    out = quick_run["dir"]
+    replaced = quick_run["replaced"]
+    assert {dst for _, dst, _ in replaced} == {out / "results.json", out / "results.md"}
+    for src, dst, content in replaced:
+        assert src.parent == dst.parent and src != dst  # a temporary file beside the target
+        assert not src.exists()
+        assert dst.read_text(encoding="utf-8") == content
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
+
+
+def test_failed_write_keeps_previous_results(tmp_path, monkeypatch):
+    previous = tmp_path / "results.json"
+    previous.write_text('{"old": true}\n', encoding="utf-8")
+
+    def failing_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        bench.run_benchmarks(
+            cases="lenet", quick=True, repeats=1, output_dir=tmp_path, progress=False
+        )
+    assert previous.read_text(encoding="utf-8") == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_interleaves_and_rotates_order():
+    calls = []
+    functions = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
+    timings = bench._interleaved(functions, repeats=4, min_sample_s=0.0)
+    timed = calls[3 * bench._WARMUP_CALLS :]
+    assert timed == list("ABC") + list("BCA") + list("CAB") + list("ABC")
+    for t in timings.values():
+        assert len(t["samples_s"]) == 4
+        assert t["median_s"] == statistics.median(t["samples_s"])
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"cases": ["layer", "nope"]}, "cases"),
+        ({"cases": ""}, "cases"),
+        ({"repeats": 0}, "repeats"),
+        ({"repeats": True}, "repeats"),
+        ({"repeats": 2.5}, "repeats"),
+        ({"name": "../escape"}, "name"),
+    ],
+)
+def test_bad_option_raises_value_error(tmp_path, kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        bench.run_benchmarks(output_dir=tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()  # raised before any work
+
+
+def test_output_dir_that_is_a_file_raises(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x", encoding="utf-8")
+    with pytest.raises(ValueError, match="output_dir"):
+        bench.run_benchmarks(output_dir=path, progress=False)
+
+
+def test_cli_bad_option_is_one_error_line(tmp_path, capsys):
+    code = cli.main(["bench", "--cases", "layer,bogus", "--output-dir", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cases" in err[0] and "bogus" in err[0]
