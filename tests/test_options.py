@@ -275,3 +275,274 @@ def test_mask_of_wrong_rank_is_a_value_error(mask_shape):
     layer = tfbn.BatchNorm()
     with pytest.raises(ValueError, match="mask"):
         layer(tf.zeros((6, 7, 4)), training=True, mask=tf.ones(mask_shape, tf.bool))
+
+
+# ------------------------------------------------------------------------------ the layer
+def _step(layer, x, probe, optimizer, mask=None):
+    """One training step (SGD, regularization losses included), then an inference call."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True, mask=mask)
+        loss = tf.reduce_sum(y * probe) + sum(layer.losses)
+    variables = layer.trainable_weights
+    grads = tape.gradient(loss, [x] + variables)
+    if variables:
+        optimizer.apply(grads[1:], variables)
+    return {
+        "y": y.numpy(),
+        "loss": float(loss),
+        "dx": grads[0].numpy(),
+        "weights": {w.path.split("/")[-1]: w.numpy() for w in layer.weights},
+        "inference": layer(x, training=False).numpy(),
+    }
+
+
+def _assert_same(ours, theirs, atol=ATOL):
+    assert sorted(ours["weights"]) == sorted(theirs["weights"])
+    for key in ("y", "dx", "inference"):
+        np.testing.assert_allclose(ours[key], theirs[key], atol=atol, err_msg=key)
+    np.testing.assert_allclose(ours["loss"], theirs["loss"], rtol=1e-5, atol=atol)
+    for name, value in theirs["weights"].items():
+        np.testing.assert_allclose(ours["weights"][name], value, atol=atol, err_msg=name)
+
+
+# One non-default value per argument of keras.layers.BatchNormalization (Keras 3.15).
+KERAS_ARGUMENTS = {
+    "axis": 1,
+    "momentum": 0.5,
+    "epsilon": 0.1,
+    "center": False,
+    "scale": False,
+    "beta_initializer": keras.initializers.Constant(0.3),
+    "gamma_initializer": keras.initializers.Constant(1.7),
+    "moving_mean_initializer": keras.initializers.Constant(0.2),
+    "moving_variance_initializer": keras.initializers.Constant(2.0),
+    "beta_regularizer": keras.regularizers.L2(0.1),
+    "gamma_regularizer": keras.regularizers.L1(0.2),
+    "beta_constraint": keras.constraints.MaxNorm(0.01, axis=0),
+    "gamma_constraint": keras.constraints.NonNeg(),
+    "renorm": True,
+    "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1},
+    "renorm_momentum": 0.6,
+    "synchronized": True,
+}
+
+
+def test_argument_table_covers_keras_signature():
+    import inspect
+
+    import tfbn
+
+    anchor = inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+    names = {n for n, p in anchor.items() if n != "self" and p.kind != p.VAR_KEYWORD}
+    assert names == set(KERAS_ARGUMENTS)
+    ours = inspect.signature(tfbn.BatchNorm.__init__).parameters
+    assert names <= set(ours)
+    # Keras's positional order is kept, so positional calls mean the same thing.
+    assert [n for n in ours if n in names] == [n for n in anchor if n in names]
+
+
+@pytest.mark.parametrize("name", sorted(KERAS_ARGUMENTS))
+def test_each_keras_argument_matches_keras_layer(rng, name):
+    """tfbn.BatchNorm and keras.layers.BatchNormalization built with the same one non-default
+    argument: a training step (outputs, input gradient, loss with regularizers, weights after an
+    SGD step with constraints, moving statistics) and an inference call agree."""
+    import tfbn
+
+    kwargs = {name: KERAS_ARGUMENTS[name]}
+    if name == "renorm_clipping" or name == "renorm_momentum":
+        kwargs["renorm"] = True
+    x = tf.constant(rng.normal(size=(8, 3, 5)) * 2 + 1, tf.float32)
+    probe = tf.constant(rng.normal(size=(8, 3, 5)), tf.float32)
+    results = []
+    for cls in (tfbn.BatchNorm, keras.layers.BatchNormalization):
+        layer = cls(**kwargs)
+        results.append(_step(layer, x, probe, keras.optimizers.SGD(0.1)))
+        results.append(_step(layer, x * 1.5 - 0.5, probe, keras.optimizers.SGD(0.1)))
+    _assert_same(results[0], results[2])
+    _assert_same(results[1], results[3])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_renorm_layer_matches_keras_over_steps_in_a_compiled_function(rng, jit):
+    import tfbn
+
+    kwargs = dict(renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}, momentum=0.7)
+    ours, theirs = tfbn.BatchNorm(**kwargs), keras.layers.BatchNormalization(**kwargs)
+    for layer in (ours, theirs):
+        layer.build((16, 4, 4, 3))
+
+    def make_step(layer):
+        @tf.function(jit_compile=jit)
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(tf.sin(y))
+            return y, tape.gradient(loss, [x, layer.gamma, layer.beta])
+
+        return step
+
+    steps = make_step(ours), make_step(theirs)
+    for i in range(5):
+        x = tf.constant(rng.normal(size=(16, 4, 4, 3)) * (1 + i) + i, tf.float32)
+        (y, grads), (y_k, grads_k) = steps[0](x), steps[1](x)
+        np.testing.assert_allclose(y.numpy(), y_k.numpy(), atol=ATOL)
+        for got, want in zip(grads, grads_k, strict=True):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=1e-5)
+    for got, want in zip(ours.weights, theirs.weights, strict=True):
+        assert got.path.split("/")[-1] == want.path.split("/")[-1]
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=ATOL, err_msg=got.path)
+
+
+def test_renorm_weights_transfer_from_keras_layer(rng):
+    import tfbn
+
+    theirs = keras.layers.BatchNormalization(renorm=True)
+    x = tf.constant(rng.normal(size=(8, 3)) + 2, tf.float32)
+    theirs(x, training=True)
+    ours = tfbn.BatchNorm(renorm=True)
+    ours.build(x.shape)
+    ours.set_weights(theirs.get_weights())
+    for training in (True, False):
+        np.testing.assert_allclose(
+            ours(x, training=training).numpy(), theirs(x, training=training).numpy(), atol=ATOL
+        )
+
+
+@pytest.mark.parametrize("shape, axis", [((12, 5), -1), ((12, 3, 4, 4), 1), ((12, 4, 4, 3), -1)])
+def test_ghost_layer_matches_numpy_and_reference_path(rng, shape, axis):
+    """Each virtual batch normalized alone (float64 NumPy), on both the composed-kernel path
+    (axis 1) and the reference path; gradients equal autodiff through ops.batch_norm_training."""
+    import tfbn
+
+    x = rng.normal(size=shape) * 2 + rng.normal(size=(shape[0],) + (1,) * (len(shape) - 1)) * 3
+    layer = tfbn.BatchNorm(axis=axis, virtual_batch_size=4, momentum=0.5)
+    layer.build(shape)
+    layer.gamma.assign(rng.normal(size=layer.channels) + 1)
+    xt = tf.constant(x, tf.float32)
+    probe = tf.constant(rng.normal(size=shape), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True)
+        loss = tf.reduce_sum(y * probe)
+    grads = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y_ref, _ = ops.batch_norm_training(
+            xt, axis, gamma=layer.gamma, beta=layer.beta, epsilon=1e-3, virtual_batch_size=4
+        )
+        loss = tf.reduce_sum(y_ref * probe)
+    grads_ref = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+    groups = shape[0] // 4
+    channel_axis = axis % len(shape)
+    gamma = layer.gamma.numpy().reshape([-1 if i == channel_axis else 1 for i in range(len(shape))])
+    expected = np.empty_like(x)
+    red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    for j in range(groups):
+        xj = x[j::groups]
+        m, v = xj.mean(red, keepdims=True), xj.var(red, keepdims=True)
+        expected[j::groups] = gamma * (xj - m) / np.sqrt(v + 1e-3)
+    np.testing.assert_allclose(y.numpy(), expected, atol=ATOL, rtol=1e-5)
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=ATOL)
+    for got, want in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=1e-4)
+    mean, variance, _ = numpy_ghost_moments(x, axis, 4)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * mean.mean(0), atol=ATOL)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), 0.5 + 0.5 * variance.mean(0), atol=ATOL, rtol=1e-5
+    )
+
+
+def test_ghost_layer_rejects_a_batch_it_does_not_divide():
+    import tfbn
+
+    layer = tfbn.BatchNorm(virtual_batch_size=4)
+    with pytest.raises(ValueError, match="virtual_batch_size=4"):
+        layer(tf.zeros((6, 3)), training=True)
+    # Inference does not split the batch.
+    assert layer(tf.zeros((6, 3)), training=False).shape == (6, 3)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_adjustment_in_training_only_and_same_on_both_paths(rng, per_channel):
+    """A per-channel adjustment is folded into gamma/beta (fast kernels); a per-example one runs
+    on the reference path; both equal the NumPy formula, and inference ignores it."""
+    import tfbn
+
+    x = rng.normal(size=(8, 4, 4, 4)) * 2 + 1
+    a = rng.random(4) + 0.5 if per_channel else rng.random((8, 1, 1, 4)) + 0.5
+    b = rng.normal(size=4) if per_channel else rng.normal(size=(8, 1, 1, 4))
+    layer = tfbn.BatchNorm(
+        adjustment=lambda shape: (tf.constant(a, tf.float32), tf.constant(b, tf.float32)),
+        gamma_initializer=keras.initializers.Constant(1.5),
+        beta_initializer=keras.initializers.Constant(0.25),
+    )
+    y = layer(tf.constant(x, tf.float32), training=True).numpy()
+    x_hat = (x - x.mean((0, 1, 2))) / np.sqrt(x.var((0, 1, 2)) + 1e-3)
+    np.testing.assert_allclose(y, 1.5 * (x_hat * a + b) + 0.25, atol=ATOL, rtol=1e-5)
+    plain = tfbn.BatchNorm(
+        gamma_initializer=keras.initializers.Constant(1.5),
+        beta_initializer=keras.initializers.Constant(0.25),
+    )
+    plain.build(x.shape)
+    plain.set_weights(layer.get_weights())
+    np.testing.assert_allclose(
+        layer(tf.constant(x, tf.float32)).numpy(), plain(tf.constant(x, tf.float32)).numpy()
+    )
+
+
+def test_adjustment_is_called_once_per_step():
+    import tfbn
+
+    calls = []
+
+    def adjustment(shape):
+        calls.append(1)
+        return tf.random.uniform(shape[-1:], 0.9, 1.1), tf.zeros(shape[-1:])
+
+    tfbn.BatchNorm(adjustment=adjustment)(tf.ones((4, 3)), training=True)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"renorm": True, "renorm_clipping": {"rmax": 2.0, "foo": 1.0}}, "unknown keys"),
+        ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, "rmax >= rmin"),
+        ({"renorm": True, "renorm_clipping": {"dmax": -1.0}}, "dmax >= 0"),
+        ({"renorm": True, "renorm_momentum": 1.0}, "renorm_momentum"),
+        ({"virtual_batch_size": 0}, "virtual_batch_size"),
+        ({"virtual_batch_size": -4}, "virtual_batch_size"),
+        ({"virtual_batch_size": 4, "synchronized": True}, "synchronized=True"),
+        ({"adjustment": "random"}, "adjustment"),
+        ({"fused": True, "renorm": True}, "renorm"),
+        ({"fused": True, "virtual_batch_size": 4}, "virtual_batch_size"),
+        ({"fused": True, "adjustment": lambda s: (1.0, 0.0)}, "adjustment"),
+    ],
+)
+def test_bad_option_arguments_raise_value_error(kwargs, match):
+    import tfbn
+
+    with pytest.raises(ValueError, match=match):
+        tfbn.BatchNorm(**kwargs)
+
+
+def test_option_config_round_trip(tmp_path, rng):
+    import tfbn
+
+    layer = tfbn.BatchNorm(
+        renorm=True, renorm_clipping={"rmax": 3.0}, renorm_momentum=0.9, virtual_batch_size=2
+    )
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model(tf.constant(rng.normal(size=(4, 3)), tf.float32), training=True)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    config = reloaded.layers[0].get_config()
+    for key in ("renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size"):
+        assert config[key] == layer.get_config()[key]
+    for got, want in zip(reloaded.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    with pytest.warns(UserWarning, match="adjustment"):
+        tfbn.BatchNorm(adjustment=lambda s: (1.0, 0.0)).get_config()

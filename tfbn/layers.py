@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
@@ -13,7 +15,7 @@ __all__ = ["BatchNorm"]
 
 @keras.saving.register_keras_serializable(package="tfbn")
 class BatchNorm(keras.layers.Layer):
-    """Batch normalization (Ioffe and Szegedy, 2015), a drop-in for `keras.layers.BatchNormalization`.
+    """Batch normalization (Ioffe and Szegedy, 2015): a drop-in for Keras's BatchNormalization.
 
     In training mode (`fit`, or a call with `training=True`) the layer normalizes each channel with
     the mean and (biased) variance of the current batch and updates its moving statistics:
@@ -33,6 +35,8 @@ class BatchNorm(keras.layers.Layer):
     - With `synchronized=True` the global-batch variance is computed in two passes (no
       `E[x^2] - E[x]^2` cancellation) and equals a single-device run on the concatenated batch.
     - A replica or batch with no examples contributes nothing instead of NaN.
+    - tf-keras's options are here too: ghost batch normalization (`virtual_batch_size`) and
+      `adjustment`, besides Keras's batch renormalization and masks.
 
     Args:
         axis: Integer, the channel axis (the one that keeps its own statistics). `-1` for channels
@@ -50,6 +54,18 @@ class BatchNorm(keras.layers.Layer):
         gamma_regularizer: Optional regularizer for `gamma`.
         beta_constraint: Optional constraint for `beta`.
         gamma_constraint: Optional constraint for `gamma`.
+        renorm: Whether to use batch renormalization (Ioffe, 2017): in training the normalized
+            value `x_hat` becomes `x_hat * r + d`, where `r = sigma_B / sigma` and
+            `d = (mu_B - mu) / sigma` (no gradient) compare the batch statistics with moving
+            averages `renorm_mean` and `renorm_stddev` kept with `renorm_momentum`. Adds the
+            non-trainable variables `moving_stddev`, `renorm_mean` and `renorm_stddev` (Keras's
+            names, so weights transfer); `moving_variance` is then `moving_stddev ** 2 -
+            epsilon`. Inference is unchanged. Uses the reference path (no fused kernel).
+        renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`, `"dmax"`: `r` is clipped to
+            `[rmin, rmax]` and `d` to `[-dmax, dmax]`; missing keys mean no bound. Only used
+            with `renorm=True`.
+        renorm_momentum: Momentum of `renorm_mean` and `renorm_stddev`, in `[0, 1)`. Unlike
+            `momentum` it changes training: too small adds noise, too large gives stale values.
         synchronized: If `True`, under a `tf.distribute` strategy the batch statistics are those
             of the global batch across all replicas (all-reduced at every training step). If
             `False`, each replica normalizes with its own batch statistics.
@@ -60,6 +76,26 @@ class BatchNorm(keras.layers.Layer):
             `None` (default): the fused kernel where it applies and is faster (on a CPU, oneDNN's
             kernel is fast only for channel counts divisible by 4), else the composed one. Masked
             calls always use the composed statistics. All paths give the same results.
+            `fused=True` cannot be combined with `renorm`, `virtual_batch_size` or `adjustment`
+            (as in tf-keras); with `fused=None` those options choose their own path (below).
+        virtual_batch_size: Ghost batch normalization (Hoffer et al., 2017; tf-keras's argument):
+            if set, a training batch of `n` examples is split into `n // virtual_batch_size`
+            virtual batches, each normalized with its own statistics; virtual batch `j` holds
+            examples `j, j + g, j + 2g, ...` with `g = n // virtual_batch_size` (tf-keras's
+            grouping). The moving statistics move towards the mean over virtual batches of
+            their means and variances. Must divide every training batch size (else a
+            `ValueError`, or an `InvalidArgumentError` in a graph where the batch size is
+            unknown). Not with `synchronized=True`. With the channel axis 1 (dense inputs,
+            channels-first convolutions) it runs on the composed kernel; otherwise on the
+            reference path.
+        adjustment: Optional callable taking the input's dynamic shape (a 1-D int tensor) and
+            returning `(scale, bias)`, both broadcastable to the input, applied to the normalized
+            value before `gamma` and `beta` in training only:
+            `gamma * (x_hat * scale + bias) + beta` (tf-keras's argument, e.g. random scales for
+            augmentation). When both are per-channel (shape `()`, `(1,)` or `(channels,)` for
+            the last axis, or the channel axis kept in a broadcastable shape) they are folded into
+            `gamma` and `beta` and the fast kernels run; otherwise the reference path does. It is
+            not serialized by `get_config` (a callable), so a reloaded layer has none.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -94,8 +130,13 @@ class BatchNorm(keras.layers.Layer):
         gamma_regularizer=None,
         beta_constraint=None,
         gamma_constraint=None,
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum: float = 0.99,
         synchronized: bool = False,
         fused: bool | None = None,
+        virtual_batch_size: int | None = None,
+        adjustment=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -122,19 +163,44 @@ class BatchNorm(keras.layers.Layer):
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.synchronized = bool(synchronized)
         if fused not in (None, True, False):
-            raise ValueError(f"Argument `fused` must be None, True or False; received fused={fused!r}.")
+            raise ValueError(
+                f"Argument `fused` must be None, True or False; received fused={fused!r}."
+            )
         if fused and synchronized:
             raise ValueError(
-                "Argument `fused=True` cannot be combined with `synchronized=True`: the fused kernel "
-                "computes per-replica statistics. Use fused=None or fused=False."
+                "Argument `fused=True` cannot be combined with `synchronized=True`: the fused "
+                "kernel computes per-replica statistics. Use fused=None or fused=False."
             )
         self.fused = fused
+        self.renorm = bool(renorm)
+        self.renorm_clipping = ops.check_renorm_clipping(renorm_clipping)
+        if not 0.0 <= float(renorm_momentum) < 1.0:
+            raise ValueError(
+                "Argument `renorm_momentum` must be in [0, 1); received "
+                f"renorm_momentum={renorm_momentum}."
+            )
+        self.renorm_momentum = float(renorm_momentum)
+        self.virtual_batch_size = ops.check_virtual_batch_size(
+            virtual_batch_size, self.synchronized
+        )
+        self.adjustment = ops.check_adjustment(adjustment)
+        if fused:
+            for name in ("renorm", "virtual_batch_size", "adjustment"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"Argument `fused=True` cannot be combined with `{name}`: the fused kernel "
+                        f"has no such option; received fused=True, {name}={getattr(self, name)!r}. "
+                        "Use fused=None (the default) or fused=False."
+                    )
         self.supports_masking = True
 
         self.gamma = None
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
+        self.moving_stddev = None
+        self.renorm_mean = None
+        self.renorm_stddev = None
         self._channel_axis = None
 
     # ----------------------------------------------------------------------------- state
@@ -153,7 +219,8 @@ class BatchNorm(keras.layers.Layer):
         if self.fused and fast.fused_data_format(rank, axis, "float32") is None:
             raise ValueError(
                 f"Argument `fused=True` needs a rank-4 or rank-5 input with the channel axis 1 or "
-                f"last; layer '{self.name}' received input_shape={input_shape} with axis={self.axis}."
+                f"last; layer '{self.name}' received input_shape={input_shape} with "
+                f"axis={self.axis}."
             )
         shape = (int(channels),)
         if self.scale:
@@ -190,6 +257,24 @@ class BatchNorm(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
+        if self.renorm:
+            # Keras's names and order, so that weights transfer between the two layers.
+            def stddev_initializer(shape, dtype=None):
+                return tf.sqrt(_fresh(self.moving_variance_initializer)(shape, dtype=dtype))
+
+            for name, initializer in (
+                ("moving_stddev", stddev_initializer),
+                ("renorm_mean", _fresh(self.moving_mean_initializer)),
+                ("renorm_stddev", stddev_initializer),
+            ):
+                variable = self.add_weight(
+                    shape=shape,
+                    name=name,
+                    initializer=initializer,
+                    trainable=False,
+                    autocast=False,
+                )
+                setattr(self, name, variable)
 
     @property
     def channels(self) -> int | None:
@@ -239,12 +324,38 @@ class BatchNorm(keras.layers.Layer):
         if self._rank == 2 and tf.executing_eagerly() and inputs.shape[0] == 1:
             raise ValueError(
                 f"Layer '{self.name}' cannot train on a batch of size 1 with rank-2 input: every "
-                "normalized value would be 0. Use a batch of 2 or more, or call with training=False."
+                "normalized value would be 0. Use a batch of 2 or more, or call with "
+                "training=False."
             )
-        if mask is not None:
-            x = tf.cast(inputs, stat_dtype)
-            stats = ops.moments(x, axis, mask=mask, synchronized=self.synchronized)
-            outputs = ops.batch_norm(x, stats.mean, stats.variance, beta, gamma, self.epsilon, axis)
+        adjustment = None
+        if self.adjustment is not None:
+            # Called once per step (it may draw random numbers); folded into gamma and beta when
+            # it is per-channel, else handed to the reference path.
+            adj_scale, adj_bias = self.adjustment(tf.shape(inputs))
+            folded = self._fold_adjustment(adj_scale, adj_bias, gamma, beta, stat_dtype)
+            if folded is None:
+                adjustment = lambda shape: (adj_scale, adj_bias)  # noqa: E731
+            else:
+                gamma, beta = folded
+        if mask is not None or self.renorm or adjustment is not None or (
+            self.virtual_batch_size is not None and axis != 1
+        ):
+            outputs, stats = ops.batch_norm_training(
+                inputs,
+                axis,
+                beta=beta,
+                gamma=gamma,
+                epsilon=self.epsilon,
+                mask=mask,
+                synchronized=self.synchronized,
+                virtual_batch_size=self.virtual_batch_size,
+                renorm_mean=self.renorm_mean if self.renorm else None,
+                renorm_stddev=self.renorm_stddev if self.renorm else None,
+                renorm_clipping=self.renorm_clipping,
+                adjustment=adjustment,
+            )
+        elif self.virtual_batch_size is not None:
+            outputs, stats = self._ghost_composed(inputs, gamma, beta)
         elif self._use_fused(inputs.dtype):
             # The fused kernel reads float16/bfloat16 directly and reduces in float32.
             outputs, stats = fast.fused_batch_norm(inputs, gamma, beta, self.epsilon, axis)
@@ -262,19 +373,65 @@ class BatchNorm(keras.layers.Layer):
             return False
         return self.fused or fast.fused_is_faster(self.channels)
 
+    def _ghost_composed(self, inputs, gamma, beta):
+        """Ghost batches on the composed kernel, for the channel axis 1.
+
+        `(n, C, ...)` viewed as `(virtual_batch_size, g * C, ...)` is a plain reshape whose channel
+        `j * C + c` is channel `c` of virtual batch `j`; `gamma` and `beta` are tiled `g` times
+        (their gradients are summed back by `tf.tile`'s).
+        """
+        grouped = ops.virtual_batch_view(inputs, self.virtual_batch_size)
+        shape = tf.shape(grouped)
+        groups = shape[1]
+        merged = tf.reshape(grouped, tf.concat([[self.virtual_batch_size, -1], shape[3:]], 0))
+        gamma = None if gamma is None else tf.tile(gamma, [groups])
+        beta = None if beta is None else tf.tile(beta, [groups])
+        outputs, stats = fast.composed_batch_norm(merged, gamma, beta, self.epsilon, 1)
+        channels = self.channels
+        per_group = ops.Moments(
+            tf.reshape(stats.mean, [-1, channels]),
+            tf.reshape(stats.variance, [-1, channels]),
+            stats.count * tf.ones([groups], stats.count.dtype),
+        )
+        return tf.reshape(outputs, tf.shape(inputs)), ops.pool_moments(per_group)
+
+    def _fold_adjustment(self, adj_scale, adj_bias, gamma, beta, dtype):
+        """`(gamma * scale, gamma * bias + beta)` when the adjustment is per-channel, else None."""
+        per_channel = []
+        for value in (adj_scale, adj_bias):
+            value = tf.cast(tf.convert_to_tensor(value), dtype)
+            shape = value.shape
+            if shape.rank is None or shape.rank > self._rank:
+                return None
+            dims = [1] * (self._rank - shape.rank) + list(shape)
+            others = [d for i, d in enumerate(dims) if i != self._channel_axis]
+            if any(d != 1 for d in others) or dims[self._channel_axis] not in (1, self.channels):
+                return None
+            per_channel.append(tf.broadcast_to(tf.reshape(value, [-1]), [self.channels]))
+        scale, bias = per_channel
+        new_gamma = scale if gamma is None else gamma * scale
+        new_beta = bias if gamma is None else gamma * bias
+        if beta is not None:
+            new_beta = new_beta + beta
+        return new_gamma, new_beta
+
     def _update_moving_statistics(self, stats: ops.Moments) -> None:
-        # Synchronized statistics are already global; otherwise average the replicas' statistics
-        # so that every copy of the moving variables receives the same update.
-        if not self.synchronized:
-            stats = ops.replica_mean_moments(stats)
-        seen = stats.count > 0
-        for variable, value in (
-            (self.moving_mean, stats.mean),
-            (self.moving_variance, stats.variance),
-        ):
-            old = tf.cast(variable, value.dtype)
-            new = old * self.momentum + value * (1.0 - self.momentum)
-            variable.assign(tf.cast(tf.where(seen, new, old), variable.dtype))
+        # Unsynchronized statistics are averaged over replicas first, so that every copy of the
+        # moving variables receives the same update (see ops.moving_statistics_update).
+        names = ["moving_mean", "moving_variance"]
+        if self.renorm:
+            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+        variables = {name: getattr(self, name) for name in names}
+        new = ops.moving_statistics_update(
+            stats,
+            variables,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            synchronized=self.synchronized,
+            renorm_momentum=self.renorm_momentum,
+        )
+        for name, value in new.items():
+            variables[name].assign(value)
 
     # ----------------------------------------------------------------------------- config
     def get_config(self):
@@ -294,7 +451,24 @@ class BatchNorm(keras.layers.Layer):
             "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
             "beta_constraint": constraints.serialize(self.beta_constraint),
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping or None,
+            "renorm_momentum": self.renorm_momentum,
             "synchronized": self.synchronized,
             "fused": self.fused,
+            "virtual_batch_size": self.virtual_batch_size,
         }
+        if self.adjustment is not None:
+            warnings.warn(
+                f"Layer '{self.name}': its `adjustment` callable cannot be serialized and is left "
+                "out of the config; a layer rebuilt from it has no adjustment.",
+                stacklevel=2,
+            )
         return {**super().get_config(), **config}
+
+
+def _fresh(initializer):
+    """A new instance of a Keras initializer object (so a seeded one draws anew), else itself."""
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer

@@ -334,8 +334,11 @@ def check_adjustment(adjustment):
     return adjustment
 
 
-def _virtual_batches(x: tf.Tensor, virtual_batch_size: int) -> tf.Tensor:
+def virtual_batch_view(x: tf.Tensor, virtual_batch_size: int) -> tf.Tensor:
     """Reshapes `(n, ...)` to `(virtual_batch_size, n // virtual_batch_size, ...)`.
+
+    Raises a `ValueError` (a known batch size) or an `InvalidArgumentError` at run time (an
+    unknown one) when `virtual_batch_size` does not divide `n`.
 
     Virtual batch `j` (index `j` on the new axis 1) holds examples `j, j + g, j + 2g, ...` with
     `g = n // virtual_batch_size`: the grouping tf-keras uses, so that the two agree.
@@ -348,11 +351,14 @@ def _virtual_batches(x: tf.Tensor, virtual_batch_size: int) -> tf.Tensor:
         )
     shape = tf.shape(x)
     if batch is None:
-        tf.debugging.assert_equal(
+        check = tf.debugging.assert_equal(
             shape[0] % virtual_batch_size,
             0,
             message=f"virtual_batch_size={virtual_batch_size} must divide the batch size",
         )
+        # Before the reshape, whose own error would not name the argument.
+        with tf.control_dependencies([check]):
+            x = tf.identity(x)
     return tf.reshape(x, tf.concat([[virtual_batch_size, -1], shape[1:]], 0))
 
 
@@ -369,7 +375,7 @@ def ghost_moments(
         x: Input of rank >= 2 whose batch size `n` is a multiple of `virtual_batch_size`.
         axis: The channel axis (not 0).
         virtual_batch_size: Examples per virtual batch; there are `g = n // virtual_batch_size`
-            of them, grouped as described in `_virtual_batches`.
+            of them, grouped as described in `virtual_batch_view`.
         mask: Optional boolean tensor of rank `rank(x) - 1` (as in `moments`).
 
     Returns:
@@ -383,7 +389,7 @@ def ghost_moments(
     rank = x.shape.rank
     axis = canonical_axis(axis, rank)
     dtype = statistics_dtype(x.dtype)
-    xg = _virtual_batches(tf.cast(x, dtype), virtual_batch_size)
+    xg = virtual_batch_view(tf.cast(x, dtype), virtual_batch_size)
     axes = [i for i in range(rank + 1) if i not in (1, axis + 1)]
     if mask is None:
         weights = None
@@ -397,10 +403,10 @@ def ghost_moments(
                 f"axis) with virtual batches; received a mask of shape {mask.shape} for an input "
                 f"of shape {x.shape}."
             )
-        weights = _virtual_batches(tf.cast(tf.cast(mask, tf.bool), dtype), virtual_batch_size)
+        weights = virtual_batch_view(tf.cast(tf.cast(mask, tf.bool), dtype), virtual_batch_size)
         weights = tf.expand_dims(weights, axis + 1)
         per_group = [i for i in range(rank + 1) if i != 1]
-        count = tf.reduce_sum(tf.broadcast_to(weights, tf.shape(weights)), per_group)
+        count = tf.reduce_sum(weights, per_group)
         total = tf.reduce_sum(xg * weights, axes, keepdims=True)
     count_b = tf.reshape(count, [1, -1] + [1] * (rank - 1))
     mean = tf.math.divide_no_nan(total, count_b)
@@ -492,7 +498,8 @@ def batch_norm_training(
     The output is `gamma * ((x_hat * r + d) * a + b) + beta`, where `x_hat` is `x` normalized with
     the statistics of its batch (or of its virtual batch), `(r, d)` the batch-renormalization
     correction (`(1, 0)` without renorm) and `(a, b) = adjustment(tf.shape(x))` (`(1, 0)`
-    without). Gradients flow through the batch statistics, not through `r`, `d`, `a`, `b`.
+    without). Gradients flow through the batch statistics (and `a`, `b`, as in tf-keras), not
+    through `r` and `d`.
 
     Args:
         x: Input of rank >= 2.
@@ -529,7 +536,7 @@ def batch_norm_training(
         shape[axis + 1] = tf.shape(x)[axis]
         mean_b = tf.reshape(groups.mean, shape)
         inv_b = tf.reshape(tf.math.rsqrt(groups.variance + tf.cast(epsilon, dtype)), shape)
-        xv = _virtual_batches(x, virtual_batch_size)
+        xv = virtual_batch_view(x, virtual_batch_size)
     else:
         stats = moments(x, axis, mask=mask, synchronized=synchronized)
         shape = _broadcast_shape(rank, axis, -1)
@@ -576,9 +583,7 @@ def batch_norm_training(
             for v in (gamma, beta)
         )
     adj_scale, adj_bias = adjustment(tf.shape(x))
-    z = z * tf.stop_gradient(tf.cast(adj_scale, dtype)) + tf.stop_gradient(
-        tf.cast(adj_bias, dtype)
-    )
+    z = z * tf.cast(adj_scale, dtype) + tf.cast(adj_bias, dtype)
     if gamma_b is not None:
         z = z * gamma_b
     if beta_b is not None:
