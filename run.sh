@@ -31,7 +31,7 @@ install_python_packages() {
     if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "[run.sh] installing tfbn and its dependencies into $VENV" >&2
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e ".[test]"
+        "$VENV/bin/python" -m pip install -q -e ".[test,legacy]"
         touch "$stamp"
     fi
 }

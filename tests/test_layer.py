@@ -1,4 +1,4 @@
-"""tfbn.BatchNorm against Keras's BatchNormalization and a float64 NumPy version of the chapter's math."""
+"""tfbn.BatchNorm against Keras's BatchNormalization and a float64 NumPy version of the math."""
 
 import keras
 import numpy as np
@@ -61,7 +61,11 @@ def cases(draw):
     rank = draw(st.integers(2, 5))
     dims = [draw(st.integers(3, 6))] + [draw(st.integers(2, 6)) for _ in range(rank - 1)]
     axis = draw(st.sampled_from([a for a in range(-rank, rank) if a % rank != 0]))
-    fused = draw(st.sampled_from([None, False] + ([True] if rank >= 4 and axis % rank in (1, rank - 1) else [])))
+    fused = draw(
+        st.sampled_from(
+            [None, False] + ([True] if rank >= 4 and axis % rank in (1, rank - 1) else [])
+        )
+    )
     return {
         "shape": tuple(dims),
         "axis": axis,
@@ -70,7 +74,7 @@ def cases(draw):
         "center": draw(st.booleans()),
         "scale": draw(st.booleans()),
         "fused": fused,
-        # Well-conditioned batches (|mean| / std <= 10): float32 parity, not cancellation, is tested.
+        # Well-conditioned batches (|mean| / std <= 10): float32 parity, not cancellation.
         "loc": draw(st.floats(-5, 5)),
         "spread": draw(st.floats(0.5, 10)),
         "seed": draw(st.integers(0, 2**16)),
@@ -102,7 +106,7 @@ def test_matches_keras_batch_normalization_in_both_modes(case):
         _assert_close(y_ours, y_theirs)
         n = x.size / channels
         for a, b in zip(g_ours, g_theirs, strict=True):
-            _assert_close(a, b, scale=np.abs(b).max() if a.ndim == 1 else None, atol=1e-5 * n ** 0.5)
+            _assert_close(a, b, scale=np.abs(b).max() if a.ndim == 1 else None, atol=1e-5 * n**0.5)
         _assert_close(ours.moving_mean.numpy(), theirs.moving_mean.numpy())
         _assert_close(ours.moving_variance.numpy(), theirs.moving_variance.numpy())
     _assert_close(ours(x, training=False), theirs(x, training=False))
@@ -150,7 +154,10 @@ def test_training_step_equals_float64_numpy_chapter_formulas(rng, shape, axis, f
         layer.moving_mean.numpy(), momentum * old_mean + (1 - momentum) * mean, rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(
-        layer.moving_variance.numpy(), momentum * old_var + (1 - momentum) * var, rtol=1e-5, atol=1e-5
+        layer.moving_variance.numpy(),
+        momentum * old_var + (1 - momentum) * var,
+        rtol=1e-5,
+        atol=1e-5,
     )
     # Inference mode: the moving statistics, not the batch's.
     shape_c = [1] * len(shape)
@@ -386,4 +393,6 @@ def test_xla_compiled_training_step_matches_eager(rng):
     compiled.build(x.shape)
     y_xla = tf.function(lambda x: compiled(x, training=True), jit_compile=True)(x).numpy()
     np.testing.assert_allclose(y_xla, y_eager, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(compiled.moving_variance.numpy(), eager.moving_variance.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        compiled.moving_variance.numpy(), eager.moving_variance.numpy(), rtol=1e-5
+    )

@@ -74,7 +74,10 @@ def test_moving_stats_identical_on_all_replicas(cpu_devices, rng, n_replicas, sh
     keep = momentum**3
     expected_mean = (1 - keep) * mean_of_means
     expected_var = keep * 1.0 + (1 - keep) * mean_of_vars
-    for variable, expected in ((layer.moving_mean, expected_mean), (layer.moving_variance, expected_var)):
+    for variable, expected in (
+        (layer.moving_mean, expected_mean),
+        (layer.moving_variance, expected_var),
+    ):
         copies = _replica_values(variable)
         assert len(copies) == n_replicas
         for copy in copies[1:]:

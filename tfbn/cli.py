@@ -13,8 +13,16 @@ import sys
 
 # (subcommand, module, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
-    ("train", "tfbn.training", "train LeNet with batch normalization on Fashion-MNIST and export it"),
-    ("recalibrate", "tfbn.recalibration", "recompute BatchNorm population statistics of a saved model"),
+    (
+        "train",
+        "tfbn.training",
+        "train LeNet with BatchNorm on Fashion-MNIST and export it",
+    ),
+    (
+        "recalibrate",
+        "tfbn.recalibration",
+        "recompute the BatchNorm population statistics of a model",
+    ),
     ("export", "tfbn.export", "export a trained .keras model as an inference-only SavedModel"),
     ("predict", "tfbn.serving", "classify images with an exported SavedModel"),
     ("tune", "tfbn.tuning", "search learning rates with Keras Tuner, with and without BatchNorm"),

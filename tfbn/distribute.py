@@ -1,4 +1,4 @@
-"""Choosing a tf.distribute strategy by name, the same way for training, tuning and recalibration."""
+"""Choosing a tf.distribute strategy by name, alike for training, tuning and recalibration."""
 
 from __future__ import annotations
 
@@ -63,7 +63,11 @@ def get_strategy(name: str = "auto", devices: list[str] | None = None) -> tf.dis
 
 def device_description(strategy: tf.distribute.Strategy) -> str:
     """A short description of where a strategy computes, e.g. `/GPU:0` or `2 x /CPU`."""
-    devices = list(getattr(strategy.extended, "worker_devices", ()) or ())
+    try:
+        devices = list(getattr(strategy.extended, "worker_devices", ()) or ())
+    except RuntimeError:
+        # The default strategy has no device list: it runs where TensorFlow places ops.
+        devices = []
     if not devices:
         gpus = tf.config.list_logical_devices("GPU")
         devices = [gpus[0].name if gpus else "/device:CPU:0"]
@@ -71,3 +75,26 @@ def device_description(strategy: tf.distribute.Strategy) -> str:
     if len(short) == 1:
         return "/" + short[0]
     return f"{len(short)} replicas (" + ", ".join("/" + s for s in short) + ")"
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the shared outputs (checkpoints, logs, exports).
+
+    Every process is the chief except under `MultiWorkerMirroredStrategy`, where the chief is the
+    task of type `"chief"`, or worker 0 when the cluster has no chief task.
+
+    Args:
+        strategy: The strategy the process trains under.
+
+    Returns:
+        `True` for the process that should write the run's files.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return True
+    task_type = getattr(resolver, "task_type", None)
+    task_id = getattr(resolver, "task_id", None)
+    if task_type in (None, "chief"):
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    return task_type == "worker" and not cluster.get("chief") and task_id in (None, 0)

@@ -48,8 +48,8 @@ def canonical_axis(axis: int, rank: int) -> int:
     """
     if rank is None or rank < 2:
         raise ValueError(
-            f"Batch normalization needs inputs of rank 2 or more (a batch axis and a channel axis); "
-            f"received an input of rank {rank}."
+            "Batch normalization needs inputs of rank 2 or more (a batch axis and a channel "
+            f"axis); received an input of rank {rank}."
         )
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise ValueError(f"Argument `axis` must be an integer; received axis={axis!r}.")
