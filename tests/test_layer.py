@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import tfbn
 
-# --------------------------------------------------------------------------- NumPy reference (float64)
+# ---------------------------------------------------------------- NumPy reference (float64)
 
 
 def np_batch_norm_train(x, gamma, beta, eps, axis):
