@@ -1,0 +1,411 @@
+"""Tests of `tfbn.train`: both loops, tf.distribute, the run folder, resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from train_helpers import bn_moving_statistics, synthetic_data
+
+import tfbn
+from tfbn import training
+
+HELPER = pathlib.Path(__file__).with_name("train_helpers.py")
+SUMMARY = re.compile(
+    r"^loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}, \d+\.\d examples/sec on \S.*$"
+)
+
+
+def _train(data, tmp_path, name, **kwargs):
+    options = dict(
+        epochs=1,
+        batch_size=data.batch_size,
+        seed=7,
+        strategy="default",
+        run_dir=tmp_path / name,
+        recalibrate=False,
+        export=False,
+        progress=False,
+        dataset=data,
+    )
+    options.update(kwargs)
+    norm = options.pop("norm", "tfbn")
+    return tfbn.train(norm, **options)
+
+
+def _assert_same_weights(a, b, atol):
+    assert len(a) == len(b)
+    for wa, wb in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(wa), np.asarray(wb), rtol=0, atol=atol)
+
+
+def _weights_differ(a, b, atol):
+    return any(not np.allclose(x, y, rtol=0, atol=atol) for x, y in zip(a, b, strict=True))
+
+
+# ----------------------------------------------------------------------------------- loops
+def test_fit_and_custom_loops_give_same_weights(tmp_path):
+    data = synthetic_data()
+    fit = _train(data, tmp_path, "fit", loop="fit")
+    custom = _train(data, tmp_path, "custom", loop="custom")
+    assert (fit.loop, custom.loop) == ("fit", "custom")
+    initial = tfbn.lenet("tfbn")  # any fresh init: training must have moved the weights
+    assert _weights_differ(fit.model.get_weights(), initial.get_weights(), 1e-3)
+    _assert_same_weights(fit.model.get_weights(), custom.model.get_weights(), atol=1e-5)
+    # Same metric semantics: per-example means over the epoch.
+    for key in ("loss", "train_acc", "test_acc"):
+        assert fit.history[0][key] == pytest.approx(custom.history[0][key], abs=1e-5)
+    assert fit.history[0]["examples"] == custom.history[0]["examples"] == data.num_train
+
+
+def test_custom_loop_metrics_equal_a_numpy_recount(tmp_path):
+    data = synthetic_data(num_train=200, batch_size=50)
+    result = _train(data, tmp_path, "run", loop="custom", norm="none")
+    # Test accuracy recomputed from the returned model's predictions.
+    logits = result.model.predict(data.test_images, verbose=0)
+    expected = float(np.mean(np.argmax(logits, axis=-1) == data.test_labels))
+    assert result.test_acc == pytest.approx(expected, abs=1e-6)
+
+
+def _two_cpu_mirrored(cpu_devices):
+    # Two MirroredStrategy objects with the default collective all-reduce in one process reuse
+    # collective instance keys and abort ("Shape mismatch in the collective instance 100");
+    # reducing through one device has no such keys.
+    return tf.distribute.MirroredStrategy(
+        cpu_devices[:2], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def test_mirrored_custom_loop_equals_single_device(tmp_path, cpu_devices):
+    # Without BatchNorm, two replicas on halves of each global batch must follow the one-device
+    # run exactly (including the uneven last batch of 37 examples: 19 + 18).
+    data = synthetic_data()
+    single = _train(data, tmp_path, "single", loop="custom", norm="none")
+    mirrored = _train(
+        data,
+        tmp_path,
+        "mirrored",
+        loop="custom",
+        norm="none",
+        strategy=_two_cpu_mirrored(cpu_devices),
+    )
+    assert mirrored.strategy == "mirrored"
+    assert mirrored.device.startswith("2 replicas")
+    _assert_same_weights(single.model.get_weights(), mirrored.model.get_weights(), atol=1e-5)
+    assert single.history[0]["loss"] == pytest.approx(mirrored.history[0]["loss"], abs=1e-5)
+
+
+def test_mirrored_fit_loop_equals_single_device(tmp_path, cpu_devices):
+    data = synthetic_data(num_train=256)  # Keras's fit scales per replica: even batches only
+    single = _train(data, tmp_path, "single", loop="fit", norm="none")
+    mirrored = _train(
+        data, tmp_path, "mirrored", loop="fit", norm="none", strategy=_two_cpu_mirrored(cpu_devices)
+    )
+    _assert_same_weights(single.model.get_weights(), mirrored.model.get_weights(), atol=1e-5)
+
+
+def test_moving_stats_identical_on_all_replicas_and_reload_predicts_same(tmp_path, cpu_devices):
+    data = synthetic_data()
+    strategy = _two_cpu_mirrored(cpu_devices)
+    result = _train(data, tmp_path, "mirrored", loop="custom", norm="tfbn", strategy=strategy)
+    with strategy.scope():
+        stats = bn_moving_statistics(result.model)
+    assert len(stats) == 8  # four BatchNorm layers, two statistics each
+    for path, copies in stats.items():
+        assert len(copies) == 2, path
+        np.testing.assert_array_equal(copies[0], copies[1], err_msg=path)
+        initial = 0.0 if path.endswith("moving_mean") else 1.0
+        assert not np.allclose(copies[0], initial), f"{path} was never updated"
+
+    # Saved under the strategy, reloaded on one device: same predictions.
+    before = result.model.predict(data.test_images, verbose=0)
+    reloaded = keras.saving.load_model(result.run_dir / "model.keras")
+    after = reloaded.predict(data.test_images, verbose=0)
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
+    for layer in reloaded.layers:
+        if isinstance(layer, tfbn.BatchNorm):
+            np.testing.assert_array_equal(
+                layer.moving_mean.numpy(), stats[f"{layer.name}/moving_mean"][0]
+            )
+
+
+# ------------------------------------------------------------------------------- run folder
+def test_run_folder_contents_and_summary_line(tmp_path, capsys):
+    data = synthetic_data()
+    result = _train(data, tmp_path, "run", epochs=2, loop="fit")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert SUMMARY.match(out[-1]), out[-1]
+    assert out[-1] == result.summary()
+    assert out[-1].startswith(
+        f"loss {result.loss:.3f}, train acc {result.train_acc:.3f}, test acc {result.test_acc:.3f}"
+    )
+    assert any(line.startswith("wall time ") for line in out)
+
+    run = result.run_dir
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history == result.history
+    for h in history:
+        assert set(h) >= {"loss", "train_acc", "test_acc", "examples_per_sec"}
+    assert (run / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    saved = json.loads((run / "result.json").read_text())
+    assert saved["seed"] == 7 and saved["strategy"] == "default" and saved["loop"] == "fit"
+    assert saved["test_acc"] == pytest.approx(result.test_acc)
+    assert saved["wall_time"] > 0 and saved["examples_per_sec"] > 0
+    # Nothing half-written left behind.
+    assert not [p for p in run.rglob("*") if p.name.startswith(".")]
+    reloaded = keras.saving.load_model(run / "model.keras")
+    _assert_same_weights(reloaded.get_weights(), result.model.get_weights(), atol=0)
+
+
+def test_tensorboard_logs_hold_the_history(tmp_path):
+    data = synthetic_data()
+    result = _train(data, tmp_path, "run", epochs=2, loop="custom")
+    values = {}
+    for path in (result.run_dir / "logs").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                values[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+    for h in result.history:
+        assert values[("test/accuracy", h["epoch"])] == pytest.approx(h["test_acc"], abs=1e-6)
+        assert values[("train/loss", h["epoch"])] == pytest.approx(h["loss"], abs=1e-6)
+
+
+def test_same_seed_reproduces_the_run(tmp_path):
+    data = synthetic_data()
+    a = _train(data, tmp_path, "a", loop="fit", seed=11)
+    b = _train(data, tmp_path, "b", loop="fit", seed=11)
+    c = _train(data, tmp_path, "c", loop="fit", seed=12)
+    _assert_same_weights(a.model.get_weights(), b.model.get_weights(), atol=0)
+    assert _weights_differ(a.model.get_weights(), c.model.get_weights(), 1e-3)
+
+
+# ---------------------------------------------------------------------------------- resuming
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Weights after an uninterrupted 2-epoch run (the same settings as tests/train_helpers.py)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = tfbn.train(
+        "tfbn",
+        epochs=2,
+        batch_size=64,
+        seed=3,
+        strategy="default",
+        loop="fit",
+        run_dir=run_dir,
+        recalibrate=False,
+        export=False,
+        progress=False,
+        dataset=synthetic_data(),
+    )
+    return [np.array(w) for w in result.model.get_weights()], result.history
+
+
+@pytest.mark.parametrize("loops", [("fit", "fit"), ("custom", "custom"), ("fit", "custom")])
+def test_resume_after_epoch_1_equals_uninterrupted(tmp_path, uninterrupted, loops):
+    weights, history = uninterrupted
+    options = dict(
+        batch_size=64,
+        seed=3,
+        strategy="default",
+        run_dir=tmp_path / "run",
+        recalibrate=False,
+        export=False,
+        progress=False,
+    )
+    first = tfbn.train("tfbn", epochs=1, loop=loops[0], dataset=synthetic_data(), **options)
+    assert first.initial_epoch == 0 and len(first.history) == 1
+    keras.backend.clear_session()
+    second = tfbn.train("tfbn", epochs=2, loop=loops[1], dataset=synthetic_data(), **options)
+    assert second.initial_epoch == 1
+    _assert_same_weights(second.model.get_weights(), weights, atol=1e-5)
+    assert [h["epoch"] for h in second.history] == [1, 2]
+    for got, want in zip(second.history, history, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+        assert got["test_acc"] == pytest.approx(want["test_acc"], abs=1e-5)
+
+
+def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path, uninterrupted):
+    weights, history = uninterrupted
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "paused"
+    command = [
+        sys.executable,
+        str(HELPER),
+        "train",
+        str(run_dir),
+        "--epochs",
+        "2",
+        "--pause-marker",
+        str(marker),
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the middle of epoch 2"
+            time.sleep(0.1)
+        # The process now sits in the middle of epoch 2, with epoch 1 saved.
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    finished = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch-*"))
+    assert finished == ["epoch-0001"]
+    assert not (run_dir / "final_weights.npz").exists()
+
+    # The same command again: it resumes (the marker now exists, so it does not pause).
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Resuming" in done.stdout and "after epoch 1 of 2" in done.stdout
+    with np.load(run_dir / "final_weights.npz") as saved:
+        resumed = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    _assert_same_weights(resumed, weights, atol=1e-5)
+    saved_history = json.loads((run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in saved_history] == [1, 2]
+    assert saved_history[1]["loss"] == pytest.approx(history[1]["loss"], abs=1e-5)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    data = synthetic_data(num_train=128)
+    _train(data, tmp_path, "run", epochs=2, loop="fit")
+    with pytest.raises(ValueError, match="learning_rate"):
+        _train(data, tmp_path, "run", epochs=3, learning_rate=0.5)
+    with pytest.raises(ValueError, match="norm"):
+        _train(data, tmp_path, "run", epochs=3, norm="keras")
+    with pytest.raises(ValueError, match="seed"):
+        _train(data, tmp_path, "run", epochs=3, seed=8)
+    with pytest.raises(ValueError, match="`epochs`.*2 finished epochs"):
+        _train(data, tmp_path, "run", epochs=1)
+
+
+# --------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if data loading or model building starts."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    import tfbn.data
+    import tfbn.models
+
+    monkeypatch.setattr(tfbn.data, "load_fashion_mnist", forbidden)
+    monkeypatch.setattr(tfbn.models, "lenet", forbidden)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(norm="batch"), "norm"),
+        (dict(strategy="tpu"), "strategy"),
+        (dict(loop="keras"), "loop"),
+        (dict(epochs=0), "epochs"),
+        (dict(epochs=2.5), "epochs"),
+        (dict(batch_size=-1), "batch_size"),
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(train_fraction=0.0), "train_fraction"),
+        (dict(train_fraction=1.5), "train_fraction"),
+        (dict(seed="one"), "seed"),
+    ],
+)
+def test_bad_arguments_raise_before_work(tmp_path, no_work, kwargs, argument):
+    norm = kwargs.pop("norm", "tfbn")
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        tfbn.train(norm, run_dir=tmp_path / "run", export_dir=tmp_path / "exp", **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_folders_raise_before_work(tmp_path, no_work):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="`run_dir`"):
+        tfbn.train(run_dir=blocker / "run", export_dir=tmp_path / "exp")
+    with pytest.raises(ValueError, match="`export_dir`"):
+        tfbn.train(run_dir=tmp_path / "run", export_dir=blocker / "exp")
+
+
+def test_data_folder_without_files_raises_before_work(tmp_path, no_work):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=str(empty)):
+        tfbn.train(run_dir=tmp_path / "run", data_dir=empty, export=False)
+
+
+def test_cli_reports_bad_input_as_one_line(tmp_path, capsys):
+    from tfbn import cli
+
+    code = cli.main(["train", "--epochs", "0", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "epochs" in err[0]
+
+
+def test_cli_flags_reach_train(monkeypatch):
+    from tfbn import cli
+
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda norm, **kw: seen.update(norm=norm, **kw))
+    argv = [
+        "train",
+        "--norm",
+        "none",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.5",
+        "--seed",
+        "4",
+        "--strategy",
+        "default",
+        "--loop",
+        "custom",
+        "--run-dir",
+        "r",
+        "--data-dir",
+        "d",
+        "--train-fraction",
+        "0.25",
+        "--no-recalibrate",
+        "--no-export",
+        "--export-dir",
+        "e",
+        "--jit-compile",
+    ]
+    assert cli.main(argv) == 0
+    assert seen == dict(
+        norm="none",
+        epochs=3,
+        batch_size=32,
+        learning_rate=0.5,
+        seed=4,
+        strategy="default",
+        loop="custom",
+        run_dir="r",
+        data_dir="d",
+        train_fraction=0.25,
+        recalibrate=False,
+        export=False,
+        export_dir="e",
+        jit_compile=True,
+        progress=True,
+    )

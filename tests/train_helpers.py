@@ -1,0 +1,159 @@
+"""Small synthetic Fashion-MNIST stand-ins for the training tests, and a subprocess entry point.
+
+`python tests/train_helpers.py train RUN_DIR [--epochs N] [--pause-marker FILE]` trains LeNet on
+the synthetic data with `tfbn.train` and writes the final weights to `RUN_DIR/final_weights.npz`.
+With `--pause-marker`, the pipeline of epoch 2 stops in its middle the first time (it creates the
+marker file and sleeps), so that a test can kill the process mid-epoch at a known point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class SyntheticData:
+    """A FashionMNIST-like object: 28x28x1 images whose mean pattern depends on the label."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    batch_size: int
+    seed: int = 0
+    pause_marker: str | None = None
+    pause_epoch: int = 1
+    pause_batch: int = 2
+
+    @property
+    def num_train(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_labels)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_train // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example order of an epoch: a function of (seed, epoch) only."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+
+    def train_for_epoch(self, epoch: int) -> tf.data.Dataset:
+        order = self.order(epoch)
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (self.images[order], self.labels[order])
+        ).batch(self.batch_size)
+        if self.pause_marker is not None and epoch == self.pause_epoch:
+            marker, at = self.pause_marker, self.pause_batch
+
+            def pause(i, batch):
+                x, y = batch
+
+                def wait(index):
+                    if int(index) == at and not os.path.exists(marker):
+                        pathlib.Path(marker).write_text(str(os.getpid()))
+                        time.sleep(120)
+                    return index
+
+                done = tf.py_function(wait, [i], tf.int64)
+                with tf.control_dependencies([done]):
+                    return tf.identity(x), tf.identity(y)
+
+            dataset = dataset.enumerate().map(pause)
+        return dataset
+
+    @property
+    def train(self) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices((self.images, self.labels)).batch(self.batch_size)
+
+    @property
+    def test(self) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices((self.test_images, self.test_labels)).batch(
+            self.batch_size
+        )
+
+
+def synthetic_data(
+    num_train: int = 485, num_test: int = 128, batch_size: int = 64, seed: int = 0, **kwargs
+) -> SyntheticData:
+    """Learnable synthetic data; 485 examples at batch 64 leave an odd last batch of 37."""
+    rng = np.random.default_rng(1000 + seed)
+    patterns = rng.uniform(0.0, 1.0, size=(10, 28, 28, 1)).astype(np.float32)
+
+    def make(n):
+        labels = rng.integers(0, 10, size=n).astype(np.int32)
+        noise = rng.uniform(-0.4, 0.4, size=(n, 28, 28, 1)).astype(np.float32)
+        images = np.clip(patterns[labels] + noise, 0.0, 1.0).astype(np.float32)
+        return images, labels
+
+    images, labels = make(num_train)
+    test_images, test_labels = make(num_test)
+    return SyntheticData(
+        images, labels, test_images, test_labels, batch_size=batch_size, seed=seed, **kwargs
+    )
+
+
+def bn_moving_statistics(model) -> dict[str, list[np.ndarray]]:
+    """Every replica's copy of every BatchNorm moving statistic, by variable path."""
+    strategy = tf.distribute.get_strategy()
+    found = {}
+    for layer in model.layers:
+        for name in ("moving_mean", "moving_variance"):
+            variable = getattr(layer, name, None)
+            if variable is None:
+                continue
+            value = getattr(variable, "value", variable)
+            copies = strategy.experimental_local_results(value)
+            if len(copies) == 1 and hasattr(value, "values"):
+                copies = value.values
+            found[f"{layer.name}/{name}"] = [np.array(c) for c in copies]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["train"])
+    parser.add_argument("run_dir")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--loop", default="fit")
+    parser.add_argument("--norm", default="tfbn")
+    parser.add_argument("--pause-marker", default=None)
+    args = parser.parse_args(argv)
+
+    import tfbn
+
+    data = synthetic_data(pause_marker=args.pause_marker)
+    result = tfbn.train(
+        args.norm,
+        epochs=args.epochs,
+        batch_size=data.batch_size,
+        seed=3,
+        strategy="default",
+        loop=args.loop,
+        run_dir=args.run_dir,
+        recalibrate=False,
+        export=False,
+        progress=False,
+        dataset=data,
+    )
+    np.savez(
+        pathlib.Path(args.run_dir) / "final_weights.npz",
+        *[np.asarray(w) for w in result.model.get_weights()],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
