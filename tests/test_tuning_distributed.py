@@ -1,0 +1,109 @@
+"""Distributed learning-rate search on Keras Tuner's own mechanism: a chief and two workers.
+
+Three processes on 127.0.0.1 (tests/tuner_process.py) share one trial budget through the chief's
+oracle; the chief's records on disk are the reference for "every trial ran once".
+"""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRIALS = 4
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_chief_and_two_workers_share_the_trial_budget(tmp_path):
+    port = _free_port()
+    procs: dict[str, subprocess.Popen] = {}
+    logs = {}
+    try:
+        for tuner_id in ("chief", "tuner0", "tuner1"):
+            env = dict(
+                os.environ,
+                KERASTUNER_TUNER_ID=tuner_id,
+                KERASTUNER_ORACLE_IP="127.0.0.1",
+                KERASTUNER_ORACLE_PORT=str(port),
+                TF_CPP_MIN_LOG_LEVEL="2",
+                CUDA_VISIBLE_DEVICES="",
+                TFBN_TEST_BARRIER=f"{tmp_path / 'barrier'}:2",
+            )
+            logs[tuner_id] = open(tmp_path / f"{tuner_id}.log", "w")
+            procs[tuner_id] = subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(HERE, "tuner_process.py"),
+                    str(tmp_path / tuner_id),
+                    str(tmp_path / f"{tuner_id}.json"),
+                    str(TRIALS),
+                ],
+                env=env,
+                stdout=logs[tuner_id],
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + TIMEOUT_S
+        for tuner_id, proc in procs.items():
+            remaining = max(1.0, deadline - time.monotonic())
+            try:
+                rc = proc.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{tuner_id} did not finish within {TIMEOUT_S} s")
+            log = (tmp_path / f"{tuner_id}.log").read_text()[-3000:]
+            assert rc == 0, f"{tuner_id} exited with {rc}:\n{log}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        for f in logs.values():
+            f.close()
+
+    results = {t: json.loads((tmp_path / f"{t}.json").read_text()) for t in procs}
+    assert results["chief"]["role"] == "chief"
+    assert results["tuner0"]["role"] == results["tuner1"]["role"] == "worker"
+
+    # The chief's oracle records, read from its project folder.
+    records = {}
+    for path in glob.glob(str(tmp_path / "chief" / "lenet_lr_none" / "trial_*" / "trial.json")):
+        with open(path) as f:
+            trial = json.load(f)
+        records[trial["trial_id"]] = trial
+    assert len(records) == TRIALS
+    assert all(t["status"] == "COMPLETED" for t in records.values())
+    lrs = [t["hyperparameters"]["values"]["learning_rate"] for t in records.values()]
+    assert len(set(lrs)) == TRIALS, "two trials got the same hyperparameters"
+    assert all(0.01 <= lr <= 10.0 for lr in lrs)
+    assert all(t["score"] is not None for t in records.values())
+
+    ran0 = results["tuner0"]["trials_run"]["none"]
+    ran1 = results["tuner1"]["trials_run"]["none"]
+    assert results["chief"]["trials_run"]["none"] == []
+    # Every trial of the chief's records ran exactly once, on one of the workers.
+    assert sorted(ran0 + ran1) == sorted(records)
+    assert not set(ran0) & set(ran1)
+    # The workers start their searches together (a file barrier in tuner_process.py), and a
+    # trial takes far longer than asking the chief for one: each gets at least one.
+    assert len(ran0) >= 1 and len(ran1) >= 1, (ran0, ran1)
+    # What each worker ran is what the chief recorded for that trial.
+    for worker in ("tuner0", "tuner1"):
+        for trial_id, lr in results[worker]["learning_rates"].items():
+            assert records[trial_id]["hyperparameters"]["values"]["learning_rate"] == lr
+
+    # The chief wrote the table with all trials; the workers wrote none.
+    with open(results["chief"]["json_path"]) as f:
+        table = json.load(f)
+    assert table["variants"]["none"]["num_trials"] == TRIALS
+    assert results["tuner0"]["json_path"] is None

@@ -1,0 +1,100 @@
+"""One process of a distributed learning-rate search, for tests/test_tuning_distributed.py.
+
+Usage: python tests/tuner_process.py DIRECTORY RESULT_JSON TRIALS
+
+With TFBN_TEST_BARRIER=FOLDER:N, a worker waits (at most 120 s) until N workers have loaded
+TensorFlow and built their data before it starts searching, so the workers begin together.
+
+The role comes from the KERASTUNER_* environment variables. The chief gets no dataset and its data
+loader is replaced by one that fails, so the run shows that the chief never loads data. Workers
+train on a small synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+class SyntheticData:
+    """Ten classes, each a bright horizontal band at its own height, plus noise."""
+
+    def __init__(self, num_train: int = 256, num_validation: int = 128, batch_size: int = 64):
+        self.train = self._make(num_train, batch_size, seed=1)
+        self.validation = self._make(num_validation, batch_size, seed=2)
+
+    @staticmethod
+    def _make(n: int, batch_size: int, seed: int) -> tf.data.Dataset:
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 10, n).astype("int32")
+        images = (rng.random((n, 28, 28, 1)) * 0.3).astype("float32")
+        for c in range(10):
+            images[labels == c, 2 * c + 4 : 2 * c + 7, :, 0] += 0.7
+        return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+
+    @property
+    def test(self):
+        raise AssertionError("the tuner touched the test split")
+
+
+def _barrier(spec: str, timeout_s: float = 120.0) -> None:
+    if not spec:
+        return
+    folder, count = spec.rsplit(":", 1)
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, os.environ.get("KERASTUNER_TUNER_ID", "worker")), "w").close()
+    deadline = time.monotonic() + timeout_s
+    while len(os.listdir(folder)) < int(count) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def main(argv: list[str]) -> int:
+    directory, result_path, trials = argv[0], argv[1], int(argv[2])
+    import tfbn.data
+    import tfbn.tuning
+
+    chief = "chief" in os.environ.get("KERASTUNER_TUNER_ID", "")
+    if chief:
+
+        def no_data(*args, **kwargs):
+            raise AssertionError("the chief loaded data")
+
+        tfbn.data.load_fashion_mnist = no_data
+    else:
+        dataset = SyntheticData()
+        _barrier(os.environ.get("TFBN_TEST_BARRIER", ""))
+    result = tfbn.tuning.tune(
+        ["none"],
+        lr_min=0.01,
+        lr_max=10.0,
+        trials=trials,
+        epochs=1,
+        directory=directory,
+        dataset=None if chief else dataset,
+        strategy="default",
+        progress=False,
+    )
+    summary = {
+        "role": result.role,
+        "trials_run": result.trials_run,
+        "json_path": result.json_path,
+        "learning_rates": {
+            t.trial_id: t.learning_rate for v in result.variants.values() for t in v.trials
+        },
+    }
+    tmp = result_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f)
+    os.replace(tmp, result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
