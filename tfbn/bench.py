@@ -369,7 +369,12 @@ def _pipeline_case(settings, lenet_result: dict | None) -> dict:
         rate = _count_rate(dataset, settings["pipeline_batches"])
     else:
         method = "tfbn.data.pipeline_rate"
-        rate = float(rate_fn[0](dataset, batches=settings["pipeline_batches"]))
+        kwargs = {}
+        if "warmup" in inspect.signature(rate_fn[0]).parameters:
+            # The full warm-up pass fills the in-memory cache, as the first epoch of training
+            # does; a quick run skips it.
+            kwargs["warmup"] = not settings["quick"]
+        rate = float(rate_fn[0](dataset, batches=settings["pipeline_batches"], **kwargs))
     if lenet_result is None or "tfbn" not in lenet_result["variants"]:
         lenet_result = _lenet_case(settings, norms=("tfbn",))
     training = lenet_result["variants"]["tfbn"]["examples_per_s"]
@@ -387,10 +392,25 @@ def _pipeline_case(settings, lenet_result: dict | None) -> dict:
 
 # ----------------------------------------------------------------------------- export case
 def _export_case(settings, work_dir: Path) -> dict:
-    found = _optional("tfbn.export", "export_saved_model", "inference_throughput")
+    found = _optional("tfbn.export", "export_saved_model")
     if isinstance(found, str):
         return {"id": "export", "available": False, "reason": found}
-    export_saved_model, inference_throughput = found
+    (export_saved_model,) = found
+    # The throughput helper lives with the serving code; older layouts kept it in export.
+    for module_name in ("tfbn.serving", "tfbn.export"):
+        throughput = _optional(module_name, "inference_throughput")
+        if not isinstance(throughput, str):
+            break
+    if isinstance(throughput, str):
+        return {"id": "export", "available": False, "reason": throughput}
+    (throughput_fn,) = throughput
+    throughput_kwargs = {"seconds": settings["export_seconds"]}
+    if "repeats" in inspect.signature(throughput_fn).parameters:
+        # One timed run per call: the repeats and their median are taken here, interleaved.
+        throughput_kwargs["repeats"] = 1
+
+    def inference_throughput(path, batch):
+        return float(throughput_fn(path, batch, **throughput_kwargs))
 
     import keras
     import numpy as np
@@ -412,14 +432,10 @@ def _export_case(settings, work_dir: Path) -> dict:
         samples: dict[str, list[float]] = {"folded": [], "unfolded": []}
         names = list(samples)
         for name in names:  # warm-up: loading, tracing
-            inference_throughput(paths[name], batch, seconds=settings["export_seconds"])
+            inference_throughput(paths[name], batch)
         for r in range(settings["export_repeats"]):
             for name in names[r % 2 :] + names[: r % 2]:
-                samples[name].append(
-                    float(
-                        inference_throughput(paths[name], batch, seconds=settings["export_seconds"])
-                    )
-                )
+                samples[name].append(inference_throughput(paths[name], batch))
         rows = {
             name: {"median_examples_per_s": statistics.median(v), "samples_examples_per_s": v}
             for name, v in samples.items()
@@ -679,6 +695,19 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _guarded(case_id: str, run: Callable[[], dict]) -> dict:
+    """Runs a case that depends on another module; a failure there becomes a reported row."""
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - reported in the results, not swallowed
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        return {
+            "id": case_id,
+            "available": False,
+            "reason": f"failed with {type(error).__name__}: {first_line}",
+        }
+
+
 def _atomic_write(path: Path, text: str) -> None:
     """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -764,7 +793,7 @@ def run_benchmarks(
     selected = _check_arguments(cases, repeats, output_dir, name)
     from tqdm.auto import tqdm
 
-    settings = dict(_QUICK if quick else _FULL)
+    settings = dict(_QUICK if quick else _FULL, quick=bool(quick))
     if repeats is not None:
         settings["repeats"] = repeats
         settings["export_repeats"] = min(repeats, settings["export_repeats"])
@@ -803,12 +832,17 @@ def run_benchmarks(
             bar.update()
         if "pipeline" in selected:
             bar.set_postfix_str("pipeline")
-            results["cases"]["pipeline"] = _pipeline_case(settings, results["cases"].get("lenet"))
+            lenet_result = results["cases"].get("lenet")
+            results["cases"]["pipeline"] = _guarded(
+                "pipeline", lambda: _pipeline_case(settings, lenet_result)
+            )
             bar.update()
         if "export" in selected:
             bar.set_postfix_str("export")
             with tempfile.TemporaryDirectory(prefix="tfbn-bench-export-") as work_dir:
-                results["cases"]["export"] = _export_case(settings, Path(work_dir))
+                results["cases"]["export"] = _guarded(
+                    "export", lambda: _export_case(settings, Path(work_dir))
+                )
             bar.update()
     results["machine"]["load_average_end"] = _load_average()
     results["targets"] = _targets(results["cases"])
