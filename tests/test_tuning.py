@@ -244,6 +244,35 @@ def test_resume_continues_and_overwrite_starts_afresh(tmp_path):
     assert os.listdir(tmp_path / "lenet_lr_logs" / "none") == ["0"]
 
 
+@pytest.mark.parametrize("tuner,state_key", [("bayesian", "alpha"), ("hyperband", "brackets")])
+def test_bayesian_and_hyperband_tuners(tmp_path, tuner, state_key):
+    result = tfbn.tune(
+        ["none"],
+        tuner=tuner,
+        lr_min=LR_MIN,
+        lr_max=LR_MAX,
+        trials=2,
+        epochs=2,
+        directory=str(tmp_path),
+        dataset=SyntheticData(num_train=128, num_validation=64),
+        progress=False,
+    )
+    project = tmp_path / "lenet_lr_none"
+    with open(project / "oracle.json") as f:
+        assert state_key in json.load(f)  # the oracle of the requested algorithm
+    records = _oracle_records(str(project))
+    assert len(records) == 2 == len(result.variants["none"].trials)
+    for trial in records.values():
+        values = trial["hyperparameters"]["values"]
+        assert LR_MIN <= values["learning_rate"] <= LR_MAX
+        if tuner == "hyperband":
+            # Hyperband sets each trial's epochs; the record keeps what the trial trained.
+            assert 1 <= values["tuner/epochs"] <= 2
+            assert _last(trial, "epochs") == values["tuner/epochs"]
+    best = max(records.values(), key=lambda t: t["score"])
+    assert result.variants["none"].best_trial_id == best["trial_id"]
+
+
 def test_trials_run_under_the_selected_strategy(tmp_path, monkeypatch):
     import tfbn.models
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -769,6 +770,7 @@ def tune(
         ValueError: for an empty, inverted or non-positive learning-rate range, non-positive
             `trials`, `epochs`, `executions_per_trial` or `batch_size`, an unknown variant, tuner
             or strategy, or fractions out of range; before any data is loaded or folder created.
+        ImportError: for `tuner="bayesian"` without SciPy and scikit-learn installed.
     """
     variants = _check_arguments(
         variants=variants,
@@ -788,6 +790,11 @@ def tune(
     )
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"Argument `seed` must be a non-negative integer; received seed={seed!r}.")
+    if tuner == "bayesian" and not all(importlib.util.find_spec(m) for m in ("scipy", "sklearn")):
+        raise ImportError(
+            "tuner='bayesian' needs SciPy and scikit-learn (Keras Tuner's BayesianOptimization): "
+            "pip install 'keras-tuner[bayesian]'."
+        )
     role = _tuner_role()
 
     from tfbn.distribute import get_strategy, resolve_strategy_name
