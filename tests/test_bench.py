@@ -232,7 +232,7 @@ def test_targets_pass_fail_follow_values(quick_run):
 # ----------------------------------------------------------------------------- outputs
 def test_markdown_matches_json(quick_run):
     results, markdown = quick_run["results"], quick_run["markdown"]
-    assert quick_run["stdout"].startswith(markdown)  # the printed table is the file's
+    assert markdown in quick_run["stdout"]  # the printed table is the file's
 
     layer_rows = _table(markdown, "| case | impl |")
     expected = []
@@ -273,6 +273,27 @@ def test_markdown_matches_json(quick_run):
     for name in ("pipeline", "export"):
         if not results["cases"][name]["available"]:
             assert f"not available: {results['cases'][name]['reason']}" in markdown
+    pipeline = results["cases"]["pipeline"]
+    if pipeline["available"]:
+        assert _table(markdown, "| pipeline examples/s |") == [
+            [
+                f"{pipeline['examples_per_s']:.0f}",
+                f"{pipeline['training_examples_per_s']:.0f}",
+                f"{pipeline['ratio']:.2f}",
+                pipeline["method"],
+            ]
+        ]
+    export = results["cases"]["export"]
+    if export["available"]:
+        assert _table(markdown, "| batch | folded examples/s |") == [
+            [
+                batch,
+                f"{v['folded']['median_examples_per_s']:.0f}",
+                f"{v['unfolded']['median_examples_per_s']:.0f}",
+                f"{v['ratio']:.2f}",
+            ]
+            for batch, v in export["batches"].items()
+        ]
 
 
 def test_files_written_atomically(quick_run):
