@@ -615,7 +615,10 @@ def train(
         "train_fraction": float(train_fraction) if dataset is None else None,
     }
 
-    # ---- data, strategy, model
+    # ---- strategy, data, model
+    if isinstance(strategy, str):
+        # First: MultiWorkerMirroredStrategy must exist before the runtime runs any op.
+        strategy = distribute.get_strategy(strategy)
     if dataset is None:
         from tfbn.data import load_fashion_mnist
 
@@ -628,8 +631,6 @@ def train(
     for split in (_epoch_dataset(dataset, initial_epoch), dataset.test):
         next(iter(split))
     print(f"data ready in {time.perf_counter() - load_start:.1f} s")
-    if isinstance(strategy, str):
-        strategy = distribute.get_strategy(strategy)
     device = distribute.device_description(strategy)
     chief = distribute.is_chief(strategy)
     checkpoints = _Checkpoints(run_dir, write=chief)
