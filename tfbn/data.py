@@ -36,6 +36,7 @@ __all__ = [
     "DataError",
     "FashionMNIST",
     "FashionMnistLocal",
+    "is_prepared",
     "IDX_FILES",
     "check_data_dir",
     "load_fashion_mnist",
@@ -329,6 +330,20 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_prepared(tfds_dir: str | os.PathLike | None = None) -> bool:
+    """Whether `fashion_mnist_local` is already prepared in `tfds_dir` (then no IDX file is read).
+
+    Args:
+        tfds_dir: TFDS data directory; `None` means TFDS's default.
+
+    Returns:
+        `True` if `load_fashion_mnist(tfds_dir=tfds_dir)` needs no source files.
+    """
+    with _quiet_absl():
+        builder = FashionMnistLocal(data_dir=None if tfds_dir is None else os.fspath(tfds_dir))
+    return builder.is_prepared()
 
 
 def prepare(

@@ -1,0 +1,400 @@
+"""Population statistics: recompute every batch-norm layer's moving statistics over a dataset.
+
+During training a batch-norm layer tracks its inference statistics with an exponential moving
+average of batch statistics taken while the weights were still changing. Once training is over,
+the weights are fixed, and one pass over the training data gives the statistics the network will
+actually see: the chapter's "population statistics". `recalibrate` computes them exactly:
+
+- layer by layer, in network order, so that layer k is measured on the activations the network
+  produces once layers 0..k-1 already use their new statistics;
+- with the rest of the network in inference mode;
+- as the mean and biased variance over all examples and all non-channel positions, merged batch by
+  batch in float64 (Chan et al.'s pairwise update), never as `E[x^2] - E[x]^2` in float32;
+- under a `tf.distribute` strategy, per-replica sums are all-reduced at every batch, and the result
+  is assigned to every replica's copy of the variables.
+
+It works for `tfbn.BatchNorm` and `keras.layers.BatchNormalization` alike, in Sequential and
+functional models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfbn import ops
+from tfbn.layers import BatchNorm
+
+__all__ = ["batch_norm_layers", "configure_parser", "recalibrate", "run_cli"]
+
+_BN_TYPES = (BatchNorm, keras.layers.BatchNormalization)
+
+
+def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The batch-norm layers of a model, in network order.
+
+    Args:
+        model: A Sequential or functional Keras model.
+
+    Returns:
+        The `tfbn.BatchNorm` and `keras.layers.BatchNormalization` layers that are direct layers
+        of `model`, in the order the model applies them.
+
+    Raises:
+        ValueError: if a batch-norm layer sits inside a nested model or layer, where its input
+            cannot be reached from the model's inputs.
+    """
+    direct = [layer for layer in model.layers if isinstance(layer, _BN_TYPES)]
+    every = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, _BN_TYPES)
+    ]
+    nested = [layer.name for layer in every if not any(layer is d for d in direct)]
+    if nested:
+        raise ValueError(
+            f"Batch-norm layers {nested} are inside a nested model or layer of '{model.name}'; "
+            "recalibrate needs them as direct layers of a Sequential or functional model. "
+            "Flatten the model, or recalibrate the nested model on its own inputs."
+        )
+    return direct
+
+
+def _input_extractor(model: keras.Model, layer: keras.layers.Layer) -> keras.Model:
+    """A model from `model`'s inputs to `layer`'s input (sharing `model`'s weights)."""
+    try:
+        # A Sequential has one input; a functional model keeps its inputs' structure (dicts).
+        inputs = model.inputs[0] if isinstance(model, keras.Sequential) else model.input
+    except (AttributeError, ValueError, TypeError, IndexError) as error:
+        raise ValueError(
+            f"Model '{model.name}' has no defined inputs ({error}); build it on a `keras.Input` "
+            "(or call it once) before recalibrating."
+        ) from None
+    try:
+        target = layer.input
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"Layer '{layer.name}' is applied more than once or is not connected in model "
+            f"'{model.name}' ({error}); each batch-norm layer must be applied exactly once."
+        ) from None
+    return keras.Model(inputs, target, name=f"{layer.name}_input")
+
+
+def _features(batch):
+    """The model input of a batch that is `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`."""
+    if isinstance(batch, (tuple, list)):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(tuple(batch))
+        return x
+    return batch
+
+
+def _replica_moments(activations: tf.Tensor, axis: int):
+    """Count, mean and sum of squared deviations of one batch, over all replicas (float64).
+
+    Two all-reduces: the sums and counts first, then the squared deviations from the global mean,
+    so the result is the same as on one device holding the whole global batch.
+    """
+    x = tf.cast(activations, tf.float64)
+    rank = x.shape.rank
+    axes = [i for i in range(rank) if i != axis]
+    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float64)
+    total = tf.reduce_sum(x, axes)
+    ctx = tf.distribute.get_replica_context()
+    packed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([total, count[None]], 0))
+    total, count = packed[:-1], packed[-1]
+    mean = tf.math.divide_no_nan(total, count)
+    shape = [1] * rank
+    shape[axis] = -1
+    m2 = tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), axes)
+    m2 = ctx.all_reduce(tf.distribute.ReduceOp.SUM, m2)
+    return count, mean, m2
+
+
+class _Accumulator:
+    """Running count, mean and sum of squared deviations, merged batch by batch in float64."""
+
+    def __init__(self, channels: int):
+        self.count = 0.0
+        self.mean = np.zeros(channels, np.float64)
+        self.m2 = np.zeros(channels, np.float64)
+
+    def add(self, count: float, mean: np.ndarray, m2: np.ndarray) -> None:
+        if count <= 0:
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + np.square(delta) * (self.count * count / total)
+        self.count = total
+
+    @property
+    def variance(self) -> np.ndarray:
+        return self.m2 / self.count
+
+
+def _batches(dataset, steps: int | None, strategy: tf.distribute.Strategy):
+    """An iterable of (possibly distributed) batches, and its length if known."""
+    default = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+    if isinstance(dataset, tf.data.Dataset):
+        if steps is not None:
+            dataset = dataset.take(steps)
+        length = int(dataset.cardinality())
+        length = length if length >= 0 else None
+        if default:
+            return dataset, length
+        return strategy.experimental_distribute_dataset(dataset), length
+    if not default:
+        raise ValueError(
+            "Argument `dataset` must be a `tf.data.Dataset` when a tf.distribute strategy is "
+            f"used; received an object of type {type(dataset).__name__}."
+        )
+    length = None
+    if steps is not None:
+        dataset = itertools.islice(dataset, steps)
+        length = steps
+    elif hasattr(dataset, "__len__"):
+        length = len(dataset)
+    return dataset, length
+
+
+def _progress(total: int | None, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch", disable=not enabled, leave=False)
+
+
+def recalibrate(
+    model: keras.Model,
+    dataset,
+    *,
+    steps: int | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, np.ndarray | float]]:
+    """Sets every batch-norm layer's moving statistics to the population statistics of `dataset`.
+
+    For each batch-norm layer, in network order, the layer's input is computed for every example
+    of `dataset` (the network in inference mode, earlier batch-norm layers already recalibrated),
+    and `moving_mean` / `moving_variance` are set to the exact mean and biased variance of that
+    input over all examples and all positions but the channel axis (`axis` of the layer).
+    Statistics are accumulated in float64.
+
+    Args:
+        model: A Sequential or functional model with `tfbn.BatchNorm` and/or
+            `keras.layers.BatchNormalization` layers, built on its inputs.
+        dataset: Batches of `x`, `(x, y)` or `(x, y, sample_weight)`: a `tf.data.Dataset`, or
+            (without a distribution strategy) any iterable of batches. Labels are ignored. It is
+            read once per batch-norm layer, so it must be re-iterable and give the same examples
+            each time (shuffling only changes the order, which does not matter).
+        steps: Number of batches to use per pass; `None` means the whole dataset.
+        strategy: The `tf.distribute` strategy whose replicas hold the model's variables;
+            `None` means the current strategy (`tf.distribute.get_strategy()`). Under several
+            replicas, per-replica sums are all-reduced at every batch and every replica's copy of
+            the variables receives the same statistics.
+        progress: Show a progress bar per layer.
+
+    Returns:
+        Per layer name, a dict with `count` (values per channel the statistics were taken over),
+        `old_mean`, `old_variance`, `new_mean` and `new_variance` (float64 NumPy arrays).
+
+    Raises:
+        ValueError: if the model has no batch-norm layer, a batch-norm layer is nested or shared,
+            `steps` is not a positive integer, or the dataset is empty.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a keras.Model; received an object of type "
+            f"{type(model).__name__}."
+        )
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0
+    ):
+        raise ValueError(
+            f"Argument `steps` must be a positive integer or None; received steps={steps!r}."
+        )
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no batch-norm layer (tfbn.BatchNorm or "
+            "keras.layers.BatchNormalization): there are no statistics to recalibrate."
+        )
+    extractors = [_input_extractor(model, layer) for layer in layers]
+    strategy = strategy if strategy is not None else tf.distribute.get_strategy()
+
+    report: dict[str, dict[str, np.ndarray | float]] = {}
+    for index, (layer, extractor) in enumerate(zip(layers, extractors, strict=True)):
+        rank = len(extractor.output.shape)
+        axis = ops.canonical_axis(int(layer.axis), rank)
+
+        @tf.function
+        def step(x, extractor=extractor, axis=axis):
+            def replica_fn(inputs):
+                return _replica_moments(extractor(inputs, training=False), axis)
+
+            results = strategy.run(replica_fn, args=(x,))
+            # All replicas hold the same all-reduced values; the first local one is enough.
+            return tf.nest.map_structure(
+                lambda value: strategy.experimental_local_results(value)[0], results
+            )
+
+        accumulator = _Accumulator(int(layer.moving_mean.shape[0]))
+        batches, length = _batches(dataset, steps, strategy)
+        description = f"{layer.name} ({index + 1}/{len(layers)})"
+        with _progress(length, description, progress) as bar:
+            for batch in batches:
+                count, mean, m2 = step(_features(batch))
+                accumulator.add(float(count), mean.numpy(), m2.numpy())
+                bar.update(1)
+        if accumulator.count == 0:
+            raise ValueError(
+                "Argument `dataset` gave no examples: the statistics cannot be computed."
+            )
+
+        old_mean = np.asarray(layer.moving_mean.numpy(), np.float64)
+        old_variance = np.asarray(layer.moving_variance.numpy(), np.float64)
+        new_mean, new_variance = accumulator.mean, accumulator.variance
+        # In cross-replica context, assigning a distributed variable writes every replica's copy.
+        layer.moving_mean.assign(new_mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(new_variance.astype(layer.moving_variance.dtype))
+        report[layer.name] = {
+            "count": accumulator.count,
+            "old_mean": old_mean,
+            "old_variance": old_variance,
+            "new_mean": new_mean,
+            "new_variance": new_variance,
+        }
+    return report
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Adds the arguments of `tfbn recalibrate`."""
+    parser.add_argument("model", help="trained model, a .keras file")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="where to save the recalibrated model (.keras); default: MODEL with "
+        "'.recalibrated' before the extension",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the four Fashion-MNIST IDX files (default: $TFBN_DATA_DIR, else "
+        "/usr/share/datasets/fashion-mnist)",
+    )
+    parser.add_argument(
+        "--tfds-dir", default=None, help="TFDS data directory (default: TFDS's default)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=512, help="batch size of the statistics passes"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="batches per pass (default: the whole train split)"
+    )
+    parser.add_argument(
+        "--strategy",
+        default="auto",
+        help="tf.distribute strategy: auto, default, one_device, mirrored, multi_worker",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _default_output(model_path: Path) -> Path:
+    return model_path.with_name(f"{model_path.stem}.recalibrated.keras")
+
+
+def _accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
+    @tf.function
+    def correct(x, y):
+        predictions = tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32)
+        return tf.reduce_sum(tf.cast(predictions == tf.cast(y, tf.int32), tf.int64))
+
+    right = total = 0
+    for x, y in dataset:
+        right += int(correct(x, y))
+        total += int(y.shape[0])
+    return right / total
+
+
+def save_model_atomically(model: keras.Model, path: str | os.PathLike) -> Path:
+    """Saves `model` as a `.keras` file, through a temporary file beside it and a rename.
+
+    Raises:
+        ValueError: if `path` does not end in `.keras`.
+    """
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"Argument `path` must end in '.keras'; received path='{path}'.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
+    os.close(handle)
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Runs `tfbn recalibrate`: population statistics for a saved model, test accuracy before
+    and after, and the recalibrated model saved (atomically)."""
+    from tfbn import data
+    from tfbn.distribute import get_strategy, resolve_strategy_name
+
+    model_path = Path(args.model)
+    if model_path.suffix != ".keras":
+        raise ValueError(f"MODEL must be a .keras file; received '{model_path}'.")
+    if not model_path.is_file():
+        raise ValueError(f"MODEL '{model_path}' does not exist.")
+    output = Path(args.output) if args.output else _default_output(model_path)
+    if output.suffix != ".keras":
+        raise ValueError(f"--output must end in '.keras'; received '{output}'.")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be a positive integer; received {args.batch_size}.")
+    if args.steps is not None and args.steps <= 0:
+        raise ValueError(f"--steps must be a positive integer; received {args.steps}.")
+    resolve_strategy_name(args.strategy)
+    if not data.is_prepared(args.tfds_dir):
+        data.check_data_dir(args.data_dir)
+
+    fashion = data.load_fashion_mnist(
+        args.batch_size, data_dir=args.data_dir, tfds_dir=args.tfds_dir, shuffle=False
+    )
+    strategy = get_strategy(args.strategy)
+    with strategy.scope():
+        model = keras.saving.load_model(model_path, compile=False)
+    before = _accuracy(model, fashion.test)
+    report = recalibrate(
+        model,
+        fashion.train,
+        steps=args.steps,
+        strategy=strategy,
+        progress=not args.no_progress,
+    )
+    after = _accuracy(model, fashion.test)
+
+    print(f"Recalibrated {len(report)} batch-norm layers on {fashion.num_train} training images:")
+    for name, stats in report.items():
+        shift = np.abs(stats["new_mean"] - stats["old_mean"]) / np.sqrt(
+            stats["new_variance"] + 1e-12
+        )
+        ratio = stats["new_variance"] / np.maximum(stats["old_variance"], 1e-12)
+        print(
+            f"  {name:<24} mean shift {shift.mean():.3f} std (max {shift.max():.3f}), "
+            f"variance ratio {ratio.mean():.3f} (range {ratio.min():.3f}-{ratio.max():.3f})"
+        )
+    print(f"Test accuracy: {before:.4f} before, {after:.4f} after ({after - before:+.4f}).")
+    save_model_atomically(model, output)
+    print(f"Saved {output}")
+    sys.stdout.flush()
+    return 0
