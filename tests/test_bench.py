@@ -40,7 +40,9 @@ def quick_run(tmp_path_factory):
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(bench.os, "replace", recording_replace)
-        code = cli.main(["bench", "--quick", "--output-dir", str(out), "--no-progress"])
+        code = cli.main(
+            ["bench", "--quick", "--output-dir", str(out), "--no-progress", "--note", "a quick run"]
+        )
     assert code == 0
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     markdown = (out / "results.md").read_text(encoding="utf-8")
@@ -233,6 +235,8 @@ def test_targets_pass_fail_follow_values(quick_run):
 def test_markdown_matches_json(quick_run):
     results, markdown = quick_run["results"], quick_run["markdown"]
     assert markdown in quick_run["stdout"]  # the printed table is the file's
+    assert results["settings"]["note"] == "a quick run"
+    assert "\nNote: a quick run\n" in markdown
 
     layer_rows = _table(markdown, "| case | impl |")
     expected = []
@@ -344,6 +348,7 @@ def test_interleaves_and_rotates_order():
         ({"repeats": True}, "repeats"),
         ({"repeats": 2.5}, "repeats"),
         ({"name": "../escape"}, "name"),
+        ({"note": 3}, "note"),
     ],
 )
 def test_bad_option_raises_value_error(tmp_path, kwargs, word):

@@ -600,6 +600,7 @@ def render_markdown(results: dict) -> str:
         "(order rotated every repeat) after a warm-up; medians of the repeats; ratios are "
         "tfbn / keras medians.",
         "",
+        *([f"Note: {s['note']}", ""] if s.get("note") else []),
         "## Targets",
         "",
         "| target | value | threshold | result |",
@@ -764,6 +765,7 @@ def run_benchmarks(
     xla: bool = True,
     output_dir: str | os.PathLike | None = "docs/benchmarks",
     name: str = "results",
+    note: str = "",
     progress: bool = True,
 ) -> dict:
     """Benchmarks tfbn.BatchNorm against keras.layers.BatchNormalization and writes a report.
@@ -780,6 +782,7 @@ def run_benchmarks(
         output_dir: Folder for `<name>.json` and `<name>.md` (created if missing, files written
             atomically); `None` writes nothing.
         name: File stem of the outputs.
+        note: Free text kept with the results (e.g. what else ran on the machine).
         progress: Show a progress bar over the cases.
 
     Returns:
@@ -791,6 +794,8 @@ def run_benchmarks(
         ValueError: if `cases`, `repeats`, `name` or `output_dir` is invalid (before any work).
     """
     selected = _check_arguments(cases, repeats, output_dir, name)
+    if not isinstance(note, str):
+        raise ValueError(f"Argument `note` must be a string; received note={note!r}.")
     from tqdm.auto import tqdm
 
     settings = dict(_QUICK if quick else _FULL, quick=bool(quick))
@@ -815,6 +820,7 @@ def run_benchmarks(
             "cases": list(selected),
             "fused_argument": _fused_supported(),
             "min_sample_s": settings["min_sample_s"],
+            "note": note,
         },
         "cases": {},
     }
@@ -875,6 +881,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="folder for the JSON and Markdown results (default docs/benchmarks)",
     )
     parser.add_argument("--name", default="results", help="file stem of the results")
+    parser.add_argument("--note", default="", help="free text kept with the results")
     parser.add_argument("--no-xla", action="store_true", help="skip the XLA layer timings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -887,6 +894,7 @@ def run_cli(args: argparse.Namespace) -> int:
         xla=not args.no_xla,
         output_dir=args.output_dir,
         name=args.name,
+        note=args.note,
         progress=not args.no_progress,
     )
     print(render_markdown(results))
