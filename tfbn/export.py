@@ -173,6 +173,17 @@ def _fold_weights(producer, bn) -> list[np.ndarray]:
     return [(kernel * scale).astype(dtype), (bias * scale + offset).astype(dtype)]
 
 
+class _FoldedAway(keras.layers.Layer):
+    """Passes its input through: the place of a batch-norm layer folded into the one before."""
+
+    def call(self, inputs, mask=None, training=None):
+        del mask, training
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 class _ChannelAffine(keras.layers.Layer):
     """`x * scale + offset` per channel: an inference-mode batch norm that could not be folded."""
 
@@ -200,7 +211,9 @@ class _ChannelAffine(keras.layers.Layer):
             autocast=False,
         )
 
-    def call(self, inputs):
+    def call(self, inputs, mask=None, training=None):
+        # `mask` and `training` may come from the batch-norm layer's recorded call: ignored.
+        del mask, training
         shape = [1] * self._rank
         shape[self.axis % self._rank] = -1
         x = keras.ops.cast(inputs, "float32")
@@ -252,7 +265,7 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     def clone_layer(layer):
         if layer.name in plan:
             if plan[layer.name] is not None:
-                return keras.layers.Identity(name=layer.name)
+                return _FoldedAway(name=layer.name)
             scale, offset = _batch_norm_affine(layer)
             return _ChannelAffine(scale, offset, layer.axis, name=layer.name)
         config = layer.get_config()
@@ -264,9 +277,9 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     folded = keras.models.clone_model(model, clone_function=clone_layer)
     by_name = {layer.name: layer for layer in model.layers}
     for layer in folded.layers:
-        source = by_name[layer.name]
-        if layer.name in plan:
+        if layer.name in plan or isinstance(layer, keras.layers.InputLayer):
             continue
+        source = by_name[layer.name]
         if layer.name in folded_into:
             layer.set_weights(_fold_weights(source, by_name[folded_into[layer.name]]))
         else:
@@ -364,6 +377,12 @@ def _serving_module(
             "class_name": tf.gather(names, class_id),
         }
 
+    def checked(images, shape):
+        # A loaded signature does not check the shape of what it is fed, and a wrong one can run:
+        # 3 channels into a 1-channel conv is a valid grouped convolution (garbage out), and a
+        # missing batch axis can crash the process. Refuse both in the graph.
+        return tf.ensure_shape(images, shape)
+
     def to_float(images):
         return tf.cast(images, tf.float32) / 255.0
 
@@ -379,18 +398,18 @@ def _serving_module(
 
     @tf.function(input_signature=[tf.TensorSpec(full, tf.uint8, name="images")])
     def serving_default(images):
-        return outputs(model_layout(to_float(images)))
+        return outputs(model_layout(to_float(checked(images, full))))
 
     @tf.function(input_signature=[tf.TensorSpec(full, tf.float32, name="images")])
     def serving_float(images):
-        return outputs(model_layout(images))
+        return outputs(model_layout(checked(images, full)))
 
     signatures = {"serving_default": serving_default, "serving_float": serving_float}
     if squeezed is not None:
 
         @tf.function(input_signature=[tf.TensorSpec(squeezed, tf.uint8, name="images")])
         def serving_uint8_2d(images):
-            x = to_float(images)
+            x = to_float(checked(images, squeezed))
             return outputs(x[..., None] if has_channels else x)
 
         signatures["serving_uint8_2d"] = serving_uint8_2d

@@ -1,0 +1,497 @@
+"""SavedModel export and serving: folded and unfolded exports against the Keras model's predict.
+
+The reference is always the Keras model itself (`model.predict`, float32 inputs scaled by 1/255),
+and for the folding arithmetic a float64 NumPy computation of the fold. Exports are loaded in a
+subprocess that cannot import tfbn, and in-process for the rest.
+"""
+
+import gzip
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfbn
+from tfbn import cli, export, serving
+from tfbn.config import CLASS_NAMES
+
+HERE = pathlib.Path(__file__).resolve().parent
+FOLD_TOL = 1e-4
+UNFOLDED_TOL = 1e-5
+
+
+# --------------------------------------------------------------------------------- models
+
+
+def _randomize_batch_norms(model, rng):
+    """Moving statistics, gamma and beta far from their initial values."""
+    for layer in model.layers:
+        if isinstance(layer, (tfbn.BatchNorm, keras.layers.BatchNormalization)):
+            channels = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0.0, 1.0, channels).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, channels).astype("float32"))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.3, 2.0, channels).astype("float32"))
+            if layer.center:
+                layer.beta.assign(rng.normal(0.0, 1.0, channels).astype("float32"))
+
+
+def _train_briefly(model, rng, steps=3):
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    shape = (32 * steps, *model.input_shape[1:])
+    x = rng.uniform(0.0, 1.0, shape).astype("float32")
+    y = rng.integers(0, 10, len(x))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+
+
+def _functional_model(rng):
+    """Every folding case: bias-free conv, center/scale off, BN with nothing to fold into, a conv
+    output used twice, an activation inside the conv, and a BN on a non-channel axis."""
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(4, 3, use_bias=False, name="conv_nobias")(inputs)
+    x = tfbn.BatchNorm(epsilon=1e-3, name="bn_nobias")(x)  # folded, bias created
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.BatchNormalization(name="bn_after_pool")(x)  # affine
+    y = keras.layers.Conv2D(6, 3, name="conv_shared")(x)
+    a = keras.layers.BatchNormalization(center=False, name="bn_shared")(y)  # affine: y used twice
+    b = keras.layers.Activation("tanh")(y)
+    x = keras.layers.Add()([a, b])
+    x = keras.layers.Conv2D(5, 3, activation="sigmoid", name="conv_act")(x)
+    x = tfbn.BatchNorm(name="bn_after_act")(x)  # affine: activation in between
+    x = keras.layers.Conv2D(8, 3, name="conv_plain")(x)
+    x = keras.layers.BatchNormalization(scale=False, name="bn_noscale")(x)  # folded
+    x = keras.layers.Reshape((7 * 7, 8))(x)
+    x = keras.layers.Dense(6, name="dense_seq")(x)
+    x = tfbn.BatchNorm(axis=1, name="bn_wrong_axis")(x)  # affine: axis 1 is not Dense's
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(12, use_bias=False, name="dense_nobias")(x)
+    x = tfbn.BatchNorm(center=False, scale=False, name="bn_plain")(x)  # folded
+    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Activation("sigmoid")(x))
+    model = keras.Model(inputs, outputs, name="functional")
+    _train_briefly(model, rng)
+    _randomize_batch_norms(model, rng)
+    return model
+
+
+FOLDED_IN_FUNCTIONAL = {"bn_nobias", "bn_noscale", "bn_plain"}
+AFFINE_IN_FUNCTIONAL = {"bn_after_pool", "bn_shared", "bn_after_act", "bn_wrong_axis"}
+
+
+def _lenet(norm, rng, use_bias=True):
+    model = tfbn.lenet(norm, use_bias=use_bias)
+    _train_briefly(model, rng)
+    _randomize_batch_norms(model, rng)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    """uint8 images with some structure (blurred noise), as the models take them."""
+    rng = np.random.default_rng(7)
+    coarse = rng.uniform(0, 255, (48, 7, 7, 1)).astype("float32")
+    smooth = tf.image.resize(coarse, (28, 28)).numpy()[..., 0]
+    return np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def models():
+    rng = np.random.default_rng(0)
+    return {
+        "tfbn": _lenet("tfbn", rng),
+        "keras": _lenet("keras", rng, use_bias=False),
+        "functional": _functional_model(rng),
+    }
+
+
+def _reference(model, images):
+    return model.predict(images[..., None].astype(np.float32) / np.float32(255.0), verbose=0)
+
+
+@pytest.fixture(scope="module")
+def exports(models, images, tmp_path_factory):
+    """(kind, fold) -> version folder, all written by export_saved_model."""
+    base = tmp_path_factory.mktemp("exports")
+    out = {}
+    for kind, model in models.items():
+        for fold in (True, False):
+            out[kind, fold] = tfbn.export_saved_model(
+                model, base, name=f"{kind}_{'folded' if fold else 'unfolded'}", fold=fold
+            )
+    return out
+
+
+@pytest.fixture(scope="module")
+def served_without_tfbn(exports, images, tmp_path_factory):
+    """Outputs of every export's signatures, computed in a process that cannot import tfbn."""
+    work = tmp_path_factory.mktemp("served")
+    np.save(work / "images.npy", images)
+    keys = list(exports)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "serve_without_tfbn.py"), str(work / "images.npy"),
+         str(work / "out.npz"), *(str(exports[k]) for k in keys)],
+        capture_output=True, text=True, timeout=180, env=env, cwd=work,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = np.load(work / "out.npz")
+    return {key: {name.split("/", 1)[1]: data[name] for name in data.files
+                  if name.startswith(f"{i}/")} for i, key in enumerate(keys)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("kind", ["tfbn", "keras", "functional"])
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_saved_model_without_tfbn_matches_predict(models, images, served_without_tfbn, kind, fold):
+    served = served_without_tfbn[kind, fold]
+    expected = _reference(models[kind], images)
+    tolerance = FOLD_TOL if fold else UNFOLDED_TOL
+    for signature in ("serving_default", "serving_uint8_2d", "serving_float"):
+        logits = served[f"{signature}/logits"]
+        assert logits.shape == expected.shape
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(
+            served[f"{signature}/probabilities"],
+            tf.nn.softmax(expected.astype(np.float64)).numpy(),
+            rtol=0,
+            atol=tolerance,
+        )
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_signatures_present_and_outputs_consistent(served_without_tfbn, fold):
+    served = served_without_tfbn["tfbn", fold]
+    assert set(served["signatures"]) == {"serving_default", "serving_uint8_2d", "serving_float"}
+    assert list(served["class_names"]) == list(CLASS_NAMES)
+    for signature in ("serving_default", "serving_uint8_2d", "serving_float"):
+        logits = served[f"{signature}/logits"]
+        class_id = served[f"{signature}/class_id"]
+        np.testing.assert_array_equal(class_id, np.argmax(logits, axis=-1))
+        names = list(served[f"{signature}/class_name"])
+        assert names == [CLASS_NAMES[i] for i in class_id]
+    # The uint8 signatures and the float one see the same pixels.
+    np.testing.assert_array_equal(
+        served["serving_default/logits"], served["serving_uint8_2d/logits"]
+    )
+    np.testing.assert_allclose(
+        served["serving_default/logits"], served["serving_float/logits"], rtol=0, atol=1e-6
+    )
+
+
+def test_folding_folds_exactly_the_foldable_batch_norms(models, images):
+    model = models["functional"]
+    folded = export.fold_batch_norm(model)
+    kinds = {layer.name: type(layer).__name__ for layer in folded.layers}
+    for name in FOLDED_IN_FUNCTIONAL:
+        assert kinds[name] == "_FoldedAway", name
+    for name in AFFINE_IN_FUNCTIONAL:
+        assert kinds[name] == "_ChannelAffine", name
+    assert not any(
+        isinstance(layer, (tfbn.BatchNorm, keras.layers.BatchNormalization))
+        for layer in folded.layers
+    )
+    # The fold's arithmetic, recomputed in float64 from the batch-norm variables.
+    conv, bn = model.get_layer("conv_nobias"), model.get_layer("bn_nobias")
+    mean, var = (np.float64(v.numpy()) for v in (bn.moving_mean, bn.moving_variance))
+    s = bn.gamma.numpy().astype(np.float64) / np.sqrt(var + bn.epsilon)
+    kernel, bias = folded.get_layer("conv_nobias").get_weights()
+    np.testing.assert_allclose(kernel, conv.kernel.numpy() * s, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(bias, bn.beta.numpy() - mean * s, rtol=1e-6, atol=1e-6)
+    x = images[..., None].astype(np.float32) / 255.0
+    np.testing.assert_allclose(
+        folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=0, atol=FOLD_TOL
+    )
+
+
+def test_graph_is_inference_only(exports):
+    def ops_of(path):
+        function = tf.saved_model.load(str(path)).signatures["serving_default"]
+        graph_def = function.graph.as_graph_def()
+        ops = {node.op for node in graph_def.node}
+        for library_function in graph_def.library.function:
+            ops.update(node.op for node in library_function.node_def)
+        return ops
+
+    for kind in ("tfbn", "keras"):
+        folded, unfolded = ops_of(exports[kind, True]), ops_of(exports[kind, False])
+        for ops in (folded, unfolded):
+            assert not {op for op in ops if "Assign" in op}, ops
+        # Batch-norm arithmetic (1/sqrt(var + eps)) is in the unfolded graph only.
+        assert "Rsqrt" in unfolded
+        assert "Rsqrt" not in folded and not any("BatchNorm" in op for op in folded)
+
+
+def test_prediction_does_not_depend_on_the_batch(exports, images):
+    for fold in (True, False):
+        serve = tf.saved_model.load(str(exports["tfbn", fold])).signatures["serving_default"]
+        whole = serve(images=tf.constant(images[..., None]))["logits"].numpy()
+        alone = np.concatenate(
+            [serve(images=tf.constant(images[i : i + 1, ..., None]))["logits"] for i in range(8)]
+        )
+        # The same images again, among 250 others.
+        mixed = np.concatenate([np.repeat(images[8:], 7, axis=0)[:250], images[:8]])
+        among = serve(images=tf.constant(mixed[..., None]))["logits"].numpy()[-8:]
+        np.testing.assert_allclose(alone, whole[:8], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(among, whole[:8], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(alone.argmax(-1), whole[:8].argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 28, 28, 3), np.uint8),
+        np.zeros((2, 32, 32, 1), np.uint8),
+        np.zeros((28, 28, 1), np.uint8),
+        np.zeros((2, 28, 28, 1), np.float64),
+        np.zeros((2, 28, 28, 1), np.int32),
+    ],
+    ids=["3-channels", "32x32", "no-batch", "float64", "int32"],
+)
+def test_wrong_input_fails_on_the_signature(exports, bad):
+    serve = tf.saved_model.load(str(exports["tfbn", True])).signatures["serving_default"]
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        serve(images=tf.constant(bad))
+
+
+def test_saved_model_cli_lists_the_signatures(exports):
+    cli_path = pathlib.Path(sys.executable).parent / "saved_model_cli"
+    assert cli_path.exists(), "tensorflow installs saved_model_cli next to the interpreter"
+    result = subprocess.run(
+        [str(cli_path), "show", "--dir", str(exports["tfbn", True]), "--all"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    for name in ("serving_default", "serving_uint8_2d", "serving_float"):
+        assert f"signature_def['{name}']" in text
+    for output in ("logits", "probabilities", "class_id", "class_name"):
+        assert f"outputs['{output}']" in text
+    assert "dtype: DT_UINT8" in text and "(-1, 28, 28, 1)" in text and "(-1, 28, 28)" in text
+
+
+# ------------------------------------------------------------------------- writing the folder
+
+
+def _listing(path):
+    return sorted(p.name for p in pathlib.Path(path).iterdir())
+
+
+def test_interrupted_export_leaves_nothing(models, tmp_path, monkeypatch):
+    def failing_save(obj, export_dir, *args, **kwargs):
+        pathlib.Path(export_dir, "variables").mkdir(parents=True)
+        pathlib.Path(export_dir, "saved_model.pb").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.tf.saved_model, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        tfbn.export_saved_model(models["tfbn"], tmp_path, name="m", version=1)
+    assert _listing(tmp_path / "m") == []
+
+
+def test_existing_version_refused_then_replaced_with_overwrite(models, images, tmp_path):
+    first = tfbn.export_saved_model(models["tfbn"], tmp_path, name="m", version=2)
+    assert first == tmp_path / "m" / "2"
+    with pytest.raises(ValueError, match="already exists"):
+        tfbn.export_saved_model(models["keras"], tmp_path, name="m", version=2)
+    # The refused export left the first one as it was.
+    np.testing.assert_allclose(
+        np.array([p for _, p in serving.predict(first, images)]),
+        tf.nn.softmax(_reference(models["tfbn"], images)).numpy(),
+        atol=FOLD_TOL,
+    )
+    again = tfbn.export_saved_model(models["keras"], tmp_path, name="m", version=2, overwrite=True)
+    assert again == first and _listing(tmp_path / "m") == ["2"]
+    np.testing.assert_allclose(
+        np.array([p for _, p in serving.predict(again, images)]),
+        tf.nn.softmax(_reference(models["keras"], images)).numpy(),
+        atol=FOLD_TOL,
+    )
+
+
+def test_next_free_version(models, tmp_path):
+    root = tmp_path / "m"
+    assert tfbn.export_saved_model(models["tfbn"], tmp_path, name="m") == root / "1"
+    (root / "7").mkdir()
+    (root / "notes").mkdir()
+    (root / "12.txt").write_text("not a version")
+    assert tfbn.export_saved_model(models["tfbn"], tmp_path, name="m") == root / "8"
+    assert _listing(root) == ["1", "12.txt", "7", "8", "notes"]
+
+
+def test_folding_refuses_when_outputs_differ(models, tmp_path, monkeypatch):
+    real = export._fold_weights
+
+    def corrupt(producer, bn):
+        kernel, bias = real(producer, bn)
+        kernel = kernel.copy()
+        kernel.flat[0] += 0.5
+        return [kernel, bias]
+
+    monkeypatch.setattr(export, "_fold_weights", corrupt)
+    with pytest.raises(ValueError, match="Folded model: logits differ"):
+        tfbn.export_saved_model(models["tfbn"], tmp_path, name="m")
+    assert not (tmp_path / "m").exists() or _listing(tmp_path / "m") == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"version": 0}, "`version`"),
+        ({"version": 1.5}, "`version`"),
+        ({"name": "a/b"}, "`name`"),
+        ({"name": ""}, "`name`"),
+        ({"check_data": np.zeros((3, 27, 28), np.uint8)}, "`check_data`"),
+        ({"check_data": np.zeros((3, 28, 28), np.int64)}, "`check_data`"),
+        ({"class_names": ("a", "b")}, "one logit per class"),
+    ],
+)
+def test_bad_arguments_are_refused_before_writing(models, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tfbn.export_saved_model(models["tfbn"], tmp_path, **kwargs)
+    assert not any(tmp_path.rglob("saved_model.pb"))
+
+
+def test_check_data_is_used(models, images, tmp_path, monkeypatch):
+    seen = []
+    real = export._check_close
+
+    def spy(reference, candidate, tolerance, what):
+        seen.append((what, reference.shape))
+        return real(reference, candidate, tolerance, what)
+
+    monkeypatch.setattr(export, "_check_close", spy)
+    tfbn.export_saved_model(models["tfbn"], tmp_path, check_data=images[:5])
+    assert seen == [("Folded model", (5, 10)), ("Exported SavedModel", (5, 10))]
+
+
+# ------------------------------------------------------------------------------- the CLIs
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    data = header + array.astype(np.uint8).tobytes()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data)
+    pathlib.Path(path).write_bytes(data)
+
+
+def _printed_classes(stdout):
+    """label -> top class, from `tfbn predict`'s lines `label: name p, name p, ...`."""
+    out = {}
+    for line in stdout.strip().splitlines():
+        label, ranked = line.rsplit(": ", 1)
+        out[label] = ranked.split(", ")[0].rsplit(" ", 1)[0]
+    return out
+
+
+def test_predict_cli_on_png_and_idx_matches_keras(models, images, exports, tmp_path, capsys):
+    expected = [CLASS_NAMES[i] for i in _reference(models["tfbn"], images).argmax(-1)]
+    gray = tmp_path / "gray.png"
+    gray.write_bytes(tf.io.encode_png(images[0][..., None]).numpy())
+    rgb = tmp_path / "rgb.png"  # equal channels: grayscale conversion gives the same pixels
+    rgb.write_bytes(tf.io.encode_png(np.repeat(images[1][..., None], 3, -1)).numpy())
+    idx = tmp_path / "few-images-idx3-ubyte.gz"
+    _write_idx(idx, images[2:12])
+    model_root = exports["tfbn", True].parent  # the model folder: its latest version is served
+    code = cli.main(["predict", str(model_root), str(gray), str(rgb), str(idx), "--top-k", "3"])
+    assert code == 0
+    printed = _printed_classes(capsys.readouterr().out)
+    assert list(printed) == [str(gray), str(rgb)] + [f"{idx}[{i}]" for i in range(10)]
+    assert list(printed.values()) == expected[:12]
+
+
+def test_predict_api_matches_keras(models, images, exports):
+    expected = tf.nn.softmax(_reference(models["keras"], images)).numpy()
+    for batch in (images, images[..., None], images.astype(np.float32) / 255.0):
+        results = serving.predict(exports["keras", False], batch)
+        assert [name for name, _ in results] == [CLASS_NAMES[i] for i in expected.argmax(-1)]
+        np.testing.assert_allclose(np.array([p for _, p in results]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(tf.io.encode_png(np.zeros((32, 32, 1), np.uint8)).numpy()),
+         "32x32 pixels"),
+        (lambda p: _write_idx(p, np.zeros((2, 28, 27))), "28x27 pixels"),
+        (lambda p: p.write_bytes(bytes([0, 0, 0x0D, 3]) + bytes(12)), "float32 values"),
+        (lambda p: _write_idx(p, np.zeros(5)), "1 dimensions"),
+        (lambda p: p.write_bytes(b"not an image at all"), "neither a PNG"),
+    ],
+    ids=["png-32x32", "idx-28x27", "idx-float", "idx-labels", "garbage"],
+)  # fmt: skip
+def test_predict_cli_bad_input_is_a_clear_error(exports, tmp_path, capsys, make, message):
+    path = tmp_path / "input.bin"
+    make(path)
+    code = cli.main(["predict", str(exports["tfbn", True]), str(path)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("tfbn predict: error:") and message in captured.err
+    assert captured.out == ""
+
+
+def test_predict_api_refuses_wrong_shape_and_dtype(exports):
+    with pytest.raises(ValueError, match=r"shape \(n, 28, 28, 1\)"):
+        serving.predict(exports["tfbn", True], np.zeros((2, 28, 28, 3), np.uint8))
+    with pytest.raises(ValueError, match="dtype=int32"):
+        serving.predict(exports["tfbn", True], np.zeros((2, 28, 28), np.int32))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        serving.predict(exports["tfbn", True], np.full((2, 28, 28), 3.0, np.float32))
+    with pytest.raises(ValueError, match="model_dir"):
+        serving.predict(exports["tfbn", True].parent.parent, np.zeros((2, 28, 28), np.uint8))
+
+
+def test_export_cli_writes_a_version(models, images, tmp_path, capsys):
+    path = tmp_path / "model.keras"
+    models["tfbn"].save(path)
+    code = cli.main(
+        ["export", str(path), "--dir", str(tmp_path / "out"), "--name", "cli", "--version", "5",
+         "--no-fold"]
+    )  # fmt: skip
+    assert code == 0
+    target = tmp_path / "out" / "cli" / "5"
+    assert str(target) in capsys.readouterr().out
+    logits = tf.saved_model.load(str(target)).signatures["serving_uint8_2d"](
+        images=tf.constant(images)
+    )["logits"]
+    np.testing.assert_allclose(logits, _reference(models["tfbn"], images), atol=UNFOLDED_TOL)
+    assert cli.main(["export", str(path), "--dir", str(tmp_path / "out"), "--name", "cli",
+                     "--version", "5"]) == 2  # fmt: skip
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "missing.keras")]) == 2
+
+
+def test_inference_throughput(exports):
+    rate = serving.inference_throughput(exports["tfbn", True], 4, seconds=0.2, repeats=2)
+    assert rate > 0
+    rate = serving.inference_throughput(
+        exports["tfbn", True], 1, signature="serving_float", seconds=0.1, repeats=1
+    )
+    assert rate > 0
+    with pytest.raises(ValueError, match="`signature`"):
+        serving.inference_throughput(exports["tfbn", True], 4, signature="nope")
+    with pytest.raises(ValueError, match="`batch_size`"):
+        serving.inference_throughput(exports["tfbn", True], 0)
+
+
+def test_removed_folder_tree_is_not_needed(exports, images, tmp_path):
+    # A copied version folder serves on its own: nothing refers back to where it was written.
+    copy = tmp_path / "copy" / "1"
+    shutil.copytree(exports["keras", True], copy)
+    np.testing.assert_array_equal(
+        [n for n, _ in serving.predict(copy, images)],
+        [n for n, _ in serving.predict(exports["keras", True], images)],
+    )
