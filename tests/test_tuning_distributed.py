@@ -1,7 +1,7 @@
 """Distributed learning-rate search on Keras Tuner's own mechanism: a chief and two workers.
 
-Three processes on 127.0.0.1 (tests/tuner_process.py) share one trial budget through the chief's
-oracle; the chief's records on disk are the reference for "every trial ran once".
+Three processes on 127.0.0.1 (tests/tuner_process.py) share one trial budget per variant through
+the chief's oracles; the chief's records on disk are the reference for "every trial ran once".
 """
 
 import glob
@@ -15,19 +15,38 @@ import time
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRIALS = 4
+TRIALS = 3
+VARIANTS = ("none", "keras")
 TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (one oracle server per variant)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _chief_records(project_dir):
+    records = {}
+    for path in glob.glob(os.path.join(project_dir, "trial_*", "trial.json")):
+        with open(path) as f:
+            trial = json.load(f)
+        records[trial["trial_id"]] = trial
+    return records
 
 
 @pytest.mark.slow
 def test_chief_and_two_workers_share_the_trial_budget(tmp_path):
-    port = _free_port()
+    port = _free_port_pair()
     procs: dict[str, subprocess.Popen] = {}
     logs = {}
     try:
@@ -49,6 +68,7 @@ def test_chief_and_two_workers_share_the_trial_budget(tmp_path):
                     str(tmp_path / tuner_id),
                     str(tmp_path / f"{tuner_id}.json"),
                     str(TRIALS),
+                    ",".join(VARIANTS),
                 ],
                 env=env,
                 stdout=logs[tuner_id],
@@ -74,36 +94,36 @@ def test_chief_and_two_workers_share_the_trial_budget(tmp_path):
     results = {t: json.loads((tmp_path / f"{t}.json").read_text()) for t in procs}
     assert results["chief"]["role"] == "chief"
     assert results["tuner0"]["role"] == results["tuner1"]["role"] == "worker"
-
-    # The chief's oracle records, read from its project folder.
-    records = {}
-    for path in glob.glob(str(tmp_path / "chief" / "lenet_lr_none" / "trial_*" / "trial.json")):
-        with open(path) as f:
-            trial = json.load(f)
-        records[trial["trial_id"]] = trial
-    assert len(records) == TRIALS
-    assert all(t["status"] == "COMPLETED" for t in records.values())
-    lrs = [t["hyperparameters"]["values"]["learning_rate"] for t in records.values()]
-    assert len(set(lrs)) == TRIALS, "two trials got the same hyperparameters"
-    assert all(0.01 <= lr <= 10.0 for lr in lrs)
-    assert all(t["score"] is not None for t in records.values())
-
-    ran0 = results["tuner0"]["trials_run"]["none"]
-    ran1 = results["tuner1"]["trials_run"]["none"]
-    assert results["chief"]["trials_run"]["none"] == []
-    # Every trial of the chief's records ran exactly once, on one of the workers.
-    assert sorted(ran0 + ran1) == sorted(records)
-    assert not set(ran0) & set(ran1)
-    # The workers start their searches together (a file barrier in tuner_process.py), and a
-    # trial takes far longer than asking the chief for one: each gets at least one.
-    assert len(ran0) >= 1 and len(ran1) >= 1, (ran0, ran1)
-    # What each worker ran is what the chief recorded for that trial.
-    for worker in ("tuner0", "tuner1"):
-        for trial_id, lr in results[worker]["learning_rates"].items():
-            assert records[trial_id]["hyperparameters"]["values"]["learning_rate"] == lr
-
-    # The chief wrote the table with all trials; the workers wrote none.
     with open(results["chief"]["json_path"]) as f:
         table = json.load(f)
-    assert table["variants"]["none"]["num_trials"] == TRIALS
-    assert results["tuner0"]["json_path"] is None
+    assert results["tuner0"]["json_path"] is None  # only the chief writes tables
+
+    ran_by = {"tuner0": [], "tuner1": []}
+    for variant in VARIANTS:
+        records = _chief_records(str(tmp_path / "chief" / f"lenet_lr_{variant}"))
+        assert len(records) == TRIALS
+        assert all(t["status"] == "COMPLETED" and t["score"] is not None for t in records.values())
+        # Every trial trained the variant of its project: no worker reported to another
+        # variant's oracle.
+        assert all(t["hyperparameters"]["values"]["variant"] == variant for t in records.values())
+        lrs = [t["hyperparameters"]["values"]["learning_rate"] for t in records.values()]
+        assert len(set(lrs)) == TRIALS, "two trials got the same hyperparameters"
+        assert all(0.01 <= lr <= 10.0 for lr in lrs)
+
+        ran0 = results["tuner0"]["trials_run"][variant]
+        ran1 = results["tuner1"]["trials_run"][variant]
+        assert results["chief"]["trials_run"][variant] == []
+        # Every trial of the chief's records ran exactly once, on one of the workers.
+        assert sorted(ran0 + ran1) == sorted(records)
+        assert not set(ran0) & set(ran1)
+        ran_by["tuner0"] += ran0
+        ran_by["tuner1"] += ran1
+        # What each worker ran is what the chief recorded for that trial.
+        for worker in ("tuner0", "tuner1"):
+            for trial_id, lr in results[worker]["learning_rates"][variant].items():
+                assert records[trial_id]["hyperparameters"]["values"]["learning_rate"] == lr
+        assert table["variants"][variant]["num_trials"] == TRIALS
+
+    # The workers start together (a file barrier in tuner_process.py), and a trial takes far
+    # longer than asking the chief for one: each worker runs trials.
+    assert ran_by["tuner0"] and ran_by["tuner1"], ran_by

@@ -1,6 +1,6 @@
 """One process of a distributed learning-rate search, for tests/test_tuning_distributed.py.
 
-Usage: python tests/tuner_process.py DIRECTORY RESULT_JSON TRIALS
+Usage: python tests/tuner_process.py DIRECTORY RESULT_JSON TRIALS VARIANTS (comma-separated)
 
 With TFBN_TEST_BARRIER=FOLDER:N, a worker waits (at most 120 s) until N workers have loaded
 TensorFlow and built their data before it starts searching, so the workers begin together.
@@ -56,7 +56,7 @@ def _barrier(spec: str, timeout_s: float = 120.0) -> None:
 
 
 def main(argv: list[str]) -> int:
-    directory, result_path, trials = argv[0], argv[1], int(argv[2])
+    directory, result_path, trials, variants = argv[0], argv[1], int(argv[2]), argv[3]
     import tfbn.data
     import tfbn.tuning
 
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
         dataset = SyntheticData()
         _barrier(os.environ.get("TFBN_TEST_BARRIER", ""))
     result = tfbn.tuning.tune(
-        ["none"],
+        variants.split(","),
         lr_min=0.01,
         lr_max=10.0,
         trials=trials,
@@ -86,7 +86,8 @@ def main(argv: list[str]) -> int:
         "trials_run": result.trials_run,
         "json_path": result.json_path,
         "learning_rates": {
-            t.trial_id: t.learning_rate for v in result.variants.values() for t in v.trials
+            name: {t.trial_id: t.learning_rate for t in v.trials}
+            for name, v in result.variants.items()
         },
     }
     tmp = result_path + ".tmp"

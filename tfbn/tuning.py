@@ -143,7 +143,8 @@ class TuneResult:
         variants: Results per variant, in the order searched.
         settings: The search settings (range, budget, data, machine).
         role: `"single"`, or `"chief"` / `"worker"` in distributed tuning. A worker only knows
-            the trials it ran itself and writes no tables.
+            the trials it ran itself (its `best_*` fields are the best of those) and writes no
+            tables.
         trials_run: Per variant, the ids of the trials this process ran in this call (empty for
             trials reloaded from an earlier call, and on the chief).
         json_path: The JSON table (`None` on a worker).
@@ -750,7 +751,8 @@ def tune(
         batch_size: Global batch size.
         directory: Folder of the tuner projects, tables, plot and logs.
         project_name: Prefix of the project names (`<project_name>_<variant>`) and output files.
-        overwrite: Start every project afresh instead of continuing it.
+        overwrite: Start every project afresh instead of continuing it (on the chief; workers
+            never delete anything).
         strategy: tf.distribute strategy name for the trials (see `tfbn.distribute`): `"auto"`,
             `"default"`, `"one_device"` or `"mirrored"`.
         seed: Seed of the oracles and of the model initialization.
@@ -875,7 +877,9 @@ def tune(
         try:
             hypermodel = _make_hypermodel(variant, lr_min, lr_max, tune_momentum, seed)
             variant_logs = os.path.join(log_root, variant)
-            if overwrite and role != "chief" and os.path.isdir(variant_logs):
+            # The chief owns the projects: a worker never deletes anything, since with a shared
+            # directory it would delete the chief's records or another worker's logs.
+            if overwrite and role == "single" and os.path.isdir(variant_logs):
                 shutil.rmtree(variant_logs)
             kt_tuner = _make_tuner(
                 tuner,
@@ -887,7 +891,7 @@ def tune(
                 strategy=distribution,
                 directory=directory,
                 project=f"{project_name}_{variant}",
-                overwrite=overwrite,
+                overwrite=overwrite and role != "worker",
             )
             if role == "chief":
                 # Serves trials to the workers until the budget is spent.
@@ -915,7 +919,10 @@ def tune(
                 _record(tid, variant, hp, metrics, "COMPLETED", converged_accuracy, epochs)
                 for tid, (hp, metrics) in kt_tuner.local_results.items()
             ]
-            results[variant] = _variant_result(variant, kt_tuner.project_dir, records, None)
+            best = max(records, key=lambda t: t.val_accuracy or 0.0, default=None)
+            results[variant] = _variant_result(
+                variant, kt_tuner.project_dir, records, best.trial_id if best else None
+            )
         else:
             results[variant] = _oracle_result(kt_tuner, variant, converged_accuracy, epochs)
     settings["elapsed_seconds"] = round(time.perf_counter() - started, 1)
