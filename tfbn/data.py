@@ -408,7 +408,10 @@ def _batches(
 
         return tf.data.Dataset.range(num_batches).map(take)
 
-    return whole.flat_map(split)
+    # Reading the single element with get_single_element runs `whole` to its end, which is when
+    # its cache is complete: then even a pipeline stopped after its first batch (a warm-up) has
+    # filled the cache.
+    return tf.data.Dataset.range(1).flat_map(lambda _: split(*whole.get_single_element()))
 
 
 def _finish(dataset: tf.data.Dataset) -> tf.data.Dataset:
