@@ -393,7 +393,8 @@ class BatchNorm(keras.layers.Layer):
             tf.reshape(stats.variance, [-1, channels]),
             stats.count * tf.ones([groups], stats.count.dtype),
         )
-        return tf.reshape(outputs, tf.shape(inputs)), ops.pool_moments(per_group)
+        outputs = tf.ensure_shape(tf.reshape(outputs, tf.shape(inputs)), inputs.shape)
+        return outputs, ops.pool_moments(per_group)
 
     def _fold_adjustment(self, adj_scale, adj_bias, gamma, beta, dtype):
         """`(gamma * scale, gamma * bias + beta)` when the adjustment is per-channel, else None."""

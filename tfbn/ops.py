@@ -570,14 +570,14 @@ def batch_norm_training(
             shift = shift + beta_b
         y = xv * scale + shift
         if virtual_batch_size is not None:
-            y = tf.reshape(y, tf.shape(x))
+            y = tf.ensure_shape(tf.reshape(y, tf.shape(x)), x.shape)
         return y, stats
 
     z = (xv - mean_b) * (inv_b if r_b is None else inv_b * r_b)
     if d_b is not None:
         z = z + d_b
     if virtual_batch_size is not None:
-        z = tf.reshape(z, tf.shape(x))
+        z = tf.ensure_shape(tf.reshape(z, tf.shape(x)), x.shape)
         gamma_b, beta_b = (
             None if v is None else tf.reshape(tf.cast(v, dtype), _broadcast_shape(rank, axis, -1))
             for v in (gamma, beta)
