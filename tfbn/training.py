@@ -736,7 +736,13 @@ def train(
         if export:
             from tfbn.export import export_saved_model
 
-            export_path = pathlib.Path(export_saved_model(model, export_dir, name=export_name))
+            # Real test images for the export's check that folding kept the predictions.
+            check_images = next(iter(dataset.test))[0]
+            export_path = pathlib.Path(
+                export_saved_model(
+                    model, export_dir, name=export_name, check_data=np.asarray(check_images)
+                )
+            )
             print(f"exported SavedModel to {export_path}")
     wall_time = time.perf_counter() - wall_start
     result = TrainResult(
