@@ -196,6 +196,11 @@ def test_uncompressed_files_accepted(tmp_path, raw):
 def test_examples_reshuffled_each_epoch_reproducibly(tfds_dir):
     loaded = data.load_fashion_mnist(64, tfds_dir=tfds_dir, seed=7, train_fraction=0.05)
     assert loaded.num_train == 3000 and loaded.steps_per_epoch == 47
+    # Known lengths (Keras's progress bar and epoch end rely on them).
+    assert int(loaded.train_for_epoch(0).cardinality()) == 47
+    assert int(loaded.train.cardinality()) == 47
+    assert int(loaded.train_epochs(2, 5).cardinality()) == 3 * 47
+    assert int(loaded.test.cardinality()) == 157  # 10000 / 64, rounded up
     epochs = [_collect(loaded.train_for_epoch(k)) for k in range(2)]
     keys = [_keys(*epoch) for epoch in epochs]
     # Each epoch is a permutation of the same examples, in a different order.

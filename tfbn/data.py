@@ -411,7 +411,9 @@ def _batches(
     # Reading the single element with get_single_element runs `whole` to its end, which is when
     # its cache is complete: then even a pipeline stopped after its first batch (a warm-up) has
     # filled the cache.
-    return tf.data.Dataset.range(1).flat_map(lambda _: split(*whole.get_single_element()))
+    dataset = tf.data.Dataset.range(1).flat_map(lambda _: split(*whole.get_single_element()))
+    # flat_map hides the length; Keras uses it for its progress bar and to end an epoch.
+    return dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
 
 
 def _finish(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -508,7 +510,8 @@ class FashionMNIST:
         dataset = tf.data.Dataset.range(int(initial_epoch), int(epochs)).flat_map(
             lambda e: _batches(whole, size, n, _epoch_key(seed, e))
         )
-        return _finish(dataset)
+        total = (int(epochs) - int(initial_epoch)) * self.steps_per_epoch
+        return _finish(dataset.apply(tf.data.experimental.assert_cardinality(total)))
 
 
 def _check_fraction(name: str, value, low_inclusive: bool, high_inclusive: bool) -> float:
@@ -641,6 +644,7 @@ def load_fashion_mnist(
                 train_whole, batch_size, num_train, tf.stack([tf.constant(epoch_seed, tf.int64), r])
             )
         )
+        train = train.apply(tf.data.experimental.assert_cardinality(-(-num_train // batch_size)))
     else:
         train = _batches(train_whole, batch_size, num_train, None)
 
