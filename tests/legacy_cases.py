@@ -360,3 +360,35 @@ def test_saved_and_reloaded_model_is_the_same(tmp_path, rng):
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
     with pytest.warns(UserWarning, match="adjustment"):
         legacy.BatchNorm(adjustment=_adjustment).get_config()
+
+
+def test_training_as_a_tensor_matches_tf_keras(rng):
+    """`training` given as a boolean tensor inside a tf.function (tf-keras allows it)."""
+    x = tf.constant(rng.normal(size=(8, 5)) * 2 + 3, tf.float32)
+    results = []
+    for cls in (legacy.BatchNorm, Anchor):
+        layer = cls(momentum=0.5, renorm=True)
+        layer.build(x.shape)
+        call = tf.function(lambda x, t, layer=layer: layer(x, training=t))
+        outputs = [call(x, tf.constant(t)).numpy() for t in (True, False, True)]
+        results.append((outputs, [w.numpy() for w in layer.weights]))
+    (ours, ours_w), (theirs, theirs_w) = results
+    for got, want in zip(ours + ours_w, theirs + theirs_w, strict=True):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}, {"virtual_batch_size": 2}])
+def test_mixed_precision_matches_tf_keras(rng, kwargs):
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        x = tf.constant(rng.normal(size=(8, 3, 3, 4)) * 3 + 2, tf.float16)
+        ours, theirs = legacy.BatchNorm(**kwargs), Anchor(**kwargs)
+        for _ in range(2):
+            y, y_k = ours(x, training=True), theirs(x, training=True)
+        assert y.dtype == tf.float16
+        np.testing.assert_allclose(y.numpy(), y_k.numpy(), atol=2e-3)
+        for got, want in zip(ours.weights, theirs.weights, strict=True):
+            assert got.dtype == want.dtype == tf.float32
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=1e-4)
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")

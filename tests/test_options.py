@@ -224,9 +224,7 @@ def test_adjustment_applies_between_normalization_and_gamma(rng):
 def test_bessel_corrected_is_numpy_ddof_1(rng):
     x = rng.normal(size=(5, 2, 3))
     stats = ops.bessel_corrected(ops.moments(tf.constant(x, tf.float32), -1))
-    np.testing.assert_allclose(
-        stats.variance.numpy(), x.reshape(-1, 3).var(0, ddof=1), rtol=1e-5
-    )
+    np.testing.assert_allclose(stats.variance.numpy(), x.reshape(-1, 3).var(0, ddof=1), rtol=1e-5)
 
 
 def test_moving_update_skips_a_batch_without_examples():
@@ -546,3 +544,91 @@ def test_option_config_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     with pytest.warns(UserWarning, match="adjustment"):
         tfbn.BatchNorm(adjustment=lambda s: (1.0, 0.0)).get_config()
+
+
+# ------------------------------------------------------------------------------ tf.distribute
+def _replica_values(variable):
+    value = getattr(variable, "value", variable)
+    return [np.asarray(v) for v in getattr(value, "values", (value,))]
+
+
+def _train_replicas(strategy, layer, batches):
+    """One training step per batch list; replica i gets batches[step][i]. Returns per-step lists
+    of per-replica outputs."""
+
+    @tf.function
+    def step(x):
+        return strategy.run(lambda x: layer(x, training=True), args=(x,))
+
+    outputs = []
+    for per_replica in batches:
+        x = strategy.experimental_distribute_values_from_function(
+            lambda ctx, b=per_replica: tf.constant(b[ctx.replica_id_in_sync_group], tf.float32)
+        )
+        outputs.append([np.asarray(t) for t in strategy.experimental_local_results(step(x))])
+    return outputs
+
+
+def test_synchronized_renorm_equals_keras_on_the_concatenated_batch(cpu_devices, rng):
+    """Two replicas with synchronized=True and renorm: each replica's output is its slice of Keras's
+    layer on the concatenated batch (one device), and every copy of every moving variable equals
+    Keras's."""
+    import tfbn
+
+    kwargs = dict(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5}, momentum=0.8)
+    strategy = tf.distribute.MirroredStrategy(cpu_devices[:2])
+    with strategy.scope():
+        layer = tfbn.BatchNorm(synchronized=True, renorm_momentum=0.7, **kwargs)
+        layer.build((6, 4))
+    reference = keras.layers.BatchNormalization(renorm_momentum=0.7, **kwargs)
+    batches = [[rng.normal(size=(6, 4)) * (1 + r) + 5 * r + s for r in range(2)] for s in range(3)]
+    outputs = _train_replicas(strategy, layer, batches)
+    for per_replica, ys in zip(batches, outputs, strict=True):
+        expected = reference(tf.constant(np.concatenate(per_replica), tf.float32), training=True)
+        np.testing.assert_allclose(np.concatenate(ys), expected.numpy(), atol=ATOL)
+    for variable, want in zip(
+        layer.non_trainable_weights, reference.non_trainable_weights, strict=True
+    ):
+        for copy in _replica_values(variable):
+            np.testing.assert_allclose(copy, want.numpy(), atol=ATOL, err_msg=variable.path)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"renorm": True}, {"virtual_batch_size": 3}, {"virtual_batch_size": 3, "axis": 1}]
+)
+def test_unsynchronized_options_keep_replica_copies_identical(cpu_devices, rng, kwargs):
+    """Replicas fed data with different means: every copy of every moving variable is the same,
+    and the moving mean follows the replica mean of the batch means (float64 NumPy)."""
+    import tfbn
+
+    strategy = tf.distribute.MirroredStrategy(cpu_devices[:3])
+    with strategy.scope():
+        layer = tfbn.BatchNorm(momentum=0.5, **kwargs)
+        layer.build((6, 4, 4))
+    batches = [[rng.normal(size=(6, 4, 4)) + 10 * r for r in range(3)] for _ in range(3)]
+    _train_replicas(strategy, layer, batches)
+    for variable in layer.non_trainable_weights:
+        copies = _replica_values(variable)
+        assert len(copies) == 3
+        for copy in copies[1:]:
+            np.testing.assert_array_equal(copy, copies[0], err_msg=variable.path)
+    axes = (0, 1) if kwargs.get("axis", -1) == -1 else (0, 2)
+    expected = np.zeros(4)
+    for per_replica in batches:
+        expected = 0.5 * expected + 0.5 * np.mean([b.mean(axes) for b in per_replica], 0)
+    np.testing.assert_allclose(_replica_values(layer.moving_mean)[0], expected, atol=ATOL)
+
+
+def test_renorm_under_mixed_precision_matches_keras(rng):
+    import tfbn
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    x = tf.constant(rng.normal(size=(16, 5)) * 3 + 2, tf.float16)
+    ours, theirs = tfbn.BatchNorm(renorm=True), keras.layers.BatchNormalization(renorm=True)
+    for _ in range(3):
+        y, y_k = ours(x, training=True), theirs(x, training=True)
+    assert y.dtype == tf.float16
+    np.testing.assert_allclose(y.numpy(), y_k.numpy(), atol=2e-3)
+    for got, want in zip(ours.non_trainable_weights, theirs.non_trainable_weights, strict=True):
+        assert got.dtype == "float32"
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=ATOL, rtol=1e-5)
