@@ -77,6 +77,14 @@ def test_custom_loop_metrics_equal_a_numpy_recount(tmp_path):
     assert result.test_acc == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_xla_custom_loop_matches_fit(tmp_path):
+    data = synthetic_data(num_train=128)
+    fit = _train(data, tmp_path, "fit", loop="fit")
+    xla = _train(data, tmp_path, "xla", loop="custom", jit_compile=True)
+    _assert_same_weights(fit.model.get_weights(), xla.model.get_weights(), atol=1e-4)
+
+
 def _two_cpu_mirrored(cpu_devices):
     # Two MirroredStrategy objects with the default collective all-reduce in one process reuse
     # collective instance keys and abort ("Shape mismatch in the collective instance 100");
@@ -329,6 +337,11 @@ def test_bad_arguments_raise_before_work(tmp_path, no_work, kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         tfbn.train(norm, run_dir=tmp_path / "run", export_dir=tmp_path / "exp", **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_loop_under_multi_worker_is_refused_before_work(tmp_path, no_work):
+    with pytest.raises(ValueError, match="`loop`"):
+        tfbn.train(strategy="multi_worker", loop="fit", run_dir=tmp_path / "run")
 
 
 def test_unwritable_output_folders_raise_before_work(tmp_path, no_work):

@@ -570,6 +570,12 @@ def train(
     strategy_name = _strategy_name(strategy)
     if loop == "auto":
         loop = "custom" if strategy_name == "multi_worker" else "fit"
+    elif loop == "fit" and strategy_name == "multi_worker":
+        # Keras 3's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+        raise ValueError(
+            "Argument `loop`: loop='fit' does not work with strategy='multi_worker' in Keras 3; "
+            "use loop='custom' or 'auto'."
+        )
     if dataset is None:
         _check_data_dir(data_dir)
     run_dir = pathlib.Path(run_dir) if run_dir is not None else _default_run_dir(norm)
@@ -702,8 +708,6 @@ def train(
                 tf.summary.scalar("train/examples_per_sec", record["examples_per_sec"])
             writer.flush()
 
-    if not history:
-        raise ValueError(f"Argument `epochs`: no epoch was trained in '{run_dir}'.")
     last = history[-1]
     train_seconds = sum(h["seconds"] for h in history)
     examples_per_sec = sum(h["examples"] for h in history) / train_seconds if train_seconds else 0.0
