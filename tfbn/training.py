@@ -640,6 +640,10 @@ def train(
     device = distribute.device_description(strategy)
     chief = distribute.is_chief(strategy)
     checkpoints = _Checkpoints(run_dir, write=chief)
+    if chief:
+        # Temporary files of a process killed while writing: never read, safe to drop.
+        for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".model.*.keras")]:
+            stale.unlink(missing_ok=True)
 
     keras.utils.set_random_seed(seed)
     with strategy.scope():
