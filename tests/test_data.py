@@ -234,6 +234,7 @@ def test_train_dataset_reshuffles_at_every_pass(tfds_dir):
     )
     first, second = (_keys(*_collect(unshuffled.train)) for _ in range(2))
     assert first == second and collections.Counter(first) == collections.Counter(passes[0])
+    assert _keys(*_collect(unshuffled.train_for_epoch(4))) == first
 
 
 # -------------------------------------------------------------------------------------- splits

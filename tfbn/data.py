@@ -459,6 +459,7 @@ class FashionMNIST:
     seed: int | None = None
     _train_whole: tf.data.Dataset | None = dataclasses.field(default=None, repr=False)
     _epoch_seed: int = dataclasses.field(default=0, repr=False)
+    _shuffle: bool = dataclasses.field(default=True, repr=False)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -469,7 +470,8 @@ class FashionMNIST:
         """The training batches of epoch `epoch`, in an order that depends on `(seed, epoch)` only.
 
         Epoch `k` gives the same batches whether the process ran epochs `0..k-1` before or was
-        restarted at epoch `k`: use it to resume a training run exactly.
+        restarted at epoch `k`: use it to resume a training run exactly. With `shuffle=False`
+        every epoch is in file order.
 
         Args:
             epoch: Non-negative epoch index.
@@ -484,7 +486,7 @@ class FashionMNIST:
             raise ValueError(
                 f"Argument `epoch` must be a non-negative integer; received epoch={epoch!r}."
             )
-        key = _epoch_key(self._epoch_seed, int(epoch))
+        key = _epoch_key(self._epoch_seed, int(epoch)) if self._shuffle else None
         return _finish(_batches(self._train_whole, self.batch_size, self.num_train, key))
 
     def train_epochs(self, initial_epoch: int, epochs: int) -> tf.data.Dataset:
@@ -507,8 +509,9 @@ class FashionMNIST:
                 f"initial_epoch={initial_epoch}, epochs={epochs}."
             )
         seed, whole, size, n = self._epoch_seed, self._train_whole, self.batch_size, self.num_train
+        shuffle = self._shuffle
         dataset = tf.data.Dataset.range(int(initial_epoch), int(epochs)).flat_map(
-            lambda e: _batches(whole, size, n, _epoch_key(seed, e))
+            lambda e: _batches(whole, size, n, _epoch_key(seed, e) if shuffle else None)
         )
         total = (int(epochs) - int(initial_epoch)) * self.steps_per_epoch
         return _finish(dataset.apply(tf.data.experimental.assert_cardinality(total)))
@@ -596,7 +599,8 @@ def load_fashion_mnist(
             (for quick runs); chosen with the same seed.
         seed: Seed of the shuffles; with a seed, epoch `k`'s order is a function of
             `(seed, k)` (see `FashionMNIST.train_for_epoch`). `None` gives fresh randomness.
-        shuffle: If `False`, `train` yields the training examples in file order every epoch.
+        shuffle: If `False`, `train` (and `train_for_epoch`) yield the training examples in file
+            order every epoch.
 
     Returns:
         A `FashionMNIST` with `train`, `validation`, `test` and the sizes.
@@ -672,6 +676,7 @@ def load_fashion_mnist(
         seed=None if seed is None else int(seed),
         _train_whole=train_whole,
         _epoch_seed=epoch_seed,
+        _shuffle=bool(shuffle),
     )
 
 
