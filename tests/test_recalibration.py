@@ -258,3 +258,124 @@ def test_cli_rejects_bad_arguments_before_work(tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
     assert main(["recalibrate", str(model_path), "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- multi-worker
+_WORKER = """
+import sys
+import numpy as np
+import tensorflow as tf
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy()  # from TF_CONFIG, before any op runs
+import keras  # noqa: E402
+
+import tfbn  # noqa: E402
+from tfbn.recalibration import batch_norm_layers, recalibrate  # noqa: E402
+
+rng = np.random.default_rng(11)
+with strategy.scope():
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4),
+            tfbn.BatchNorm(name="bn_tfbn"),
+            keras.layers.Activation("sigmoid"),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(name="bn_keras"),
+        ]
+    )
+model.set_weights([rng.normal(0.5, 0.7, w.shape).astype("float32") for w in model.get_weights()])
+x = rng.normal(2.0, 3.0, (263, 6)).astype("float32")
+dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(263))).batch(40)
+report = recalibrate(model, dataset, strategy=strategy, progress=False)
+out = {"x": x, **{f"w{i}": w for i, w in enumerate(model.get_weights())}}
+for layer in batch_norm_layers(model):
+    out[layer.name + "/mean"] = layer.moving_mean.numpy()
+    out[layer.name + "/variance"] = layer.moving_variance.numpy()
+    out[layer.name + "/count"] = np.float64(report[layer.name]["count"])
+np.savez(sys.argv[1], **out)
+"""
+
+
+def _free_ports(n):
+    import socket
+
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.slow
+def test_multi_worker_statistics_equal_single_device(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    processes, logs = [], []
+    try:
+        for index in range(2):
+            env = {
+                **os.environ,
+                "TF_CONFIG": json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
+                ),
+                "TF_CPP_MIN_LOG_LEVEL": "3",
+                "CUDA_VISIBLE_DEVICES": "",
+            }
+            log = open(tmp_path / f"worker{index}.log", "w+")  # noqa: SIM115
+            logs.append(log)
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), str(tmp_path / f"worker{index}.npz")],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        for process, log in zip(processes, logs, strict=True):
+            try:
+                code = process.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                pytest.fail("a worker ran longer than 240 s")
+            log.seek(0)
+            assert code == 0, log.read()[-4000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+        for log in logs:
+            log.close()
+
+    first, second = (dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2))
+    # The single-device reference: the same model and data, recalibrated in this process.
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4),
+            tfbn.BatchNorm(name="bn_tfbn"),
+            keras.layers.Activation("sigmoid"),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(name="bn_keras"),
+        ]
+    )
+    model.set_weights([first[f"w{i}"] for i in range(len(model.get_weights()))])
+    x = first["x"]
+    reference = _reference(model, x)
+    for name in ("bn_tfbn", "bn_keras"):
+        for key in ("mean", "variance"):
+            np.testing.assert_array_equal(first[f"{name}/{key}"], second[f"{name}/{key}"])
+        assert float(first[f"{name}/count"]) == len(x)
+        mean, variance, _ = reference[name]
+        np.testing.assert_allclose(first[f"{name}/variance"], variance, rtol=1e-5)
+        error = np.abs(first[f"{name}/mean"] - mean)
+        assert np.all(error <= 1e-5 * (np.abs(mean) + np.sqrt(variance)))
