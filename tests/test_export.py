@@ -54,8 +54,9 @@ def _train_briefly(model, rng, steps=3):
 
 
 def _functional_model(rng):
-    """Every folding case: bias-free conv, center/scale off, BN with nothing to fold into, a conv
-    output used twice, an activation inside the conv, and a BN on a non-channel axis."""
+    """Every folding case: bias-free conv, center/scale off, channels-first conv, dense on a rank-3
+    input, BN with nothing to fold into, a conv output used twice, an activation inside the conv,
+    and a BN on a non-channel axis."""
     inputs = keras.Input((28, 28, 1))
     x = keras.layers.Conv2D(4, 3, use_bias=False, name="conv_nobias")(inputs)
     x = tfbn.BatchNorm(epsilon=1e-3, name="bn_nobias")(x)  # folded, bias created
@@ -70,7 +71,13 @@ def _functional_model(rng):
     x = tfbn.BatchNorm(name="bn_after_act")(x)  # affine: activation in between
     x = keras.layers.Conv2D(8, 3, name="conv_plain")(x)
     x = keras.layers.BatchNormalization(scale=False, name="bn_noscale")(x)  # folded
-    x = keras.layers.Reshape((7 * 7, 8))(x)
+    x = keras.layers.Permute((3, 1, 2))(x)
+    x = keras.layers.Conv2D(4, 3, data_format="channels_first", name="conv_cf")(x)
+    x = tfbn.BatchNorm(axis=1, name="bn_channels_first")(x)  # folded: axis 1 is the channel
+    x = keras.layers.Reshape((4, 25))(x)
+    x = keras.layers.Dense(6, name="dense_rank3")(x)
+    x = keras.layers.BatchNormalization(name="bn_dense_rank3")(x)  # folded
+    x = keras.layers.Activation("relu")(x)
     x = keras.layers.Dense(6, name="dense_seq")(x)
     x = tfbn.BatchNorm(axis=1, name="bn_wrong_axis")(x)  # affine: axis 1 is not Dense's
     x = keras.layers.Flatten()(x)
@@ -83,7 +90,9 @@ def _functional_model(rng):
     return model
 
 
-FOLDED_IN_FUNCTIONAL = {"bn_nobias", "bn_noscale", "bn_plain"}
+FOLDED_IN_FUNCTIONAL = {
+    "bn_nobias", "bn_noscale", "bn_channels_first", "bn_dense_rank3", "bn_plain"
+}  # fmt: skip
 AFFINE_IN_FUNCTIONAL = {"bn_after_pool", "bn_shared", "bn_after_act", "bn_wrong_axis"}
 
 
@@ -293,10 +302,17 @@ def test_interrupted_export_leaves_nothing(models, tmp_path, monkeypatch):
         pathlib.Path(export_dir, "saved_model.pb").write_bytes(b"partial")
         raise OSError("disk full")
 
+    kept = tfbn.export_saved_model(models["keras"], tmp_path, name="m", version=1)
+    before = sorted((p.relative_to(kept), p.read_bytes()) for p in kept.rglob("*") if p.is_file())
     monkeypatch.setattr(export.tf.saved_model, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        tfbn.export_saved_model(models["tfbn"], tmp_path, name="m", version=1)
-    assert _listing(tmp_path / "m") == []
+        tfbn.export_saved_model(models["tfbn"], tmp_path, name="m", version=2)
+    with pytest.raises(OSError, match="disk full"):
+        tfbn.export_saved_model(models["tfbn"], tmp_path, name="m", version=1, overwrite=True)
+    # No partial version 2, no temp folder, and version 1 untouched by the failed overwrite.
+    assert _listing(tmp_path / "m") == ["1"]
+    after = sorted((p.relative_to(kept), p.read_bytes()) for p in kept.rglob("*") if p.is_file())
+    assert after == before
 
 
 def test_existing_version_refused_then_replaced_with_overwrite(models, images, tmp_path):
@@ -472,6 +488,11 @@ def test_export_cli_writes_a_version(models, images, tmp_path, capsys):
                      "--version", "5"]) == 2  # fmt: skip
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["export", str(tmp_path / "missing.keras")]) == 2
+    idx = tmp_path / "check-idx3-ubyte"
+    _write_idx(idx, images[:9])
+    code = cli.main(["export", str(path), "--dir", str(tmp_path / "out"), "--name", "cli",
+                     "--check-data", str(idx)])  # fmt: skip
+    assert code == 0 and (tmp_path / "out" / "cli" / "6" / "saved_model.pb").is_file()
 
 
 def test_inference_throughput(exports):

@@ -31,6 +31,7 @@ Any other batch-norm layer becomes one per-channel multiply-add, `x * s + (beta 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import pathlib
 import shutil
@@ -500,6 +501,19 @@ def _versions(model_root: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def _exchange(first: pathlib.Path, second: pathlib.Path) -> bool:
+    """Swaps two folders in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`), if available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(
+        at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), ctypes.c_uint(rename_exchange)
+    )
+    return result == 0
+
+
 def _write_atomically(
     module: tf.Module, signatures: dict, target: pathlib.Path, overwrite: bool, check
 ) -> None:
@@ -512,6 +526,10 @@ def _write_atomically(
         tf.saved_model.save(module, str(temp), signatures=signatures)
         check(temp)
         if target.exists():
+            if not overwrite:  # written meanwhile by another export
+                raise ValueError(f"Argument `version`: {str(target)!r} already exists.")
+            if _exchange(temp, target):
+                return  # `temp` now holds the replaced version; removed below.
             old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:12]}"
             os.rename(target, old)
         try:
@@ -560,8 +578,9 @@ def export_saved_model(
         name: Model name, the folder under `directory` (TensorFlow Serving's model base path).
         version: Positive integer version; `None` takes the next free one (1 for the first).
         fold: Whether to fold batch normalization into the preceding layers.
-        overwrite: Whether to replace an existing version folder (the old one is only removed
-            once the new one is in place).
+        overwrite: Whether to replace an existing version folder. The new folder is swapped
+            in with one atomic exchange where the system has one (Linux), else by two renames;
+            the old one is removed only once the new one is in place.
         check_data: Images to compare the exported and the original model on: uint8 `(n, h, w)`
             or `(n, h, w, c)` in 0-255, or floats in `[0, 1]`. `None` uses a deterministic sample.
         class_names: Names of the classes, in logit order (the `class_name` output).
@@ -667,6 +686,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--jit-compile", action="store_true", help="compile the serving functions with XLA"
     )
+    parser.add_argument(
+        "--check-data",
+        metavar="FILE",
+        nargs="+",
+        default=None,
+        help="images to check the export on: IDX image files (e.g. Fashion-MNIST's "
+        "t10k-images-idx3-ubyte.gz) or PNG/JPEG files (default: a fixed synthetic sample)",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -677,6 +704,12 @@ def run_cli(args: argparse.Namespace) -> int:
             f"Argument `model` must be an existing .keras file; received {str(path)!r}."
         )
     model = keras.saving.load_model(path, compile=False)
+    check_data = None
+    if args.check_data:
+        from tfbn.serving import load_images
+
+        image_shape = _image_shape(model)
+        check_data, _ = load_images(args.check_data, image_size=image_shape[:2])
     target = export_saved_model(
         model,
         args.dir,
@@ -685,6 +718,7 @@ def run_cli(args: argparse.Namespace) -> int:
         fold=args.fold,
         overwrite=args.overwrite,
         jit_compile=args.jit_compile,
+        check_data=check_data,
     )
     print(f"Exported {'folded' if args.fold else 'unfolded'} SavedModel to {target}")
     return 0
