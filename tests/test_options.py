@@ -410,8 +410,9 @@ def test_renorm_weights_transfer_from_keras_layer(rng):
 
 @pytest.mark.parametrize("shape, axis", [((12, 5), -1), ((12, 3, 4, 4), 1), ((12, 4, 4, 3), -1)])
 def test_ghost_layer_matches_numpy_and_reference_path(rng, shape, axis):
-    """Each virtual batch normalized alone (float64 NumPy), on both the composed-kernel path
-    (axis 1) and the reference path; gradients equal autodiff through ops.batch_norm_training."""
+    """Each virtual batch normalized alone (float64 NumPy) by the layer's composed-kernel path
+    (a reshape for axis 1, transposes otherwise); gradients equal autodiff through the reference
+    ops.batch_norm_training."""
     import tfbn
 
     x = rng.normal(size=shape) * 2 + rng.normal(size=(shape[0],) + (1,) * (len(shape) - 1)) * 3

@@ -85,9 +85,9 @@ class BatchNorm(keras.layers.Layer):
             grouping). The moving statistics move towards the mean over virtual batches of
             their means and variances. Must divide every training batch size (else a
             `ValueError`, or an `InvalidArgumentError` in a graph where the batch size is
-            unknown). Not with `synchronized=True`. With the channel axis 1 (dense inputs,
-            channels-first convolutions) it runs on the composed kernel; otherwise on the
-            reference path.
+            unknown). Not with `synchronized=True`. Runs on the composed kernel
+            (`ghost_composed_batch_norm`), on the reference path with renorm, a mask or a
+            non-per-channel adjustment.
         adjustment: Optional callable taking the input's dynamic shape (a 1-D int tensor) and
             returning `(scale, bias)`, both broadcastable to the input, applied to the normalized
             value before `gamma` and `beta` in training only:
@@ -337,9 +337,7 @@ class BatchNorm(keras.layers.Layer):
                 adjustment = lambda shape: (adj_scale, adj_bias)  # noqa: E731
             else:
                 gamma, beta = folded
-        if mask is not None or self.renorm or adjustment is not None or (
-            self.virtual_batch_size is not None and axis != 1
-        ):
+        if mask is not None or self.renorm or adjustment is not None:
             outputs, stats = ops.batch_norm_training(
                 inputs,
                 axis,
@@ -355,7 +353,9 @@ class BatchNorm(keras.layers.Layer):
                 adjustment=adjustment,
             )
         elif self.virtual_batch_size is not None:
-            outputs, stats = self._ghost_composed(inputs, gamma, beta)
+            outputs, stats = ghost_composed_batch_norm(
+                inputs, gamma, beta, self.epsilon, axis, self.virtual_batch_size
+            )
         elif self._use_fused(inputs.dtype):
             # The fused kernel reads float16/bfloat16 directly and reduces in float32.
             outputs, stats = fast.fused_batch_norm(inputs, gamma, beta, self.epsilon, axis)
@@ -372,29 +372,6 @@ class BatchNorm(keras.layers.Layer):
         if fast.fused_data_format(self._rank, self._channel_axis, dtype) is None:
             return False
         return self.fused or fast.fused_is_faster(self.channels)
-
-    def _ghost_composed(self, inputs, gamma, beta):
-        """Ghost batches on the composed kernel, for the channel axis 1.
-
-        `(n, C, ...)` viewed as `(virtual_batch_size, g * C, ...)` is a plain reshape whose channel
-        `j * C + c` is channel `c` of virtual batch `j`; `gamma` and `beta` are tiled `g` times
-        (their gradients are summed back by `tf.tile`'s).
-        """
-        grouped = ops.virtual_batch_view(inputs, self.virtual_batch_size)
-        shape = tf.shape(grouped)
-        groups = shape[1]
-        merged = tf.reshape(grouped, tf.concat([[self.virtual_batch_size, -1], shape[3:]], 0))
-        gamma = None if gamma is None else tf.tile(gamma, [groups])
-        beta = None if beta is None else tf.tile(beta, [groups])
-        outputs, stats = fast.composed_batch_norm(merged, gamma, beta, self.epsilon, 1)
-        channels = self.channels
-        per_group = ops.Moments(
-            tf.reshape(stats.mean, [-1, channels]),
-            tf.reshape(stats.variance, [-1, channels]),
-            stats.count * tf.ones([groups], stats.count.dtype),
-        )
-        outputs = tf.ensure_shape(tf.reshape(outputs, tf.shape(inputs)), inputs.shape)
-        return outputs, ops.pool_moments(per_group)
 
     def _fold_adjustment(self, adj_scale, adj_bias, gamma, beta, dtype):
         """`(gamma * scale, gamma * bias + beta)` when the adjustment is per-channel, else None."""
@@ -466,6 +443,60 @@ class BatchNorm(keras.layers.Layer):
                 stacklevel=2,
             )
         return {**super().get_config(), **config}
+
+
+def ghost_composed_batch_norm(
+    inputs: tf.Tensor,
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    epsilon: float,
+    axis: int,
+    virtual_batch_size: int,
+) -> tuple[tf.Tensor, ops.Moments]:
+    """Ghost batch normalization on the composed kernel (`tfbn.fast.composed_batch_norm`).
+
+    The `(virtual_batch_size, g, ...)` view of the input (`ops.virtual_batch_view`) gets its
+    virtual-batch axis moved next to the channel axis and merged with it: channel `j * C + c` of
+    the merged tensor is channel `c` of virtual batch `j`, and one composed batch norm over it, with
+    `gamma` and `beta` tiled `g` times, normalizes every virtual batch with its own statistics.
+    With the channel axis 1 the move is a plain reshape; otherwise it costs two transposes, still
+    about twice as fast as autodiff through `ops.batch_norm_training` (measured on a 2-core CPU).
+
+    Args:
+        inputs: Input of rank >= 2, batch size a multiple of `virtual_batch_size`.
+        gamma: Per-channel scale or `None`.
+        beta: Per-channel offset or `None`.
+        epsilon: Variance epsilon.
+        axis: Channel axis (non-negative).
+        virtual_batch_size: Examples per virtual batch.
+
+    Returns:
+        `(outputs, moments)`: outputs in the statistics dtype, and the per-channel moments pooled
+        over virtual batches (`ops.pool_moments`).
+    """
+    rank = inputs.shape.rank
+    axis = ops.canonical_axis(axis, rank)
+    channels = inputs.shape[axis]
+    grouped = ops.virtual_batch_view(inputs, virtual_batch_size)
+    groups = tf.shape(grouped)[1]
+    # (vbs, g, d1, .., C, ..) -> (vbs, d1, .., g, C, ..): the group axis just before the channel.
+    perm = [0, *range(2, axis + 1), 1, *range(axis + 1, rank + 1)]
+    moved = grouped if axis == 1 else tf.transpose(grouped, perm)
+    moved_shape = tf.shape(moved)
+    merged = tf.reshape(moved, tf.concat([moved_shape[:axis], [-1], moved_shape[axis + 2 :]], 0))
+    gamma = None if gamma is None else tf.tile(gamma, [groups])
+    beta = None if beta is None else tf.tile(beta, [groups])
+    outputs, stats = fast.composed_batch_norm(merged, gamma, beta, epsilon, axis)
+    outputs = tf.reshape(outputs, moved_shape)
+    if axis != 1:
+        outputs = tf.transpose(outputs, [perm.index(i) for i in range(rank + 1)])
+    outputs = tf.ensure_shape(tf.reshape(outputs, tf.shape(inputs)), inputs.shape)
+    per_group = ops.Moments(
+        tf.reshape(stats.mean, [-1, channels]),
+        tf.reshape(stats.variance, [-1, channels]),
+        stats.count * tf.ones([groups], stats.count.dtype),
+    )
+    return outputs, ops.pool_moments(per_group)
 
 
 def _fresh(initializer):

@@ -23,6 +23,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from tfbn import fast, ops
+from tfbn.layers import ghost_composed_batch_norm
 
 __all__ = ["BatchNorm"]
 
@@ -79,7 +80,8 @@ class BatchNorm(tf_keras.layers.Layer):
             (unbiased) batch variance; otherwise towards the biased one.
         virtual_batch_size: Ghost batch normalization (see `tfbn.BatchNorm`): must divide the
             training batch size. Variables then have tf-keras's shape `(1, 1, ..., channels)`.
-            Reference path.
+            Composed kernel (`tfbn.layers.ghost_composed_batch_norm`); reference path with
+            renorm, `adjustment` or a mask.
         adjustment: Optional callable `shape -> (scale, bias)`, both broadcastable to the input,
             applied to the normalized values before `gamma`/`beta`, in training only. Reference
             path. Not serialized.
@@ -351,10 +353,9 @@ class BatchNorm(tf_keras.layers.Layer):
         dtype = ops.statistics_dtype(inputs.dtype)
         gamma, beta = self._flat(self.gamma, dtype), self._flat(self.beta, dtype)
         axis = self._channel_axis()
-        options = self.renorm or self.virtual_batch_size or self.adjustment
         if self._fused and mask is None:
             outputs, stats = fast.fused_batch_norm(inputs, gamma, beta, self.epsilon, axis)
-        elif options or mask is not None:
+        elif self.renorm or self.adjustment or mask is not None:
             adjustment = None
             if self.adjustment is not None:
                 adj_scale, adj_bias = self.adjustment(tf.shape(inputs))
@@ -377,6 +378,10 @@ class BatchNorm(tf_keras.layers.Layer):
                 renorm_stddev=self._flat(self.renorm_stddev, dtype),
                 renorm_clipping=self.renorm_clipping,
                 adjustment=adjustment,
+            )
+        elif self.virtual_batch_size is not None:
+            outputs, stats = ghost_composed_batch_norm(
+                self._to_view(inputs), gamma, beta, self.epsilon, axis, self.virtual_batch_size
             )
         else:
             outputs, stats = fast.composed_batch_norm(
