@@ -684,7 +684,8 @@ def _plot(result: TuneResult, path: str) -> None:
     ax.set_ylabel("validation accuracy")
     s = result.settings
     ax.set_title(
-        f"LeNet on Fashion-MNIST: {s['epochs']} epoch(s), {s['tuner']} search", fontsize=10
+        f"LeNet, SGD: {s['epochs']} epoch(s) per trial, {s['tuner']} search\n{s['data']}",
+        fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -693,6 +694,16 @@ def _plot(result: TuneResult, path: str) -> None:
         _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
+
+
+def _describe_data(dataset, train_fraction: float, validation_fraction: float) -> str:
+    sizes = ""
+    if dataset is not None and hasattr(dataset, "num_train"):
+        sizes = f" ({dataset.num_train} training, {dataset.num_validation} validation examples)"
+    return (
+        f"Fashion-MNIST training split: {validation_fraction:g} held out for validation, "
+        f"{train_fraction:g} of the rest for training{sizes}; the test split is not used"
+    )
 
 
 def _machine() -> str:
@@ -820,10 +831,7 @@ def tune(
                 train_fraction=train_fraction,
                 seed=seed,
             )
-            data = (
-                f"Fashion-MNIST, {train_fraction:g} of the training set, "
-                f"{validation_fraction:g} of it held out for validation"
-            )
+            data = _describe_data(dataset, train_fraction, validation_fraction)
         else:
             data = "prebuilt dataset"
         train_data, validation_data = dataset.train, dataset.validation
@@ -831,8 +839,7 @@ def tune(
             raise ValueError("The dataset has no validation split; set `validation_fraction`.")
     else:
         data = (
-            f"Fashion-MNIST, {train_fraction:g} of the training set, "
-            f"{validation_fraction:g} of it held out for validation"
+            _describe_data(None, train_fraction, validation_fraction)
             if dataset is None
             else "prebuilt dataset"
         )
@@ -925,7 +932,8 @@ def tune(
             )
         else:
             results[variant] = _oracle_result(kt_tuner, variant, converged_accuracy, epochs)
-    settings["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+    # Time of this call only: a resumed search does not count the trials of earlier calls.
+    settings["elapsed_seconds_this_call"] = round(time.perf_counter() - started, 1)
 
     result = TuneResult(
         variants=results,
