@@ -516,3 +516,11 @@ def test_removed_folder_tree_is_not_needed(exports, images, tmp_path):
         [n for n, _ in serving.predict(copy, images)],
         [n for n, _ in serving.predict(exports["keras", True], images)],
     )
+
+
+def test_xla_compiled_export_matches_predict(models, images, tmp_path):
+    path = tfbn.export_saved_model(models["keras"], tmp_path, jit_compile=True)
+    logits = tf.saved_model.load(str(path)).signatures["serving_default"](
+        images=tf.constant(images[..., None])
+    )["logits"]
+    np.testing.assert_allclose(logits, _reference(models["keras"], images), rtol=0, atol=FOLD_TOL)
