@@ -273,6 +273,39 @@ def test_bayesian_and_hyperband_tuners(tmp_path, tuner, state_key):
     assert result.variants["none"].best_trial_id == best["trial_id"]
 
 
+def test_sampled_learning_rate_and_momentum_reach_the_optimizer(tmp_path, monkeypatch):
+    built = []
+
+    class RecordingSGD(keras.optimizers.SGD):
+        def __init__(self, learning_rate=0.01, momentum=0.0, **kwargs):
+            built.append((float(learning_rate), float(momentum)))
+            super().__init__(learning_rate=learning_rate, momentum=momentum, **kwargs)
+
+    monkeypatch.setattr(keras.optimizers, "SGD", RecordingSGD)
+    result = tfbn.tune(
+        ["none"],
+        lr_min=LR_MIN,
+        lr_max=LR_MAX,
+        trials=2,
+        epochs=1,
+        executions_per_trial=2,
+        tune_momentum=True,
+        directory=str(tmp_path),
+        dataset=SyntheticData(num_train=128, num_validation=64),
+        progress=False,
+    )
+    records = _oracle_records(str(tmp_path / "lenet_lr_none"))
+    assert len(records) == 2
+    for trial in records.values():
+        values = trial["hyperparameters"]["values"]
+        assert values["sgd_momentum"] in (0.0, 0.5, 0.9)
+        # Two executions, each a fresh model and optimizer with the trial's values.
+        assert built.count((values["learning_rate"], values["sgd_momentum"])) == 2
+    for t in result.variants["none"].trials:
+        ref = records[t.trial_id]["hyperparameters"]["values"]
+        assert (t.learning_rate, t.momentum) == (ref["learning_rate"], ref["sgd_momentum"])
+
+
 def test_trials_run_under_the_selected_strategy(tmp_path, monkeypatch):
     import tfbn.models
 
