@@ -83,11 +83,12 @@ class BatchNorm(keras.layers.Layer):
             virtual batches, each normalized with its own statistics; virtual batch `j` holds
             examples `j, j + g, j + 2g, ...` with `g = n // virtual_batch_size` (tf-keras's
             grouping). The moving statistics move towards the mean over virtual batches of
-            their means and variances. Must divide every training batch size (else a
-            `ValueError`, or an `InvalidArgumentError` in a graph where the batch size is
-            unknown). Not with `synchronized=True`. Runs on the composed kernel
-            (`ghost_composed_batch_norm`), on the reference path with renorm, a mask or a
-            non-per-channel adjustment.
+            their means and variances. Must divide every training batch size, a short last
+            batch included (batch the data with `drop_remainder=True`, or pick a divisor);
+            otherwise a `ValueError`, or an `InvalidArgumentError` in a graph where the batch
+            size is unknown. Under a strategy it applies to each replica's batch. Not with
+            `synchronized=True`. Runs on the composed kernel (`ghost_composed_batch_norm`); on
+            the reference path with renorm, a mask or a non-per-channel adjustment.
         adjustment: Optional callable taking the input's dynamic shape (a 1-D int tensor) and
             returning `(scale, bias)`, both broadcastable to the input, applied to the normalized
             value before `gamma` and `beta` in training only:

@@ -78,10 +78,11 @@ class BatchNorm(tf_keras.layers.Layer):
             else a `ValueError`; `False`: never. Fused training runs TensorFlow's fused kernel and,
             as tf-keras's fused layer does, moves the moving variance towards the Bessel-corrected
             (unbiased) batch variance; otherwise towards the biased one.
-        virtual_batch_size: Ghost batch normalization (see `tfbn.BatchNorm`): must divide the
-            training batch size. Variables then have tf-keras's shape `(1, 1, ..., channels)`.
-            Composed kernel (`tfbn.layers.ghost_composed_batch_norm`); reference path with
-            renorm, `adjustment` or a mask.
+        virtual_batch_size: Ghost batch normalization (see `tfbn.BatchNorm`): must divide every
+            training batch size, a short last batch included. Variables then have tf-keras's
+            shape `(1, 1, ..., channels)`. Composed kernel
+            (`tfbn.layers.ghost_composed_batch_norm`); reference path with renorm, `adjustment`
+            or a mask.
         adjustment: Optional callable `shape -> (scale, bias)`, both broadcastable to the input,
             applied to the normalized values before `gamma`/`beta`, in training only. Reference
             path. Not serialized.
