@@ -26,11 +26,10 @@ layer's channel axis, is merged into that layer's kernel and bias:
     bias'   = (bias - moving_mean) * s + beta
 
 Any other batch-norm layer becomes one per-channel multiply-add, `x * s + (beta - moving_mean * s)`.
-The folded graph also adds every Conv/Dense bias with a `BiasAdd` op (Keras uses a broadcast add),
-which TensorFlow's graph optimizer fuses with the convolution or matmul and the activation that
-follows. `jit_compile=True` compiles the model part of the signatures with XLA: it helps at batch
-size 1 on CPU, and hurts at large batches there (measure for your hardware with
-`tfbn.serving.inference_throughput`).
+
+`jit_compile=True` compiles the model part of the signatures with XLA. On a CPU it helped at batch
+size 1 and hurt at batch 256 (XLA's CPU convolutions are slower than oneDNN's); measure on your
+hardware with `tfbn.serving.inference_throughput`.
 """
 
 from __future__ import annotations
@@ -169,56 +168,18 @@ def _fold_weights(producer, bn) -> list[np.ndarray]:
     return [(kernel * scale).astype(dtype), (bias * scale + offset).astype(dtype)]
 
 
-class _BiasAddCall:
-    """`call` of a Conv/Dense layer with its bias added by `tf.nn.bias_add`.
-
-    Keras adds the bias with a broadcast `Add`; a `BiasAdd` op is what TensorFlow's graph
-    optimizer fuses with the preceding convolution or matmul (and a following activation) into
-    one kernel, which is most of the speed-up of a folded export on CPU.
-    """
-
-    def call(self, inputs, training=None):
-        if isinstance(self, keras.layers.Dense):
-            outputs = keras.ops.matmul(inputs, self.kernel)
-            data_format = "N...C"
-        else:
-            outputs = self.convolution_op(inputs, self.kernel)
-            data_format = "N...C" if self.data_format == "channels_last" else "NC..."
-        if self.use_bias:
-            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, outputs.dtype), data_format)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
-
-
-class _BiasAddConv1D(_BiasAddCall, keras.layers.Conv1D):
-    pass
-
-
-class _BiasAddConv2D(_BiasAddCall, keras.layers.Conv2D):
-    pass
-
-
-class _BiasAddConv3D(_BiasAddCall, keras.layers.Conv3D):
-    pass
-
-
-class _BiasAddDense(_BiasAddCall, keras.layers.Dense):
-    pass
-
-
-_BIAS_ADD_TYPES = {
-    keras.layers.Conv1D: _BiasAddConv1D,
-    keras.layers.Conv2D: _BiasAddConv2D,
-    keras.layers.Conv3D: _BiasAddConv3D,
-    keras.layers.Dense: _BiasAddDense,
-}
+_LINEAR_TYPES = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Dense,
+)
 
 
 def _plain_linear(layer) -> bool:
     """Whether `layer` is an unmodified Keras Conv/Dense (no LoRA, not quantized)."""
     return (
-        type(layer) in _BIAS_ADD_TYPES
+        type(layer) in _LINEAR_TYPES
         and not getattr(layer, "lora_enabled", False)
         and not getattr(layer, "quantization_mode", None)
     )
@@ -323,8 +284,6 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
         if layer.name in folded_into:
             config["use_bias"] = True
             config["bias_initializer"] = "zeros"
-        if _plain_linear(layer):
-            return _BIAS_ADD_TYPES[type(layer)].from_config(config)
         return layer.__class__.from_config(config)
 
     folded = keras.models.clone_model(model, clone_function=clone_layer)
