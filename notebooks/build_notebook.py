@@ -1,0 +1,871 @@
+"""Writes notebooks/batch_norm.ipynb from the cells below, without outputs.
+
+The notebook is kept as this script so that its diffs are readable and it is always committed
+clean (no outputs, no execution counts, fixed cell ids). Edit the cells here, then run
+
+    python notebooks/build_notebook.py            # rewrite the notebook
+    python notebooks/build_notebook.py --check    # exit 1 if the notebook is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import nbformat
+
+NOTEBOOK = pathlib.Path(__file__).with_name("batch_norm.ipynb")
+
+# (kind, source) pairs, in order. Markdown cells carry the story; code cells the runs.
+CELLS: list[tuple[str, str]] = []
+
+
+def md(source: str) -> None:
+    CELLS.append(("markdown", source.strip("\n")))
+
+
+def code(source: str) -> None:
+    CELLS.append(("code", source.strip("\n")))
+
+
+# ---------------------------------------------------------------------------------- opening
+md(
+    """
+# Batch normalization, step by step with `tfbn`
+
+Batch normalization rescales what a layer produces so that, over each minibatch, every feature
+(or every channel of a convolution) has mean 0 and variance 1, then lets the network choose a
+better scale and offset of its own with two learned vectors, `gamma` and `beta`. This notebook
+goes from the arithmetic on a 4 x 3 tensor to a LeNet trained on Fashion-MNIST, and then answers
+the chapter's exercises with real training runs.
+
+Every step calls the `tfbn` package: `tfbn.moments` and `tfbn.batch_norm` (the math),
+`tfbn.BatchNorm` (the Keras layer), `tfbn.lenet`, `tfbn.train`, `tfbn.recalibrate`,
+`tfbn.export_saved_model` and `tfbn.tune`.
+
+**Quick mode.** With the environment variable `TFBN_NOTEBOOK_QUICK=1` every training uses one
+epoch on 5% of the training set and the learning-rate search gets a tiny budget, so that the
+whole notebook runs in a few minutes on a laptop CPU (the test suite runs it this way). The
+numbers are then only a smoke test. Without it the trainings follow the chapter's recipe,
+`tfbn.RECIPE`: SGD, learning rate 1.0 (0.9 without normalization), batch 256, 10 epochs,
+momentum 0.9 and epsilon 1e-5 for the statistics. Run folders go to `runs/notebook/` (ignored by
+git), or to a temporary folder in quick mode.
+"""
+)
+
+code(
+    """
+import io
+import json
+import os
+import pathlib
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import matplotlib.pyplot as plt
+import numpy as np
+import tensorflow as tf
+from IPython.display import Image, Markdown, display
+
+import tfbn
+
+QUICK = os.environ.get("TFBN_NOTEBOOK_QUICK", "0") == "1"
+RECIPE = tfbn.RECIPE
+SEED = 0
+EPOCHS = 1 if QUICK else RECIPE.epochs
+TRAIN_FRACTION = 0.05 if QUICK else 1.0
+VERBOSE = 0 if QUICK else 2  # Keras's per-epoch lines in the exercises
+if QUICK:
+    RUNS = pathlib.Path(tempfile.mkdtemp(prefix="tfbn-notebook-"))
+else:
+    RUNS = pathlib.Path("runs") / "notebook"
+EXPORTS = RUNS / "saved_models"
+
+# The figures worth keeping; the last cell prints them.
+results = {"quick": QUICK, "epochs": EPOCHS, "train_fraction": TRAIN_FRACTION}
+print(f"tfbn {tfbn.__version__}, TensorFlow {tf.__version__}, Keras {keras.__version__}")
+print(f"quick={QUICK}: {EPOCHS} epoch(s) on {TRAIN_FRACTION:.0%} of the training set")
+print(f"run folders in {RUNS}")
+print(RECIPE)
+
+
+def show(fig):
+    # Rendered to PNG here rather than by pyplot: the plotting inside tfbn.train and tfbn.tune
+    # selects matplotlib's Agg backend, after which pyplot's show displays nothing.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buffer.getvalue()))
+"""
+)
+
+# ------------------------------------------------------------------------------ 1. the op
+md(
+    """
+## 1. The operation on a small tensor
+
+Take a minibatch of 4 examples with 3 features whose scales have nothing in common: feature 0
+around 0 with spread 1, feature 1 around 5 with spread 0.1, feature 2 around -3 with spread 10.
+`tfbn.moments` returns, per feature, the batch mean and the *biased* variance (the sum of squared
+deviations divided by the number of values, here 4). `tfbn.batch_norm` then computes
+`gamma * (x - mean) / sqrt(variance + epsilon) + beta`. This is **training mode**: the
+statistics come from the batch itself. We check the result against the formula in float64 NumPy.
+"""
+)
+
+code(
+    """
+rng = np.random.default_rng(SEED)
+x_np = rng.normal(loc=[0.0, 5.0, -3.0], scale=[1.0, 0.1, 10.0], size=(4, 3)).astype("float32")
+x = tf.constant(x_np)
+gamma = np.array([1.0, 2.0, 0.5], "float32")
+beta = np.array([0.0, 1.0, -1.0], "float32")
+
+stats = tfbn.moments(x, axis=-1)
+y = tfbn.batch_norm(x, stats.mean, stats.variance, beta, gamma, epsilon=RECIPE.epsilon)
+
+x64 = x_np.astype("float64")
+reference = gamma * (x64 - x64.mean(axis=0)) / np.sqrt(x64.var(axis=0) + RECIPE.epsilon) + beta
+op_error = float(np.abs(y.numpy() - reference).max())
+results["op_max_error"] = op_error
+
+np.set_printoptions(precision=4, suppress=True)
+print("x =\\n", x_np)
+print("batch mean     ", stats.mean.numpy(), "  count", int(stats.count))
+print("batch variance ", stats.variance.numpy(), "  NumPy's var (ddof=0):", x64.var(axis=0))
+print("y =\\n", y.numpy())
+print("normalized part (y - beta) / gamma: mean", ((y.numpy() - beta) / gamma).mean(axis=0),
+      " std", ((y.numpy() - beta) / gamma).std(axis=0))
+print(f"max |tfbn - float64 NumPy| = {op_error:.2e}")
+"""
+)
+
+md(
+    """
+In **prediction mode** the statistics are fixed numbers instead, in practice estimates gathered
+during training. Then each example is transformed on its own: its output does not depend on
+which other examples share its batch. In training mode it does, which is why a network must be
+told which mode it is in.
+"""
+)
+
+code(
+    """
+# Made-up estimates of the population statistics, close to the true ones above.
+mean_estimate = np.array([0.0, 5.0, -3.0], "float32")
+variance_estimate = np.array([1.0, 0.01, 100.0], "float32")
+
+def predict_mode(batch):
+    return tfbn.batch_norm(batch, mean_estimate, variance_estimate, beta, gamma, RECIPE.epsilon)
+
+def train_mode(batch):
+    s = tfbn.moments(batch)
+    return tfbn.batch_norm(batch, s.mean, s.variance, beta, gamma, RECIPE.epsilon)
+
+print("prediction mode, example 0 in a batch of 4:", predict_mode(x)[0].numpy())
+print("prediction mode, example 0 alone:          ", predict_mode(x[:1])[0].numpy())
+print("training mode,   example 0 in a batch of 4:", train_mode(x)[0].numpy())
+print("training mode,   example 0 in a batch of 2:", train_mode(x[:2])[0].numpy())
+"""
+)
+
+md(
+    """
+For a convolution the statistics are taken per **channel**, over the batch *and* the spatial
+positions, so that every position of a feature map is normalized the same way. With channels
+last, that is every axis but the last one.
+"""
+)
+
+code(
+    """
+images = rng.normal(loc=2.0, scale=3.0, size=(2, 5, 5, 3)).astype("float32")
+conv_stats = tfbn.moments(tf.constant(images), axis=-1)
+print("mean per channel    ", conv_stats.mean.numpy(), " NumPy:", images.mean(axis=(0, 1, 2)))
+print("variance per channel", conv_stats.variance.numpy(), " NumPy:", images.var(axis=(0, 1, 2)))
+print("values per channel  ", int(conv_stats.count), "= 2 images x 5 x 5 positions")
+"""
+)
+
+md(
+    """
+**Batch size 1.** With a single example, the batch mean of a fully connected feature *is* that
+example's value and the variance is 0. Every normalized value becomes `0 / sqrt(epsilon) = 0`,
+the output is `beta` whatever the input, and no gradient reaches the layers below: nothing
+before the normalization can learn. `tfbn.BatchNorm` refuses to train on such a batch rather than
+silently learning nothing. (A convolution with one image still has height x width values per
+channel, so its statistics exist; they just describe one image instead of the data.)
+"""
+)
+
+code(
+    """
+one = x[:1]
+with tf.GradientTape() as tape:
+    tape.watch(one)
+    s1 = tfbn.moments(one)
+    z = tfbn.batch_norm(one, s1.mean, s1.variance, epsilon=RECIPE.epsilon)
+    # Any loss at all: its gradient with respect to the input is zero.
+    loss = tf.reduce_sum(z * tf.constant([[3.0, -1.0, 2.0]]))
+grad = tape.gradient(loss, one)
+print("normalized batch of one:", z.numpy(), "  gradient w.r.t. the input:", grad.numpy())
+results["batch1_max_abs_output"] = float(np.abs(z.numpy()).max())
+results["batch1_max_abs_grad"] = float(np.abs(grad.numpy()).max())
+
+try:
+    tfbn.BatchNorm()(one, training=True)
+except ValueError as error:
+    print("tfbn.BatchNorm:", error)
+"""
+)
+
+# ----------------------------------------------------------------------------- 2. the layer
+md(
+    """
+## 2. The layer: `tfbn.BatchNorm`
+
+`tfbn.BatchNorm` is a drop-in for `keras.layers.BatchNormalization` (same argument and attribute
+names). It owns four vectors with one entry per channel: `gamma` and `beta` are learned by the
+optimizer; `moving_mean` and `moving_variance` are not trainable, they are the running estimates
+that prediction mode uses. After each training batch they move towards the batch statistics:
+`moving = momentum * moving + (1 - momentum) * batch_statistic`.
+"""
+)
+
+code(
+    """
+layer = tfbn.BatchNorm(momentum=RECIPE.momentum, epsilon=RECIPE.epsilon)
+layer.build((None, 3))
+for variable in layer.weights:
+    print(f"{variable.name:16s} shape {tuple(variable.shape)}  trainable={variable.trainable!s:5s}"
+          f"  initial value {variable.numpy()}")
+"""
+)
+
+md(
+    """
+One training step on the batch `x` from above: a forward pass in training mode (which also
+updates the moving statistics), a made-up regression loss, and one SGD step on `gamma` and
+`beta`. The moving statistics after the step should equal the update rule applied by hand to
+their initial values (0 and 1).
+"""
+)
+
+code(
+    """
+optimizer = keras.optimizers.SGD(learning_rate=0.1)
+target = tf.constant(rng.normal(size=(4, 3)).astype("float32"))
+with tf.GradientTape() as tape:
+    out = layer(x, training=True)
+    loss = tf.reduce_mean(tf.square(out - target))
+grads = tape.gradient(loss, layer.trainable_variables)
+optimizer.apply_gradients(zip(grads, layer.trainable_variables))
+
+m = RECIPE.momentum
+expected_mean = m * 0.0 + (1 - m) * x64.mean(axis=0)
+expected_variance = m * 1.0 + (1 - m) * x64.var(axis=0)
+moving_error = max(
+    np.abs(layer.moving_mean.numpy() - expected_mean).max(),
+    np.abs(layer.moving_variance.numpy() - expected_variance).max(),
+)
+results["moving_stats_max_error"] = float(moving_error)
+print("loss", float(loss))
+print("gamma after the step  ", layer.gamma.numpy())
+print("beta after the step   ", layer.beta.numpy())
+print("moving_mean           ", layer.moving_mean.numpy(), " by hand", expected_mean)
+print("moving_variance       ", layer.moving_variance.numpy(), " by hand", expected_variance)
+print(f"max difference {moving_error:.2e}")
+
+# Prediction mode reads the moving statistics (still far from the batch's after one step).
+print("prediction mode output, example 0:", layer(x, training=False)[0].numpy())
+"""
+)
+
+# --------------------------------------------------------------------------------- 3. LeNet
+md(
+    """
+## 3. LeNet with batch normalization on Fashion-MNIST
+
+`tfbn.lenet()` is the chapter's network: two 5x5 convolutions and two hidden dense layers, each
+followed by batch normalization and then the sigmoid, average pooling after the convolutions.
+`tfbn.load_fashion_mnist` reads the dataset from local files (no download) and gives `tf.data`
+pipelines, reshuffled example by example at every epoch.
+"""
+)
+
+code(
+    """
+data = tfbn.load_fashion_mnist(RECIPE.batch_size, train_fraction=TRAIN_FRACTION, seed=SEED)
+print(f"{data.num_train} training and {data.num_test} test images, "
+      f"batch {data.batch_size}, {data.steps_per_epoch} steps per epoch")
+tfbn.lenet().summary()
+"""
+)
+
+md(
+    """
+`tfbn.train` runs the whole experiment: it builds the model, trains it with SGD on the
+cross-entropy of the logits, measures the test accuracy after every epoch and saves the run folder
+(checkpoints, `history.json`, `history.png`, `result.json`). Calling it again with the same
+folder resumes or, for a finished run, just reloads it. Recomputing the population statistics is
+switched off here because section 6 does it by hand.
+"""
+)
+
+code(
+    """
+def run(norm, **kwargs):
+    # One shared dataset: every run sees the same examples (each run draws its own order from
+    # its seed, as tfbn.train does by default).
+    return tfbn.train(
+        norm,
+        epochs=EPOCHS,
+        seed=SEED,
+        dataset=data,
+        run_dir=RUNS / f"lenet_{norm}",
+        recalibrate=False,
+        export=False,
+        progress=not QUICK,
+        **kwargs,
+    )
+
+tfbn_run = run("tfbn")
+results["tfbn_test_acc"] = tfbn_run.test_acc
+results["tfbn_train_acc"] = tfbn_run.train_acc
+display(Image(filename=str(tfbn_run.run_dir / "history.png")))
+"""
+)
+
+# ---------------------------------------------------------------------------- 4. gamma/beta
+md(
+    """
+## 4. What the first normalization layer learned
+
+The first BatchNorm follows the first convolution, so it has one `gamma` and one `beta` per
+convolution channel (6). Starting from 1 and 0, they now set how wide and where each channel's
+values land on the sigmoid: a larger `gamma` pushes the channel towards the saturated ends, a
+`beta` away from 0 shifts it to one side.
+"""
+)
+
+code(
+    """
+bn1 = tfbn_run.model.get_layer("conv1_bn")
+gamma1, beta1 = bn1.gamma.numpy(), bn1.beta.numpy()
+print("gamma:", gamma1)
+print("beta: ", beta1)
+results["conv1_bn_gamma"] = gamma1.round(4).tolist()
+results["conv1_bn_beta"] = beta1.round(4).tolist()
+
+fig, axes = plt.subplots(1, 2, figsize=(8, 2.8), sharex=True)
+channels = np.arange(len(gamma1))
+axes[0].bar(channels, gamma1, color="tab:blue")
+axes[0].axhline(1.0, color="gray", lw=0.8, ls="--")
+axes[0].set(title="gamma (initial value 1)", xlabel="channel of conv1")
+axes[1].bar(channels, beta1, color="tab:orange")
+axes[1].axhline(0.0, color="gray", lw=0.8, ls="--")
+axes[1].set(title="beta (initial value 0)", xlabel="channel of conv1")
+fig.tight_layout()
+show(fig)
+"""
+)
+
+# ------------------------------------------------------------------------------ 5. keras
+md(
+    """
+## 5. The same network with Keras's layer, and without normalization
+
+`tfbn.lenet(norm="keras")` puts `keras.layers.BatchNormalization` (with the same momentum and
+epsilon) where `tfbn.BatchNorm` was. Both compute the same thing, so the two runs should land at
+about the same accuracy; they differ in speed and in what `tfbn` adds around the layer
+(distributed statistics, population statistics, folding at export). The plain LeNet (no
+normalization, learning rate 0.9) is the baseline the chapter compares with.
+
+First, one batch through both layers with the same settings, in training mode:
+"""
+)
+
+code(
+    """
+batch = rng.normal(loc=1.0, scale=2.0, size=(16, 6, 6, 4)).astype("float32")
+ours = tfbn.BatchNorm(momentum=RECIPE.momentum, epsilon=RECIPE.epsilon)
+theirs = keras.layers.BatchNormalization(momentum=RECIPE.momentum, epsilon=RECIPE.epsilon)
+layer_diff = float(np.abs(ours(batch, training=True) - theirs(batch, training=True)).max())
+stat_diff = float(np.abs(ours.moving_variance.numpy() - theirs.moving_variance.numpy()).max())
+results["keras_layer_max_diff"] = max(layer_diff, stat_diff)
+print(f"max |tfbn - keras|: outputs {layer_diff:.2e}, moving variance {stat_diff:.2e}")
+"""
+)
+
+code(
+    """
+keras_run = run("keras")
+plain_run = run("none")  # RECIPE.lr_for("none") = 0.9
+runs = {
+    "tfbn.BatchNorm": tfbn_run,
+    "keras BatchNormalization": keras_run,
+    "no normalization": plain_run,
+}
+results["keras_test_acc"] = keras_run.test_acc
+results["plain_test_acc"] = plain_run.test_acc
+
+rows = ["| model | loss | train acc | test acc | examples/sec |", "|---|---|---|---|---|"]
+for name, r in runs.items():
+    rows.append(f"| {name} | {r.loss:.3f} | {r.train_acc:.3f} | {r.test_acc:.3f} | "
+                f"{r.examples_per_sec:,.0f} |")
+display(Markdown("\\n".join(rows)))
+
+fig, ax = plt.subplots(figsize=(5, 3))
+for name, r in runs.items():
+    epochs = [h["epoch"] for h in r.history]
+    ax.plot(epochs, [h["test_acc"] for h in r.history], marker="o", label=name)
+ax.set(xlabel="epoch", ylabel="test accuracy", title="LeNet on Fashion-MNIST")
+ax.legend()
+show(fig)
+"""
+)
+
+# ------------------------------------------------------------------------- 6. recalibration
+md(
+    """
+## 6. Population statistics
+
+The moving averages are an exponentially weighted memory of the last few dozen batches, taken
+while the weights were still changing. Once training is over the weights are fixed, so the
+statistics that prediction mode should use can be computed exactly: run the whole training set
+through the network in prediction mode and, layer by layer, take the mean and variance of each
+normalization layer's input. `tfbn.recalibrate` does this (in place) and the test accuracy is
+measured before and after.
+"""
+)
+
+code(
+    """
+model = tfbn_run.model
+bn_layers = [layer for layer in model.layers if isinstance(layer, tfbn.BatchNorm)]
+before = {
+    layer.name: (layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy())
+    for layer in bn_layers
+}
+
+def test_accuracy(model):
+    # The model is compiled with an accuracy metric (tfbn.train and `fit` below do it).
+    return float(model.evaluate(data.test, verbose=0, return_dict=True)["accuracy"])
+
+acc_before = test_accuracy(model)
+report = tfbn.recalibrate(model, data.train, progress=not QUICK)
+acc_after = test_accuracy(model)
+results["test_acc_before_recalibration"] = acc_before
+results["test_acc_after_recalibration"] = acc_after
+print(f"test accuracy with the moving averages: {acc_before:.4f}; "
+      f"with the population statistics: {acc_after:.4f}")
+for name, r in report.items():
+    print(f"{name:10s} over {int(r['count'])} values per channel: largest change of a mean "
+          f"{np.abs(r['new_mean'] - r['old_mean']).max():.4f}, of a variance "
+          f"{np.abs(r['new_variance'] - r['old_variance']).max():.4f}")
+"""
+)
+
+md(
+    """
+An independent check: the first normalization layer sees the output of `conv1` directly, so its
+population statistics are the mean and (biased) variance of `conv1`'s output over every training
+image and position, per channel. We accumulate them in float64 and compare.
+"""
+)
+
+code(
+    """
+conv1 = keras.Model(model.inputs, model.get_layer("conv1").output)
+total = np.zeros(6)
+total_sq = np.zeros(6)
+count = 0
+for images, _ in data.train:
+    features = conv1(images, training=False).numpy().astype("float64").reshape(-1, 6)
+    total += features.sum(axis=0)
+    total_sq += np.square(features).sum(axis=0)
+    count += features.shape[0]
+population_mean = total / count
+population_variance = total_sq / count - population_mean**2
+bn1 = model.get_layer("conv1_bn")
+population_error = max(
+    np.abs(bn1.moving_mean.numpy() - population_mean).max(),
+    np.abs(bn1.moving_variance.numpy() - population_variance).max() / population_variance.max(),
+)
+results["population_stats_max_error"] = float(population_error)
+print("conv1_bn mean     ", bn1.moving_mean.numpy(), "\\n  by hand          ", population_mean)
+print("conv1_bn variance ", bn1.moving_variance.numpy(), "\\n  by hand          ",
+      population_variance)
+print(f"before recalibration the mean was {before['conv1_bn'][0]}")
+
+fig, ax = plt.subplots(figsize=(4.5, 3.5))
+layer = "dense1_bn"
+ax.scatter(before[layer][0], model.get_layer(layer).moving_mean.numpy(), s=10)
+lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+ax.plot(lims, lims, color="gray", lw=0.8)
+ax.set(xlabel="moving average", ylabel="population mean", title=f"{layer}: 120 channels")
+show(fig)
+"""
+)
+
+md(
+    """
+The recalibrated model is what we would ship. `tfbn.export_saved_model` folds every
+normalization into the convolution or dense layer before it (in prediction mode a batch norm is a
+fixed per-channel scale and shift, which the previous layer's kernel and bias can absorb), writes
+a SavedModel that needs neither Keras nor `tfbn` to load, and checks it against the model.
+"""
+)
+
+code(
+    """
+export_path = tfbn.export_saved_model(model, EXPORTS, name="lenet_tfbn")
+served = tf.saved_model.load(str(export_path))
+images, labels = next(iter(data.test))
+served_out = served.signatures["serving_float"](images=images)
+keras_logits = model(images, training=False).numpy()
+export_diff = float(np.abs(served_out["logits"].numpy() - keras_logits).max())
+results["export_max_diff"] = export_diff
+print(f"exported to {export_path}; max |logit difference| with the Keras model {export_diff:.2e}")
+print("predicted:", [name.decode() for name in served_out["class_name"].numpy()[:6]])
+print("true:     ", [tfbn.CLASS_NAMES[i] for i in labels.numpy()[:6]])
+"""
+)
+
+# ---------------------------------------------------------------------------------- 7. exercises
+md(
+    """
+## 7. The exercises, answered by runs
+
+The exercises below train networks that `tfbn.train` does not build, so a small helper trains
+them the same way: SGD at the recipe's learning rate, cross-entropy on the logits, and the very
+same batches in the same order for every model (`data.train_epochs`), so that differences come
+from the models alone. Models with normalization are evaluated with their population statistics
+(section 6), as `tfbn.train` does by default, so that the comparison is not blurred by how far
+the moving averages lag behind (in quick mode this is skipped to save time, and the
+accuracies there only show that the code runs). Every model is built right after
+`keras.utils.set_random_seed(SEED)`, so layers they share start from the same weights.
+"""
+)
+
+code(
+    """
+POPULATION_STATISTICS = not QUICK  # recalibration costs a few seconds per model
+
+
+def fit(model, learning_rate=RECIPE.learning_rate, epochs=EPOCHS):
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(data.train_epochs(0, epochs), epochs=epochs, steps_per_epoch=data.steps_per_epoch,
+              shuffle=False, verbose=VERBOSE)
+    if POPULATION_STATISTICS and any(isinstance(layer, tfbn.BatchNorm) for layer in model.layers):
+        tfbn.recalibrate(model, data.train, progress=False)
+    return test_accuracy(model)
+
+
+def seeded(build):
+    keras.utils.set_random_seed(SEED)
+    return build()
+
+
+def lenet_with(make_norm, use_bias=True):
+    \"\"\"tfbn.lenet's layers, with the normalization after layer `name` replaced by
+    `make_norm(name)` (a layer, or None to leave it out).\"\"\"
+    base = tfbn.lenet("tfbn", use_bias=use_bias)
+    layers = []
+    for layer in base.layers:
+        if isinstance(layer, tfbn.BatchNorm):
+            layer = make_norm(layer.name.removesuffix("_bn"))
+            if layer is None:
+                continue
+        layers.append(layer)
+    return keras.Sequential([keras.Input((28, 28, 1)), *layers])
+
+
+def batch_norm(name, **kwargs):
+    return tfbn.BatchNorm(momentum=RECIPE.momentum, epsilon=RECIPE.epsilon, name=f"{name}_bn",
+                          **kwargs)
+"""
+)
+
+md(
+    """
+### 7.1 The bias before batch normalization is redundant
+
+A constant `b` added to a channel before normalization raises that channel's batch mean by
+exactly `b`, and the mean subtraction takes it away again; the variance does not change. So in
+training mode the output does not depend on `b` at all, and its gradient is zero: the bias never
+learns anything. First on one layer, with a large random bias per channel:
+"""
+)
+
+code(
+    """
+features = rng.normal(size=(32, 8, 8, 6)).astype("float32")
+bias = rng.normal(scale=5.0, size=6).astype("float32")
+bn = tfbn.BatchNorm(epsilon=RECIPE.epsilon)
+b = tf.Variable(bias)
+with tf.GradientTape() as tape:
+    shifted = bn(features + b, training=True)
+    # An arbitrary loss, to look at gradients.
+    loss = tf.reduce_sum(shifted * rng.normal(size=shifted.shape).astype("float32"))
+grad_b, grad_beta = tape.gradient(loss, [b, bn.beta])
+bias_layer_diff = float(np.abs(bn(features, training=True) - shifted).max())
+results["bias_layer_max_diff"] = bias_layer_diff
+print(f"max |BN(x + b) - BN(x)| = {bias_layer_diff:.2e}")
+print(f"largest gradient of the loss w.r.t. the bias b:         {np.abs(grad_b).max():.1e}")
+print(f"largest gradient of the same loss w.r.t. the BN's beta: {np.abs(grad_beta).max():.1f}")
+"""
+)
+
+md(
+    """
+Then on the whole network: `tfbn.lenet(use_bias=False)` drops the bias of every convolution and
+dense layer that feeds a normalization. We give the other LeNet random biases and the same
+kernels, and compare the logits in training mode, once with every weight and computation in
+float64 (where the two networks agree to the last digits) and once in float32 (where they differ
+by rounding: each batch mean is a sum over up to 150,000 values).
+"""
+)
+
+code(
+    """
+def bias_pair(dtype):
+    keras.config.set_dtype_policy(dtype)
+    try:
+        with_bias = seeded(lambda: tfbn.lenet("tfbn", use_bias=True))
+        without_bias = seeded(lambda: tfbn.lenet("tfbn", use_bias=False))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    for layer in with_bias.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.name != "logits":
+            layer.bias.assign(rng.normal(scale=2.0, size=layer.bias.shape))
+            without_bias.get_layer(layer.name).kernel.assign(layer.kernel)
+    without_bias.get_layer("logits").set_weights(with_bias.get_layer("logits").get_weights())
+    return with_bias, without_bias
+
+
+images, _ = next(iter(data.test))
+for dtype in ("float64", "float32"):
+    with_bias, without_bias = bias_pair(dtype)
+    logits = with_bias(images, training=True)
+    difference = float(np.abs(logits - without_bias(images, training=True)).max())
+    results[f"bias_model_max_diff_{dtype}"] = difference
+    print(f"{dtype}: max |logits with biases - logits without| = {difference:.1e} "
+          f"(logits up to {float(np.abs(logits).max()):.1f})")
+print(f"parameters: {with_bias.count_params()} with biases, {without_bias.count_params()} without")
+"""
+)
+
+md(
+    """
+Finally both variants trained from the same initial kernels: the accuracies agree, and the
+biases of the first variant end where they started (0), up to rounding.
+"""
+)
+
+code(
+    """
+with_bias = seeded(lambda: tfbn.lenet("tfbn", use_bias=True))
+without_bias = seeded(lambda: tfbn.lenet("tfbn", use_bias=False))
+acc_with_bias = fit(with_bias)
+acc_without_bias = fit(without_bias)
+bias_drift = max(
+    float(np.abs(layer.bias.numpy()).max())
+    for layer in with_bias.layers
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.name != "logits"
+)
+results["acc_with_bias"] = acc_with_bias
+results["acc_without_bias"] = acc_without_bias
+results["bias_drift_after_training"] = bias_drift
+print(f"test accuracy with biases {acc_with_bias:.4f}, without {acc_without_bias:.4f}; "
+      f"largest |bias| after training {bias_drift:.2e}")
+"""
+)
+
+md(
+    """
+### 7.2 How large can the learning rate be, with and without batch normalization?
+
+`tfbn.tune` searches the SGD learning rate on a log scale with Keras Tuner, separately for each
+LeNet variant, scoring each trial by its accuracy on a validation split held out of the training
+set. A trial whose loss turns to NaN is recorded as diverged. The table gives the best rate, and
+the largest rate that still reached 80% validation accuracy. In quick mode the budget is far too
+small to mean anything; the normal run gives each variant 10 trials of 2 epochs on a quarter of
+the training set.
+"""
+)
+
+code(
+    """
+search = tfbn.tune(
+    ["tfbn", "none"],
+    lr_min=0.01,
+    lr_max=30.0,
+    trials=2 if QUICK else 10,
+    epochs=1 if QUICK else 2,
+    train_fraction=0.03 if QUICK else 0.25,
+    validation_fraction=0.02 if QUICK else 0.1,
+    directory=str(RUNS / "tune"),
+    overwrite=QUICK,
+    seed=SEED,
+    progress=not QUICK,
+)
+display(Markdown(search.table()))
+display(Image(filename=search.plot_path))
+results["tune_best_lr"] = {name: v.best_learning_rate for name, v in search.variants.items()}
+results["tune_largest_converged_lr"] = {
+    name: v.largest_converged_lr for name, v in search.variants.items()
+}
+
+committed = pathlib.Path("docs/tuning")
+for folder in (committed, pathlib.Path("..") / committed):
+    if folder.is_dir():
+        print(f"A larger search is committed in {folder.resolve()}:")
+        print(sorted(path.name for path in folder.iterdir()))
+        break
+"""
+)
+
+md(
+    """
+### 7.3 Batch normalization in every layer, or only in some?
+
+The same LeNet blocks, with the normalization kept after all four layers, after the convolutions
+only, after the dense layers only, or nowhere, all trained at the recipe's learning rate of 1.0.
+"""
+)
+
+code(
+    """
+placements = {
+    "every layer": {"conv1", "conv2", "dense1", "dense2"},
+    "convolutions only": {"conv1", "conv2"},
+    "dense layers only": {"dense1", "dense2"},
+    "nowhere": set(),
+}
+placement_acc = {}
+for label, where in placements.items():
+    candidate = seeded(lambda: lenet_with(lambda n: batch_norm(n) if n in where else None))
+    placement_acc[label] = fit(candidate)
+    print(f"{label:18s} test accuracy {placement_acc[label]:.4f}")
+results["placement_test_acc"] = placement_acc
+
+fig, ax = plt.subplots(figsize=(6, 2.8))
+ax.barh(list(placement_acc), list(placement_acc.values()), color="tab:green")
+ax.set(xlabel="test accuracy", xlim=(0, 1), title="where the normalization is")
+ax.invert_yaxis()
+show(fig)
+"""
+)
+
+md(
+    """
+### 7.4 `gamma` and `beta` fixed
+
+Without `gamma` and `beta` each channel reaches the sigmoid with mean 0 and variance 1 and has to
+stay there: the sigmoid is then used mostly on its nearly linear middle part. `center=False`
+removes `beta` (fixed at 0), `scale=False` removes `gamma` (fixed at 1). Freezing the variables
+(`trainable = False` on `gamma` and `beta`) must give the same network as removing both.
+
+Beware of the other way to freeze: `layer.trainable = False` on the *whole* layer, which in
+Keras also puts batch normalization in prediction mode (it then uses its moving statistics even
+when called with `training=True`), as the next cell shows first.
+"""
+)
+
+code(
+    """
+frozen_layer = tfbn.BatchNorm(epsilon=RECIPE.epsilon)
+frozen_layer.build((None, 3))
+frozen_layer.trainable = False
+print("layer.trainable=False, training=True: output equals prediction mode:",
+      bool(np.allclose(frozen_layer(x, training=True), frozen_layer(x, training=False))))
+
+
+def frozen_gamma_beta():
+    model = lenet_with(batch_norm)
+    for layer in model.layers:
+        if isinstance(layer, tfbn.BatchNorm):
+            layer.gamma.trainable = False
+            layer.beta.trainable = False
+    return model
+
+
+fixed_variants = {
+    "gamma and beta learned": lambda: lenet_with(batch_norm),
+    "beta fixed at 0 (center=False)": lambda: lenet_with(lambda n: batch_norm(n, center=False)),
+    "gamma fixed at 1 (scale=False)": lambda: lenet_with(lambda n: batch_norm(n, scale=False)),
+    "both removed": lambda: lenet_with(lambda n: batch_norm(n, center=False, scale=False)),
+    "both frozen (trainable=False)": frozen_gamma_beta,
+}
+fixed_acc = {}
+for label, build in fixed_variants.items():
+    candidate = seeded(build)
+    fixed_acc[label] = fit(candidate)
+    print(f"{label:32s} {len(candidate.trainable_weights):2d} trainable tensors, "
+          f"test accuracy {fixed_acc[label]:.4f}")
+results["fixed_gamma_beta_test_acc"] = fixed_acc
+"""
+)
+
+md(
+    """
+## Summary
+
+The figures of this run, in one place (the notebook's test reads them from this cell's output).
+"""
+)
+
+code(
+    """
+print(json.dumps(results, indent=1))
+"""
+)
+
+
+# ------------------------------------------------------------------------------------ build
+def build() -> nbformat.NotebookNode:
+    """The notebook, without outputs, with fixed cell ids and minimal metadata."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    for index, (kind, source) in enumerate(CELLS):
+        if kind == "markdown":
+            cell = nbformat.v4.new_markdown_cell(source)
+        else:
+            cell = nbformat.v4.new_code_cell(source)
+        cell.id = f"cell-{index:02d}"
+        notebook.cells.append(cell)
+    nbformat.validate(notebook)
+    return notebook
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that it is up to date")
+    args = parser.parse_args(argv)
+    text = nbformat.writes(build()) + "\n"
+    if args.check:
+        current = NOTEBOOK.read_text() if NOTEBOOK.exists() else ""
+        if current != text:
+            print(f"{NOTEBOOK} is out of date: run python {pathlib.Path(__file__).name}")
+            return 1
+        return 0
+    tmp = NOTEBOOK.with_name(f".{NOTEBOOK.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(NOTEBOOK)
+    print(f"wrote {NOTEBOOK} ({len(CELLS)} cells)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
