@@ -396,3 +396,18 @@ def test_xla_compiled_training_step_matches_eager(rng):
     np.testing.assert_allclose(
         compiled.moving_variance.numpy(), eager.moving_variance.numpy(), rtol=1e-5
     )
+
+
+def test_masked_positions_do_not_count_in_the_statistics(rng):
+    x = (rng.normal(size=(6, 5, 3)) * 2 + 1).astype("float32")
+    mask = rng.uniform(size=(6, 5)) > 0.4
+    layer = tfbn.BatchNorm(momentum=0.0, epsilon=1e-5)
+    out = layer(x, training=True, mask=mask).numpy()
+    kept = x[mask].astype(np.float64)  # (n_kept, 3): the unmasked positions only
+    np.testing.assert_allclose(layer.moving_mean.numpy(), kept.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), kept.var(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out, (x - kept.mean(0)) / np.sqrt(kept.var(0) + 1e-5), rtol=1e-4, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="mask"):
+        layer(x, training=True, mask=np.ones((6, 5, 3), bool))

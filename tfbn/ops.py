@@ -105,7 +105,7 @@ def moments(
         x: Input tensor of rank >= 2, any floating dtype.
         axis: The channel axis; statistics are taken over every other axis.
         mask: Optional boolean tensor of rank `rank(x) - 1` (every axis but the channel axis, in
-            order) or of the same shape as `x`; `False` positions do not count.
+            order); `False` positions do not count.
         synchronized: If `True` and called in a `tf.distribute` replica context with several
             replicas, the statistics are those of the global batch of all replicas: counts and sums
             are all-reduced first, then the sums of squared deviations from the global mean (two
@@ -134,8 +134,8 @@ def moments(
         count = _count(x, axes, dtype)
     else:
         total = tf.reduce_sum(x * weights, axes)
-        count = tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), axes)
-        count = count[0] if count.shape.rank else count
+        # The weights have size 1 on the channel axis: one count serves every channel.
+        count = tf.reduce_sum(weights)
     if sync:
         packed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([total, count[None]], 0))
         total, count = packed[:-1], packed[-1]
@@ -153,17 +153,19 @@ def moments(
 
 
 def _mask_weights(mask: tf.Tensor, x: tf.Tensor, axis: int, dtype: tf.DType) -> tf.Tensor:
-    """A 0/1 weight tensor broadcastable to `x` from a mask over the non-channel axes."""
+    """A 0/1 weight tensor broadcastable to `x` from a mask over the non-channel axes.
+
+    Only masks without the channel axis are accepted: every channel of a position is then counted
+    alike, so one count serves all channels.
+    """
     mask = tf.convert_to_tensor(mask)
     rank = x.shape.rank
-    if mask.shape.rank == rank - 1:
-        mask = tf.expand_dims(mask, axis)
-    elif mask.shape.rank != rank:
+    if mask.shape.rank != rank - 1:
         raise ValueError(
             f"Argument `mask` must have rank {rank - 1} (the input's axes without the channel "
-            f"axis) or {rank}; received a mask of shape {mask.shape} for an input of shape "
-            f"{x.shape}."
+            f"axis); received a mask of shape {mask.shape} for an input of shape {x.shape}."
         )
+    mask = tf.expand_dims(mask, axis)
     return tf.cast(tf.cast(mask, tf.bool), dtype)
 
 
