@@ -379,3 +379,17 @@ def test_multi_worker_statistics_equal_single_device(tmp_path):
         np.testing.assert_allclose(first[f"{name}/variance"], variance, rtol=1e-5)
         error = np.abs(first[f"{name}/mean"] - mean)
         assert np.all(error <= 1e-5 * (np.abs(mean) + np.sqrt(variance)))
+
+
+def test_recalibration_keeps_renorm_moving_stddev_consistent():
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(64, 5)) * 3 + 2).astype("float32")
+    model = keras.Sequential([keras.Input((5,)), tfbn.BatchNorm(renorm=True, name="bn")])
+    model(x[:8], training=True)
+    tfbn.recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(16), progress=False)
+    layer = model.get_layer("bn")
+    expected_var = x.astype(np.float64).var(0)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), expected_var, rtol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_stddev.numpy(), np.sqrt(expected_var + layer.epsilon), rtol=1e-5
+    )

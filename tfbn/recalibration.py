@@ -264,6 +264,11 @@ def recalibrate(
         # In cross-replica context, assigning a distributed variable writes every replica's copy.
         layer.moving_mean.assign(new_mean.astype(layer.moving_mean.dtype))
         layer.moving_variance.assign(new_variance.astype(layer.moving_variance.dtype))
+        if getattr(layer, "renorm", False) and hasattr(layer, "moving_stddev"):
+            # With batch renormalization the next training step rebuilds the moving variance
+            # from moving_stddev (variance = stddev^2 - epsilon): keep the two consistent.
+            stddev = np.sqrt(new_variance + layer.epsilon)
+            layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
         report[layer.name] = {
             "count": accumulator.count,
             "old_mean": old_mean,
