@@ -382,9 +382,9 @@ def test_check_data_is_used(models, images, tmp_path, monkeypatch):
     seen = []
     real = export._check_close
 
-    def spy(reference, candidate, tolerance, what):
+    def spy(reference, candidate, tolerance, what, hint=""):
         seen.append((what, reference.shape))
-        return real(reference, candidate, tolerance, what)
+        return real(reference, candidate, tolerance, what, hint)
 
     monkeypatch.setattr(export, "_check_close", spy)
     tfbn.export_saved_model(models["tfbn"], tmp_path, check_data=images[:5])
@@ -405,11 +405,12 @@ def _write_idx(path, array):
 
 
 def _printed_classes(stdout):
-    """label -> top class, from `tfbn predict`'s lines `label: name p, name p, ...`."""
+    """label -> [(name, probability), ...] from `tfbn predict`'s lines `label: name p, ...`."""
     out = {}
     for line in stdout.strip().splitlines():
         label, ranked = line.rsplit(": ", 1)
-        out[label] = ranked.split(", ")[0].rsplit(" ", 1)[0]
+        pairs = [item.rsplit(" ", 1) for item in ranked.split(", ")]
+        out[label] = [(name, float(p)) for name, p in pairs]
     return out
 
 
@@ -421,12 +422,25 @@ def test_predict_cli_on_png_and_idx_matches_keras(models, images, exports, tmp_p
     rgb.write_bytes(tf.io.encode_png(np.repeat(images[1][..., None], 3, -1)).numpy())
     idx = tmp_path / "few-images-idx3-ubyte.gz"
     _write_idx(idx, images[2:12])
+    jpeg = tmp_path / "lossy.jpg"
+    jpeg.write_bytes(tf.io.encode_jpeg(images[12][..., None], quality=90).numpy())
+    # JPEG changes pixels: the reference is the Keras model on the decoded JPEG.
+    decoded = tf.io.decode_jpeg(jpeg.read_bytes(), channels=1).numpy()[None, ..., 0]
+    expected.append(CLASS_NAMES[_reference(models["tfbn"], decoded).argmax()])
     model_root = exports["tfbn", True].parent  # the model folder: its latest version is served
-    code = cli.main(["predict", str(model_root), str(gray), str(rgb), str(idx), "--top-k", "3"])
+    code = cli.main(
+        ["predict", str(model_root), str(gray), str(rgb), str(idx), str(jpeg), "--top-k", "3"]
+    )
     assert code == 0
     printed = _printed_classes(capsys.readouterr().out)
-    assert list(printed) == [str(gray), str(rgb)] + [f"{idx}[{i}]" for i in range(10)]
-    assert list(printed.values()) == expected[:12]
+    assert list(printed) == [str(gray), str(rgb)] + [f"{idx}[{i}]" for i in range(10)] + [str(jpeg)]
+    assert [ranked[0][0] for ranked in printed.values()] == expected[:12] + expected[-1:]
+    # The top 3 of each image, with the Keras model's probabilities (printed to 4 decimals).
+    probabilities = tf.nn.softmax(_reference(models["tfbn"], images[:12])).numpy()
+    for ranked, p in zip(list(printed.values())[:12], probabilities, strict=True):
+        top = np.argsort(-p)[:3]
+        assert [name for name, _ in ranked] == [CLASS_NAMES[i] for i in top]
+        np.testing.assert_allclose([q for _, q in ranked], p[top], atol=1e-4)
 
 
 def test_predict_api_matches_keras(models, images, exports):
@@ -524,3 +538,17 @@ def test_xla_compiled_export_matches_predict(models, images, tmp_path):
         images=tf.constant(images[..., None])
     )["logits"]
     np.testing.assert_allclose(logits, _reference(models["keras"], images), rtol=0, atol=FOLD_TOL)
+
+
+def test_mixed_precision_model_exports_unfolded_and_explains_folding(images, tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = tfbn.lenet("tfbn")
+    _randomize_batch_norms(model, np.random.default_rng(3))
+    with pytest.raises(ValueError, match=r"computes in float16.*--no-fold"):
+        tfbn.export_saved_model(model, tmp_path, name="mp")
+    path = tfbn.export_saved_model(model, tmp_path, name="mp", fold=False)
+    logits = tf.saved_model.load(str(path)).signatures["serving_uint8_2d"](
+        images=tf.constant(images)
+    )["logits"]
+    assert logits.dtype == tf.float32
+    np.testing.assert_allclose(logits, _reference(model, images), rtol=0, atol=UNFOLDED_TOL)
