@@ -76,7 +76,7 @@ def _functional_model(rng):
     x = tfbn.BatchNorm(axis=1, name="bn_channels_first")(x)  # folded: axis 1 is the channel
     x = keras.layers.Reshape((4, 25))(x)
     x = keras.layers.Dense(6, name="dense_rank3")(x)
-    x = keras.layers.BatchNormalization(name="bn_dense_rank3")(x)  # folded
+    x = keras.layers.BatchNormalization(renorm=True, name="bn_dense_rank3")(x)  # folded
     x = keras.layers.Activation("relu")(x)
     x = keras.layers.Dense(6, name="dense_seq")(x)
     x = tfbn.BatchNorm(axis=1, name="bn_wrong_axis")(x)  # affine: axis 1 is not Dense's

@@ -112,9 +112,8 @@ def _channel_axis(layer, rank: int) -> int:
 
 def _foldable_producer(bn, model: keras.Model, consumers: dict[int, int]):
     """The Conv/Dense layer `bn` can be folded into, or None."""
-    if isinstance(bn, keras.layers.BatchNormalization) and getattr(bn, "renorm", False):
-        # Batch renormalization also uses the moving statistics at inference, but keep it apart.
-        return None
+    # Batch renormalization, ghost batches and adjustments change training only: at inference
+    # every variant normalizes with the moving statistics, so all of them fold.
     tensor = _single_input(bn)
     if tensor is None:
         return None
