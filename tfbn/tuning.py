@@ -589,6 +589,10 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file private (0600); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -684,11 +688,13 @@ def _plot(result: TuneResult, path: str) -> None:
     ax.set_ylabel("validation accuracy")
     s = result.settings
     ax.set_title(
-        f"LeNet, SGD: {s['epochs']} epoch(s) per trial, {s['tuner']} search\n{s['data']}",
+        f"LeNet, SGD: {s['epochs']} epoch(s) per trial, {s['tuner']} search\n"
+        f"training fraction {s['train_fraction']:g}, validation fraction "
+        f"{s['validation_fraction']:g}, batch {s['batch_size']}",
         fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     try:
         _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
