@@ -552,3 +552,36 @@ def test_mixed_precision_model_exports_unfolded_and_explains_folding(images, tmp
     )["logits"]
     assert logits.dtype == tf.float32
     np.testing.assert_allclose(logits, _reference(model, images), rtol=0, atol=UNFOLDED_TOL)
+
+
+def test_nested_models_are_folded_inside(models, images):
+    inner = models["tfbn"]
+    inputs = keras.Input((28, 28, 1))
+    outer = keras.Model(inputs, keras.layers.Activation("linear")(inner(inputs)))
+    folded = export.fold_batch_norm(outer)
+    folded_inner = folded.get_layer(inner.name)
+    assert isinstance(folded_inner, keras.Sequential)
+    assert [type(layer).__name__ for layer in folded_inner.layers].count("_FoldedAway") == 4
+    np.testing.assert_allclose(
+        folded.predict(images[..., None] / 255.0, verbose=0),
+        _reference(inner, images),
+        rtol=0,
+        atol=FOLD_TOL,
+    )
+
+
+def test_subclassed_model_is_refused_with_a_clear_error(tmp_path):
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(10)
+
+        def call(self, x):
+            return self.dense(keras.ops.reshape(x, (-1, 784)))
+
+    net = Net()
+    net(np.zeros((1, 28, 28, 1), np.float32))
+    with pytest.raises(ValueError, match="Sequential or functional"):
+        export.fold_batch_norm(net)
+    with pytest.raises(ValueError, match="`model`"):
+        tfbn.export_saved_model(net, tmp_path, fold=False)

@@ -235,6 +235,14 @@ class _ChannelAffine(keras.layers.Layer):
         return input_shape
 
 
+def _is_graph_model(model: keras.Model) -> bool:
+    """Whether `model` is a graph of layers (Sequential or functional), not a subclassed model."""
+    try:
+        return bool(model.inputs)
+    except (AttributeError, ValueError):
+        return False
+
+
 def fold_batch_norm(model: keras.Model) -> keras.Model:
     """Returns an inference-only copy of `model` with its batch-norm layers folded away.
 
@@ -242,8 +250,8 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     layer (no activation in between, that layer's output used by the batch norm alone, batch-norm
     axis = that layer's channel axis) is merged into that layer's kernel and bias; the Conv/Dense
     layer gets a bias if it had none. Any other batch-norm layer becomes one per-channel
-    multiply-add with the moving statistics. Other layers are copied with their weights. Batch-norm
-    layers inside nested models are left as they are (they run in inference mode).
+    multiply-add with the moving statistics. Nested Sequential/functional models are folded the
+    same way inside; other layers are copied with their weights.
 
     Args:
         model: A built `keras.Sequential` or functional `keras.Model`.
@@ -259,21 +267,19 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
             "Argument `model` must be a built keras.Sequential or functional keras.Model; "
             f"received model={model!r}."
         )
-    try:
-        model.inputs  # noqa: B018 - subclassed models have no graph to rebuild
-    except (AttributeError, ValueError):
-        model_inputs = None
-    else:
-        model_inputs = model.inputs
-    if not model_inputs:
+    if not _is_graph_model(model):
         raise ValueError(
             "Argument `model` must be a Sequential or functional model (a graph of layers); "
             f"received a subclassed model of type {type(model).__name__}."
         )
     plan = _fold_plan(model)
     folded_into = {producer: bn for bn, producer in plan.items() if producer is not None}
+    nested: set[str] = set()
 
     def clone_layer(layer):
+        if isinstance(layer, keras.Model) and layer.built and _is_graph_model(layer):
+            nested.add(layer.name)
+            return fold_batch_norm(layer)  # weights included
         if layer.name in plan:
             if plan[layer.name] is not None:
                 return _FoldedAway(name=layer.name)
@@ -288,7 +294,7 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     folded = keras.models.clone_model(model, clone_function=clone_layer)
     by_name = {layer.name: layer for layer in model.layers}
     for layer in folded.layers:
-        if layer.name in plan or isinstance(layer, keras.layers.InputLayer):
+        if layer.name in plan or layer.name in nested or isinstance(layer, keras.layers.InputLayer):
             continue
         source = by_name[layer.name]
         if layer.name in folded_into:
@@ -300,11 +306,15 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
 
 # ------------------------------------------------------------------------------------- checking
 def _image_shape(model: keras.Model) -> tuple[int, ...]:
-    shape = tuple(model.input_shape) if not isinstance(model.input_shape, list) else None
+    try:
+        input_shape = model.input_shape
+    except (AttributeError, ValueError):
+        input_shape = None  # a subclassed model: no graph, no known input
+    shape = tuple(input_shape) if isinstance(input_shape, tuple) else None
     if shape is None or len(shape) not in (3, 4) or any(d is None for d in shape[1:]):
         raise ValueError(
             "Argument `model` must take one batch of images of known size, shape (batch, height, "
-            f"width) or (batch, height, width, channels); received input_shape={model.input_shape}."
+            f"width) or (batch, height, width, channels); received input_shape={input_shape}."
         )
     return tuple(int(d) for d in shape[1:])
 
