@@ -460,8 +460,10 @@ def test_predict_api_matches_keras(models, images, exports):
         (lambda p: p.write_bytes(bytes([0, 0, 0x0D, 3]) + bytes(12)), "float32 values"),
         (lambda p: _write_idx(p, np.zeros(5)), "1 dimensions"),
         (lambda p: p.write_bytes(b"not an image at all"), "neither a PNG"),
+        (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00broken"), "corrupt gzip"),
+        (lambda p: None, "does not exist"),
     ],
-    ids=["png-32x32", "idx-28x27", "idx-float", "idx-labels", "garbage"],
+    ids=["png-32x32", "idx-28x27", "idx-float", "idx-labels", "garbage", "bad-gzip", "missing"],
 )  # fmt: skip
 def test_predict_cli_bad_input_is_a_clear_error(exports, tmp_path, capsys, make, message):
     path = tmp_path / "input.bin"

@@ -186,7 +186,10 @@ def top_k(
 def _read_bytes(path: pathlib.Path) -> bytes:
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"Input {str(path)!r} is a corrupt gzip file: {error}") from None
     return data
 
 
@@ -359,9 +362,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Runs `tfbn predict`: prints the top classes and probabilities of every image."""
+    if args.top_k < 1:
+        raise ValueError(f"Argument `--top-k` must be at least 1; received {args.top_k}.")
+    for path in args.inputs:
+        if not pathlib.Path(path).is_file():
+            raise ValueError(f"Input file {path!r} does not exist.")
     _, loaded = _load(args.model_dir)
     names = _class_names(loaded)
-    if not 1 <= args.top_k <= len(names):
+    if args.top_k > len(names):
         raise ValueError(
             f"Argument `--top-k` must be between 1 and {len(names)}; received {args.top_k}."
         )
