@@ -283,6 +283,15 @@ def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path, uninterrupted):
     assert saved_history[1]["loss"] == pytest.approx(history[1]["loss"], abs=1e-5)
 
 
+def test_resume_keeps_the_seed_drawn_by_the_first_call(tmp_path):
+    data = synthetic_data(num_train=128)
+    first = _train(data, tmp_path, "run", epochs=1, seed=None)
+    second = _train(data, tmp_path, "run", epochs=2, seed=None)
+    assert second.initial_epoch == 1
+    assert second.seed == first.seed
+    assert json.loads((second.run_dir / "result.json").read_text())["seed"] == first.seed
+
+
 def test_resume_refuses_other_settings(tmp_path):
     data = synthetic_data(num_train=128)
     _train(data, tmp_path, "run", epochs=2, loop="fit")
