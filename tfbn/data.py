@@ -266,7 +266,7 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
     ```
     """
 
-    # Bump whenever the stored record format changes: TFDS reuses a prepared copy of the same version.
+    # Bump whenever the stored record format changes: TFDS reuses a prepared copy of a version.
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {
         "1.0.0": "Prepared from local IDX files, verified by content (PNG-encoded images).",

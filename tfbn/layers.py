@@ -87,8 +87,9 @@ class BatchNorm(keras.layers.Layer):
             batch included (batch the data with `drop_remainder=True`, or pick a divisor);
             otherwise a `ValueError`, or an `InvalidArgumentError` in a graph where the batch
             size is unknown. Under a strategy it applies to each replica's batch. Not with
-            `synchronized=True`. Runs on the composed kernel (`ghost_composed_batch_norm`); on
-            the reference path with renorm, a mask or a non-per-channel adjustment.
+            `synchronized=True`. Runs on the composed kernel
+            (`tfbn.fast.ghost_composed_batch_norm`); on the reference path with renorm, a mask or
+            a non-per-channel adjustment.
         adjustment: Optional callable taking the input's dynamic shape (a 1-D int tensor) and
             returning `(scale, bias)`, both broadcastable to the input, applied to the normalized
             value before `gamma` and `beta` in training only:
@@ -354,7 +355,7 @@ class BatchNorm(keras.layers.Layer):
                 adjustment=adjustment,
             )
         elif self.virtual_batch_size is not None:
-            outputs, stats = ghost_composed_batch_norm(
+            outputs, stats = fast.ghost_composed_batch_norm(
                 inputs, gamma, beta, self.epsilon, axis, self.virtual_batch_size
             )
         elif self._use_fused(inputs.dtype):
@@ -444,60 +445,6 @@ class BatchNorm(keras.layers.Layer):
                 stacklevel=2,
             )
         return {**super().get_config(), **config}
-
-
-def ghost_composed_batch_norm(
-    inputs: tf.Tensor,
-    gamma: tf.Tensor | None,
-    beta: tf.Tensor | None,
-    epsilon: float,
-    axis: int,
-    virtual_batch_size: int,
-) -> tuple[tf.Tensor, ops.Moments]:
-    """Ghost batch normalization on the composed kernel (`tfbn.fast.composed_batch_norm`).
-
-    The `(virtual_batch_size, g, ...)` view of the input (`ops.virtual_batch_view`) gets its
-    virtual-batch axis moved next to the channel axis and merged with it: channel `j * C + c` of
-    the merged tensor is channel `c` of virtual batch `j`, and one composed batch norm over it, with
-    `gamma` and `beta` tiled `g` times, normalizes every virtual batch with its own statistics.
-    With the channel axis 1 the move is a plain reshape; otherwise it costs two transposes, still
-    about twice as fast as autodiff through `ops.batch_norm_training` (measured on a 2-core CPU).
-
-    Args:
-        inputs: Input of rank >= 2, batch size a multiple of `virtual_batch_size`.
-        gamma: Per-channel scale or `None`.
-        beta: Per-channel offset or `None`.
-        epsilon: Variance epsilon.
-        axis: Channel axis (non-negative).
-        virtual_batch_size: Examples per virtual batch.
-
-    Returns:
-        `(outputs, moments)`: outputs in the statistics dtype, and the per-channel moments pooled
-        over virtual batches (`ops.pool_moments`).
-    """
-    rank = inputs.shape.rank
-    axis = ops.canonical_axis(axis, rank)
-    channels = inputs.shape[axis]
-    grouped = ops.virtual_batch_view(inputs, virtual_batch_size)
-    groups = tf.shape(grouped)[1]
-    # (vbs, g, d1, .., C, ..) -> (vbs, d1, .., g, C, ..): the group axis just before the channel.
-    perm = [0, *range(2, axis + 1), 1, *range(axis + 1, rank + 1)]
-    moved = grouped if axis == 1 else tf.transpose(grouped, perm)
-    moved_shape = tf.shape(moved)
-    merged = tf.reshape(moved, tf.concat([moved_shape[:axis], [-1], moved_shape[axis + 2 :]], 0))
-    gamma = None if gamma is None else tf.tile(gamma, [groups])
-    beta = None if beta is None else tf.tile(beta, [groups])
-    outputs, stats = fast.composed_batch_norm(merged, gamma, beta, epsilon, axis)
-    outputs = tf.reshape(outputs, moved_shape)
-    if axis != 1:
-        outputs = tf.transpose(outputs, [perm.index(i) for i in range(rank + 1)])
-    outputs = tf.ensure_shape(tf.reshape(outputs, tf.shape(inputs)), inputs.shape)
-    per_group = ops.Moments(
-        tf.reshape(stats.mean, [-1, channels]),
-        tf.reshape(stats.variance, [-1, channels]),
-        stats.count * tf.ones([groups], stats.count.dtype),
-    )
-    return outputs, ops.pool_moments(per_group)
 
 
 def _fresh(initializer):

@@ -23,7 +23,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from tfbn import fast, ops
-from tfbn.layers import ghost_composed_batch_norm
+from tfbn.fast import ghost_composed_batch_norm
 
 __all__ = ["BatchNorm"]
 
@@ -81,7 +81,7 @@ class BatchNorm(tf_keras.layers.Layer):
         virtual_batch_size: Ghost batch normalization (see `tfbn.BatchNorm`): must divide every
             training batch size, a short last batch included. Variables then have tf-keras's
             shape `(1, 1, ..., channels)`. Composed kernel
-            (`tfbn.layers.ghost_composed_batch_norm`); reference path with renorm, `adjustment`
+            (`tfbn.fast.ghost_composed_batch_norm`); reference path with renorm, `adjustment`
             or a mask.
         adjustment: Optional callable `shape -> (scale, bias)`, both broadcastable to the input,
             applied to the normalized values before `gamma`/`beta`, in training only. Reference
