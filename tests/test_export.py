@@ -587,3 +587,15 @@ def test_subclassed_model_is_refused_with_a_clear_error(tmp_path):
         export.fold_batch_norm(net)
     with pytest.raises(ValueError, match="`model`"):
         tfbn.export_saved_model(net, tmp_path, fold=False)
+
+
+def test_export_refused_when_the_written_model_differs(models, tmp_path, monkeypatch):
+    real = export._serving_module
+
+    def wrong_model(model, *args):
+        return real(models["keras"], *args)  # serves another model's weights
+
+    monkeypatch.setattr(export, "_serving_module", wrong_model)
+    with pytest.raises(ValueError, match="Exported SavedModel: logits differ"):
+        tfbn.export_saved_model(models["tfbn"], tmp_path, name="m", fold=False)
+    assert _listing(tmp_path / "m") == []

@@ -52,14 +52,12 @@ from tfbn.layers import BatchNorm
 __all__ = [
     "FOLD_TOLERANCE",
     "SIGNATURES",
-    "UNFOLDED_TOLERANCE",
     "export_saved_model",
     "fold_batch_norm",
 ]
 
 # Largest max-abs logit difference accepted between the exported model and `model.predict`.
 FOLD_TOLERANCE = 1e-4
-UNFOLDED_TOLERANCE = 1e-5
 
 # The signatures every export has (`serving_uint8_2d` only for single-channel images).
 SIGNATURES = ("serving_default", "serving_uint8_2d", "serving_float")
@@ -124,8 +122,6 @@ def _foldable_producer(bn, model: keras.Model, consumers: dict[int, int]):
         return None
     # The activation runs before the batch norm; folding across it would change the result.
     if keras.activations.serialize(producer.activation) not in ("linear", None):
-        return None
-    if not _plain_linear(producer):
         return None
     # Another consumer of the conv/dense output still needs the unnormalized values.
     if consumers.get(id(tensor), 0) != 1:
@@ -537,8 +533,9 @@ def export_saved_model(
 
     Before anything is written, the folded model's logits are compared with the original model's
     on `check_data` (or on a fixed deterministic sample of images), and the reloaded SavedModel's
-    logits with the original model's again; the export is refused if they differ by more than
-    `FOLD_TOLERANCE` (1e-4) folded or `UNFOLDED_TOLERANCE` (1e-5) unfolded.
+    logits with the original model's again; the export is refused if the largest absolute
+    difference exceeds `FOLD_TOLERANCE` (1e-4). (An unfolded export differs by float32 rounding
+    only, about 1e-6 for LeNet.)
 
     Args:
         model: A built Keras model (Sequential or functional when `fold=True`) that maps a batch
@@ -608,10 +605,11 @@ def export_saved_model(
 
     reference = _logits(model, images)
     serving_model = model
-    tolerance = UNFOLDED_TOLERANCE
+    # One tolerance for both checks: an unfolded export matches to float32 rounding (about 1e-6
+    # here), but large logits of a well-trained model must not make a correct export fail.
+    tolerance = FOLD_TOLERANCE
     if fold:
         serving_model = fold_batch_norm(model)
-        tolerance = FOLD_TOLERANCE
         hint = ""
         if model.compute_dtype != "float32":
             # Folding moves the scaling into the conv/dense kernels, which then round in the
