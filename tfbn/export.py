@@ -664,10 +664,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check-data",
         metavar="FILE",
-        nargs="+",
+        action="append",
         default=None,
-        help="images to check the export on: IDX image files (e.g. Fashion-MNIST's "
-        "t10k-images-idx3-ubyte.gz) or PNG/JPEG files (default: a fixed synthetic sample)",
+        help="images to check the export on (repeatable): an IDX image file (e.g. Fashion-MNIST's "
+        "t10k-images-idx3-ubyte.gz) or a PNG/JPEG file (default: a fixed synthetic sample)",
     )
 
 

@@ -358,6 +358,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--top-k", type=int, default=3, help="how many classes to print per image (default 3)"
     )
+    parser.epilog = (
+        "Images are not resized: they must have the model's size (28x28), drawn as Fashion-MNIST "
+        "is (light object on a black background). Colour images are converted to grayscale "
+        "(ITU-R BT.601 weights); an alpha channel is dropped. Prints one line per image: "
+        "'INPUT: class probability, ...', most probable first; an IDX file's images are "
+        "'FILE[i]'."
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
