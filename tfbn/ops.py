@@ -115,6 +115,7 @@ def moments(
         `Moments(mean, variance, count)`, float32 (float64 for float64 inputs), shape `(channels,)`.
         A channel with no values gets mean 0 and variance 0 and count 0.
     """
+    x = tf.convert_to_tensor(x)
     rank = x.shape.rank
     axis = canonical_axis(axis, rank)
     axes = [i for i in range(rank) if i != axis]
@@ -218,6 +219,7 @@ def batch_norm(
     Returns:
         A tensor of the shape and dtype of `x`.
     """
+    x = tf.convert_to_tensor(x)
     rank = x.shape.rank
     axis = canonical_axis(axis, rank)
     if epsilon <= 0:

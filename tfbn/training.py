@@ -224,13 +224,12 @@ def _save_model(model: keras.Model, path: pathlib.Path) -> None:
 
 
 def _plot_history(history: list[dict[str, float]], path: pathlib.Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    # A Figure without pyplot: no global backend switch (a notebook keeps showing its plots).
+    from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    fig = Figure(figsize=(4.5, 3.2), dpi=120)
+    ax = fig.subplots()
     ax.plot(epochs, [h["loss"] for h in history], "-", label="train loss")
     ax.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
     ax.plot(epochs, [h["test_acc"] for h in history], "g-.", label="test acc")
@@ -244,10 +243,7 @@ def _plot_history(history: list[dict[str, float]], path: pathlib.Path, title: st
     def write(file):
         fig.savefig(file, format="png")
 
-    try:
-        _atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    _atomic_write(path, write)
 
 
 # -------------------------------------------------------------------------------- checkpoints

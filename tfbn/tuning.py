@@ -643,14 +643,14 @@ def _markdown(result: TuneResult) -> str:
 
 
 def _plot(result: TuneResult, path: str) -> None:
+    # A Figure without pyplot: no global backend switch (a notebook keeps showing its plots).
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     threshold = result.settings["converged_accuracy"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, r) in enumerate(result.variants.items()):
         color = colors[i % len(colors)]
         ok = [t for t in r.trials if not t.diverged and t.val_accuracy is not None]
@@ -696,10 +696,7 @@ def _plot(result: TuneResult, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def _describe_data(dataset, train_fraction: float, validation_fraction: float) -> str:
