@@ -72,6 +72,27 @@ def test_fit_and_custom_loops_give_same_weights(tmp_path):
     assert custom.test_acc == pytest.approx(expected, abs=1e-6)
 
 
+def test_model_fn_trains_the_given_model_like_lenet(tmp_path):
+    # A model built by the caller (here: LeNet without the biases before BN) is the one trained,
+    # and it is recalibrated like the default one.
+    data = synthetic_data()
+    result = _train(
+        data,
+        tmp_path,
+        "custom_model",
+        model_fn=lambda: tfbn.lenet("tfbn", use_bias=False),
+        recalibrate=True,
+    )
+    assert result.model.get_layer("conv1").use_bias is False
+    reference = _train(data, tmp_path, "reference", recalibrate=True)
+    assert len(result.model.get_weights()) < len(reference.model.get_weights())
+    fresh = tfbn.lenet("tfbn", use_bias=False)
+    assert _weights_differ(result.model.get_weights(), fresh.get_weights(), 1e-3)
+    assert result.test_acc_before_recalibration is not None
+    with pytest.raises(ValueError, match="model_fn"):
+        _train(data, tmp_path, "bad", model_fn=lambda: "not a model")
+
+
 @pytest.mark.slow
 def test_xla_custom_loop_matches_fit(tmp_path):
     data = synthetic_data(num_train=128)

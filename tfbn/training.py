@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -479,6 +480,7 @@ def train(
     jit_compile: bool = False,
     progress: bool = True,
     dataset=None,
+    model_fn: Callable[[], keras.Model] | None = None,
 ) -> TrainResult:
     """Trains the chapter's LeNet on Fashion-MNIST, resumably, and saves the run.
 
@@ -518,6 +520,10 @@ def train(
         dataset: Optional prebuilt data with `train`, `test` (batched `tf.data` datasets of
             `(images, labels)`) and optionally `train_for_epoch(epoch)`; replaces loading
             Fashion-MNIST (`data_dir`, `train_fraction` are then unused).
+        model_fn: Optional function building the model to train instead of
+            `tfbn.models.lenet(norm)` (called inside the strategy's scope, so its variables are
+            distributed); it must return an uncompiled `keras.Model` that outputs logits. `norm`
+            then only names the run and picks the default learning rate.
 
     Returns:
         A `TrainResult`.
@@ -645,7 +651,11 @@ def train(
     with strategy.scope():
         from tfbn.models import lenet
 
-        model = lenet(norm)
+        model = lenet(norm) if model_fn is None else model_fn()
+        if not isinstance(model, keras.Model):
+            raise ValueError(
+                f"Argument `model_fn` must return a keras.Model; it returned {type(model)!r}."
+            )
         optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
         model.compile(
             optimizer=optimizer,
@@ -715,7 +725,9 @@ def train(
     # ---- population statistics
     test_acc = last["test_acc"]
     test_acc_before = None
-    if recalibrate and norm != "none":
+    from tfbn.recalibration import batch_norm_layers
+
+    if recalibrate and batch_norm_layers(model):
         from tfbn.recalibration import recalibrate as recalibrate_fn
 
         test_acc_before = test_acc
