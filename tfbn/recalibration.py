@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import keras
@@ -31,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfbn import ops
+from tfbn.files import save_model_atomically
 from tfbn.layers import BatchNorm
 
 __all__ = ["batch_norm_layers", "configure_parser", "recalibrate", "run_cli"]
@@ -329,25 +328,6 @@ def _accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
     return right / total
 
 
-def save_model_atomically(model: keras.Model, path: str | os.PathLike) -> Path:
-    """Saves `model` as a `.keras` file, through a temporary file beside it and a rename.
-
-    Raises:
-        ValueError: if `path` does not end in `.keras`.
-    """
-    path = Path(path)
-    if path.suffix != ".keras":
-        raise ValueError(f"Argument `path` must end in '.keras'; received path='{path}'.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
-    os.close(handle)
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def run_cli(args: argparse.Namespace) -> int:

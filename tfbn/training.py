@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from tfbn import distribute
 from tfbn.config import NORMS, RECIPE
+from tfbn.files import atomic_write, fsync_dir, save_model_atomically
 
 __all__ = ["LOOPS", "TrainResult", "train", "format_summary", "configure_parser", "run_cli"]
 
@@ -167,39 +168,9 @@ def _strategy_name(strategy) -> str:
 
 
 # ------------------------------------------------------------------------------- atomic files
-def _fsync_dir(path: pathlib.Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_json(path: pathlib.Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _save_npz(file, arrays: list[np.ndarray]) -> None:
@@ -209,19 +180,6 @@ def _save_npz(file, arrays: list[np.ndarray]) -> None:
 def _load_npz(path: pathlib.Path) -> list[np.ndarray]:
     with np.load(path) as data:
         return [data[f"a{i:04d}"] for i in range(len(data.files))]
-
-
-def _save_model(model: keras.Model, path: pathlib.Path) -> None:
-    # Keras needs the .keras suffix on the file it writes, so the temporary name keeps it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _plot_history(history: list[dict[str, float]], path: pathlib.Path, title: str) -> None:
@@ -244,7 +202,7 @@ def _plot_history(history: list[dict[str, float]], path: pathlib.Path, title: st
     def write(file):
         fig.savefig(file, format="png")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # -------------------------------------------------------------------------------- checkpoints
@@ -285,14 +243,14 @@ class _Checkpoints:
         tmp = pathlib.Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-epoch-{epoch:04d}-"))
         weights = model.get_weights()
         opt_vars = [np.asarray(v.numpy()) for v in optimizer.variables]
-        _atomic_write(tmp / "weights.npz", lambda f: _save_npz(f, weights))
-        _atomic_write(tmp / "optimizer.npz", lambda f: _save_npz(f, opt_vars))
+        atomic_write(tmp / "weights.npz", lambda f: _save_npz(f, weights))
+        atomic_write(tmp / "optimizer.npz", lambda f: _save_npz(f, opt_vars))
         # state.json last: a folder without it is never read back.
         _write_json(tmp / "state.json", state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         for _, old in self.finished()[:-_KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -748,7 +706,7 @@ def train(
             run_dir / "history.png",
             f"LeNet, norm={norm}, lr {learning_rate:g}, batch {batch_size}",
         )
-        _save_model(model, run_dir / "model.keras")
+        save_model_atomically(model, run_dir / "model.keras")
         if export:
             from tfbn.export import export_saved_model
 

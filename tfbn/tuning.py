@@ -56,13 +56,13 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from tfbn.config import NORMS
 from tfbn.distribute import STRATEGIES
+from tfbn.files import atomic_write, atomic_write_text
 
 VARIANTS: tuple[str, ...] = NORMS
 TUNERS: tuple[str, ...] = ("random", "bayesian", "hyperband")
@@ -582,32 +582,6 @@ def _oracle_result(tuner, variant: str, converged_accuracy: float, epochs: int) 
     return _variant_result(variant, tuner.project_dir, records, best[0].trial_id if best else None)
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file private (0600); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
-
-
 def _json_ready(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -696,7 +670,7 @@ def _plot(result: TuneResult, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=120))
 
 
 def _describe_data(dataset, train_fraction: float, validation_fraction: float) -> str:
@@ -950,8 +924,9 @@ def tune(
         result.json_path = f"{stem}_results.json"
         result.markdown_path = f"{stem}_results.md"
         result.plot_path = f"{stem}_val_accuracy.png"
-        _write_text(result.json_path, json.dumps(_json_ready(result.to_dict()), indent=2) + "\n")
-        _write_text(result.markdown_path, _markdown(result))
+        text = json.dumps(_json_ready(result.to_dict()), indent=2) + "\n"
+        atomic_write_text(result.json_path, text)
+        atomic_write_text(result.markdown_path, _markdown(result))
         _plot(result, result.plot_path)
         if progress:
             print()
