@@ -228,7 +228,7 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
 
     nbytes = int(np.prod(shape)) * 4
     copy = timings.pop("copy")
-    pass_time = copy["median_s"] / 2.0  # the copy reads the tensor once and writes it once
+    case_pass_time = copy["median_s"] / 2.0  # the copy reads the tensor once and writes it once
     keras_median = timings["keras"]["median_s"] if "keras" in timings else None
     variants = {}
     for name in _layer_variants():
@@ -236,7 +236,7 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
             variants[name] = {"available": False, "reason": unavailable[name]}
             continue
         row = dict(timings[name], available=True)
-        row["passes"] = row["median_s"] / pass_time
+        row["passes_vs_case_copy"] = row["median_s"] / case_pass_time
         row["ratio"] = row["median_s"] / keras_median if keras_median else None
         if "keras" in first_outputs:
             diff = np.abs(first_outputs[name] - first_outputs["keras"])
@@ -244,18 +244,40 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
         variants[name] = row
     return {
         "id": f"layer/{shape_name}/{mode}/{'xla' if xla else 'no-xla'}",
+        "shape_name": shape_name,
         "shape": list(shape),
         "dtype": "float32",
         "mode": mode,
         "xla": xla,
         "bytes_per_pass": nbytes,
         "copy": copy,
-        "bandwidth_gb_s": 2.0 * nbytes / copy["median_s"] / 1e9,
-        "pass_time_s": pass_time,
+        "case_bandwidth_gb_s": 2.0 * nbytes / copy["median_s"] / 1e9,
         "min_passes": MIN_PASSES[mode],
-        "bound_s": MIN_PASSES[mode] * pass_time,
         "variants": variants,
     }
+
+
+def _add_passes(rows: list[dict]) -> None:
+    """Adds pass counts at the best copy bandwidth measured for each shape in this run.
+
+    The copy's speed depends on what runs around it (allocation, page faults, caches): the same
+    copy measured in different cases differs by up to 2x on a shared machine. A pass is priced at
+    the fastest copy of the tensor seen in the run, so that a pass count never flatters an
+    implementation; `passes_vs_case_copy` keeps the count against the copy interleaved with it.
+    """
+    best: dict[str, float] = {}
+    for row in rows:
+        best[row["shape_name"]] = min(
+            best.get(row["shape_name"], math.inf), row["copy"]["median_s"]
+        )
+    for row in rows:
+        pass_time = best[row["shape_name"]] / 2.0
+        row["pass_time_s"] = pass_time
+        row["bandwidth_gb_s"] = row["bytes_per_pass"] / pass_time / 1e9
+        row["bound_s"] = row["min_passes"] * pass_time
+        for v in row["variants"].values():
+            if v["available"]:
+                v["passes"] = v["median_s"] / pass_time
 
 
 # ----------------------------------------------------------------------------- LeNet case
@@ -620,26 +642,30 @@ def render_markdown(results: dict) -> str:
             "",
             "`train` = forward + backward (gradients for x, gamma, beta) + moving-statistics "
             "update; `inference` = forward with the moving statistics. A pass is one read or one "
-            "write of the tensor at the copy bandwidth measured in this run (a copy `x * c` = 2 "
-            "passes); `min passes` is the compulsory traffic (train: read x, write y, read dy, "
-            "read x, write dx = 5; inference: read x, write y = 2), `bound ms` = min passes x "
-            "pass time; the last column compares each output (dx or y) with Keras's.",
+            "write of the tensor at the best copy bandwidth measured for that shape in this run "
+            "(`copy GB/s`; a copy `x * c` = 2 passes); `case passes` counts against the copy "
+            "interleaved with that case instead (`case copy GB/s`), which runs slower next to "
+            "heavy steps. `min passes` is the compulsory traffic (train: read x, write y, read "
+            "dy, read x, write dx = 5; inference: read x, write y = 2), `bound ms` = min passes "
+            "x pass time. The last column compares each output (dx or y) with Keras's.",
             "",
-            "| case | impl | median ms | ratio vs keras | passes | min passes | bound ms "
-            "| copy GB/s | max abs diff vs keras |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| case | impl | median ms | ratio vs keras | passes | case passes | min passes "
+            "| bound ms | copy GB/s | case copy GB/s | max abs diff vs keras |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in cases["layer"]["rows"]:
             for name, v in row["variants"].items():
                 if not v["available"]:
                     lines.append(
-                        f"| {row['id']} | {name} | not available: {v['reason']} | | | | | | |"
+                        f"| {row['id']} | {name} | not available: {v['reason']} | | | | | | | | |"
                     )
                     continue
                 lines.append(
                     f"| {row['id']} | {name} | {_ms(v['median_s'])} | {_fmt(v['ratio'])} | "
-                    f"{_fmt(v['passes'], 1)} | {row['min_passes']} | {_ms(row['bound_s'])} | "
-                    f"{_fmt(row['bandwidth_gb_s'], 1)} | {_sci(v.get('max_abs_diff_vs_keras'))} |"
+                    f"{_fmt(v['passes'], 1)} | {_fmt(v['passes_vs_case_copy'], 1)} | "
+                    f"{row['min_passes']} | {_ms(row['bound_s'])} | "
+                    f"{_fmt(row['bandwidth_gb_s'], 1)} | {_fmt(row['case_bandwidth_gb_s'], 1)} | "
+                    f"{_sci(v.get('max_abs_diff_vs_keras'))} |"
                 )
 
     if "lenet" in cases:
@@ -831,6 +857,7 @@ def run_benchmarks(
                 bar.set_postfix_str(f"layer {shape_name} {mode}{' xla' if use_xla else ''}")
                 rows.append(_layer_case(shape_name, shape, mode, use_xla, settings))
                 bar.update()
+            _add_passes(rows)
             results["cases"]["layer"] = {"rows": rows}
         if "lenet" in selected:
             bar.set_postfix_str("lenet")
