@@ -411,3 +411,55 @@ def test_masked_positions_do_not_count_in_the_statistics(rng):
     )
     with pytest.raises(ValueError, match="mask"):
         layer(x, training=True, mask=np.ones((6, 5, 3), bool))
+
+
+@pytest.mark.parametrize(
+    "shape,axis,plan",
+    [
+        ((6, 5, 5, 8), -1, "direct"),
+        ((6, 8, 5, 5), 1, "direct"),
+        ((6, 5, 5, 6), -1, "nchw"),
+        ((64, 256), -1, "reshape"),
+        ((4, 16, 256), -1, "reshape"),
+    ],
+)
+def test_every_fused_plan_equals_the_composed_kernel(rng, shape, axis, plan):
+    from tfbn import fast
+
+    x = tf.constant((rng.normal(size=shape) * 2 + 3).astype("float32"))
+    dy = tf.constant(rng.normal(size=shape).astype("float32"))
+    channels = shape[axis]
+    gamma = tf.constant(rng.uniform(0.5, 2, channels).astype("float32"))
+    beta = tf.constant(rng.normal(size=channels).astype("float32"))
+    results = []
+    for kernel in ("planned", "composed"):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            if kernel == "planned":
+                y, stats = fast.fused_batch_norm_planned(x, gamma, beta, 1e-5, axis, plan)
+            else:
+                y, stats = fast.composed_batch_norm(x, gamma, beta, 1e-5, axis)
+        grads = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
+        results.append([y, *grads, stats.mean, stats.variance, stats.count])
+    n = np.prod(shape) / channels
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5 * max(1.0, n**0.5))
+
+
+def test_fused_plan_is_what_the_layer_runs(monkeypatch):
+    from tfbn import fast
+
+    seen = []
+    original = fast.fused_batch_norm_planned
+
+    def spy(*args):
+        seen.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(fast, "fused_batch_norm_planned", spy)
+    layer = tfbn.BatchNorm()
+    x = np.ones((4, 3, 3, 6), "float32")
+    layer(x, training=True)
+    assert seen == [fast.fused_plan(4, -1, 6, tf.float32)]
+    assert tfbn.BatchNorm(fused=False)(x, training=True) is not None
+    assert len(seen) == 1  # fused=False never takes the fused kernel

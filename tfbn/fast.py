@@ -24,7 +24,8 @@ __all__ = [
     "composed_batch_norm",
     "fused_batch_norm",
     "fused_data_format",
-    "fused_is_faster",
+    "fused_batch_norm_planned",
+    "fused_plan",
     "ghost_composed_batch_norm",
 ]
 
@@ -40,16 +41,56 @@ def fused_data_format(rank: int, axis: int, dtype: tf.DType) -> str | None:
     return _FORMATS.get((rank, -1 if axis == rank - 1 else axis))
 
 
-def fused_is_faster(channels: int) -> bool:
-    """Whether the fused kernel is expected to beat the composed one for this many channels.
+def fused_plan(rank: int, axis: int, channels: int, dtype: tf.DType) -> str | None:
+    """How tfbn feeds an input to the fused kernel when it chooses (`fused=None`).
 
-    On GPUs (cuDNN) it is. On CPUs, oneDNN's kernel runs a blocked layout: measured on a 2-core
-    x86 CPU, forward+backward on (256, 24, 24, C) took 0.4-0.55x Keras's time for C in
-    {4, 8, 12, 16, 20, 32} but 1.1-6x for C in {3, 6, 7, 9, 10}, where the composed kernel wins.
+    Returns:
+        `"direct"` (the input as it is), `"nchw"` (a channels-last rank-4 input transposed to
+        channels-first and back), `"reshape"` (a rank-2/3 channels-last input viewed as
+        `(-1, 1, 1, C)`), or `None` when the composed kernel is expected to be faster.
+
+    On GPUs (cuDNN) the fused kernel is taken wherever it applies. On CPUs the choice follows
+    forward+backward timings on a 2-core x86 CPU (oneDNN): channels-last rank-4 inputs ran the
+    fused kernel at 0.4-0.55x Keras's time for C divisible by 4 ((256, 24, 24, C), C in
+    {4, 8, 12, 16, 20, 32}) but at 1.1-6x for C in {3, 6, 7, 9, 10}, where the same kernel on the
+    transposed (channels-first) input still took 0.65-0.8x; a (4096, 1024) dense input took 0.3x
+    through the rank-4 view, but small dense inputs such as (256, 120) were faster composed.
     """
-    if tf.config.list_logical_devices("GPU"):
-        return True
-    return channels % 4 == 0
+    dtype = tf.as_dtype(dtype)
+    if dtype not in FUSED_DTYPES:
+        return None
+    axis = ops.canonical_axis(axis, rank)
+    on_gpu = bool(tf.config.list_logical_devices("GPU"))
+    if fused_data_format(rank, axis, dtype) is not None:
+        if on_gpu or axis == 1 or channels % 4 == 0:
+            return "direct"
+        return "nchw" if rank == 4 else None
+    if rank in (2, 3) and axis == rank - 1 and channels % 4 == 0 and (on_gpu or channels >= 256):
+        return "reshape"
+    return None
+
+
+def fused_batch_norm_planned(
+    x: tf.Tensor,
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    epsilon: float,
+    axis: int,
+    plan: str,
+) -> tuple[tf.Tensor, ops.Moments]:
+    """`fused_batch_norm` on the view of `x` that `plan` names (see `fused_plan`)."""
+    if plan == "direct":
+        return fused_batch_norm(x, gamma, beta, epsilon, axis)
+    if plan == "nchw":
+        y, stats = fused_batch_norm(tf.transpose(x, [0, 3, 1, 2]), gamma, beta, epsilon, 1)
+        return tf.transpose(y, [0, 2, 3, 1]), stats
+    if plan == "reshape":
+        channels = x.shape[-1]
+        y, stats = fused_batch_norm(
+            tf.reshape(x, [-1, 1, 1, channels]), gamma, beta, epsilon, -1
+        )
+        return tf.ensure_shape(tf.reshape(y, tf.shape(x)), x.shape), stats
+    raise ValueError(f"Unknown fused plan {plan!r}: expected 'direct', 'nchw' or 'reshape'.")
 
 
 def _count(x: tf.Tensor, axis: int) -> tf.Tensor:

@@ -73,9 +73,10 @@ class BatchNorm(keras.layers.Layer):
             (cuDNN on GPU, oneDNN on CPU, XLA's own under `jit_compile`); it takes rank-4/5 inputs
             with the channel axis 1 or last, in float16, bfloat16 or float32, and not
             `synchronized`. `False`: the composed kernel, any rank, with a closed-form gradient.
-            `None` (default): the fused kernel where it applies and is faster (on a CPU, oneDNN's
-            kernel is fast only for channel counts divisible by 4), else the composed one. Masked
-            calls always use the composed statistics. All paths give the same results.
+            `None` (default): the fused kernel where it is expected to be faster, on the input as
+            it is, transposed to channels-first, or viewed as rank 4 (`tfbn.fast.fused_plan`),
+            else the composed one. Masked calls always use the reference statistics. All paths
+            give the same results.
             `fused=True` cannot be combined with `renorm`, `virtual_batch_size` or `adjustment`
             (as in tf-keras); with `fused=None` those options choose their own path (below).
         virtual_batch_size: Ghost batch normalization (Hoffer et al., 2017; tf-keras's argument):
@@ -358,9 +359,11 @@ class BatchNorm(keras.layers.Layer):
             outputs, stats = fast.ghost_composed_batch_norm(
                 inputs, gamma, beta, self.epsilon, axis, self.virtual_batch_size
             )
-        elif self._use_fused(inputs.dtype):
+        elif (plan := self._fused_plan(inputs.dtype)) is not None:
             # The fused kernel reads float16/bfloat16 directly and reduces in float32.
-            outputs, stats = fast.fused_batch_norm(inputs, gamma, beta, self.epsilon, axis)
+            outputs, stats = fast.fused_batch_norm_planned(
+                inputs, gamma, beta, self.epsilon, axis, plan
+            )
         else:
             outputs, stats = fast.composed_batch_norm(
                 inputs, gamma, beta, self.epsilon, axis, synchronized=self.synchronized
@@ -368,12 +371,14 @@ class BatchNorm(keras.layers.Layer):
         self._update_moving_statistics(stats)
         return tf.cast(outputs, self.compute_dtype)
 
-    def _use_fused(self, dtype) -> bool:
+    def _fused_plan(self, dtype) -> str | None:
+        """How the fused kernel takes this layer's input, or `None` for the composed kernel."""
         if self.fused is False or self.synchronized:
-            return False
-        if fast.fused_data_format(self._rank, self._channel_axis, dtype) is None:
-            return False
-        return self.fused or fast.fused_is_faster(self.channels)
+            return None
+        if self.fused:
+            supported = fast.fused_data_format(self._rank, self._channel_axis, dtype)
+            return "direct" if supported else None
+        return fast.fused_plan(self._rank, self._channel_axis, self.channels, dtype)
 
     def _fold_adjustment(self, adj_scale, adj_bias, gamma, beta, dtype):
         """`(gamma * scale, gamma * bias + beta)` when the adjustment is per-channel, else None."""
