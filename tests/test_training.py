@@ -511,3 +511,11 @@ def test_chapter_recipe_targets(tmp_path):
     assert mean_test >= mean_before, report
     assert plain.test_acc >= 0.75, report
     assert mean_test - plain.test_acc >= 0.05, report
+
+
+def test_progress_bar_counts_the_epochs_of_the_run(tmp_path, capsys):
+    data = synthetic_data()
+    _train(data, tmp_path, "bars", epochs=3, loop="fit", progress=True)
+    out = capsys.readouterr().out
+    headers = re.findall(r"Epoch (\d+)/(\d+)", out)
+    assert headers == [("1", "3"), ("2", "3"), ("3", "3")]

@@ -168,6 +168,18 @@ def _strategy_name(strategy) -> str:
 
 
 # ------------------------------------------------------------------------------- atomic files
+class _RunProgbar(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar, headed with the epoch of the whole run (`fit` sees one epoch)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self._run_epochs = epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self._run_epochs
+
+
 def _write_json(path: pathlib.Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
@@ -294,6 +306,7 @@ class _FitLoop:
             steps_per_epoch=_steps(dataset),
             shuffle=False,
             verbose=1 if progress else 0,
+            callbacks=[_RunProgbar(epochs)],
         )
         seconds = time.perf_counter() - start
         # Keras reports the epoch's mean over examples; the count is only needed for the speed.
