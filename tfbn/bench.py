@@ -418,11 +418,7 @@ def _export_case(settings, work_dir: Path) -> dict:
     if isinstance(found, str):
         return {"id": "export", "available": False, "reason": found}
     (export_saved_model,) = found
-    # The throughput helper lives with the serving code; older layouts kept it in export.
-    for module_name in ("tfbn.serving", "tfbn.export"):
-        throughput = _optional(module_name, "inference_throughput")
-        if not isinstance(throughput, str):
-            break
+    throughput = _optional("tfbn.serving", "inference_throughput")
     if isinstance(throughput, str):
         return {"id": "export", "available": False, "reason": throughput}
     (throughput_fn,) = throughput
