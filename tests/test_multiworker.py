@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from train_helpers import synthetic_data
+from workers import run_workers
 
 import tfbn
 
@@ -20,58 +15,12 @@ WORKER = pathlib.Path(__file__).with_name("mw_worker.py")
 TIMEOUT_S = 300
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _run_two_workers(tmp_path: pathlib.Path, *extra: str) -> list[dict[str, np.ndarray]]:
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     run_dir = tmp_path / "run"
-    processes, outputs, logs = [], [], []
-    try:
-        for index in range(2):
-            out = tmp_path / f"worker{index}.npz"
-            log = open(tmp_path / f"worker{index}.log", "w+")  # noqa: SIM115
-            env = {
-                **os.environ,
-                "TF_CONFIG": json.dumps(
-                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
-                ),
-                "TF_CPP_MIN_LOG_LEVEL": "3",
-                "CUDA_VISIBLE_DEVICES": "",
-            }
-            command = [sys.executable, str(WORKER), str(out), str(run_dir), *extra]
-            processes.append(
-                subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            )
-            outputs.append(out)
-            logs.append(log)
-        deadline = time.monotonic() + TIMEOUT_S
-        for process, log in zip(processes, logs, strict=True):
-            remaining = max(1.0, deadline - time.monotonic())
-            try:
-                code = process.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"a worker ran longer than {TIMEOUT_S} s")
-            log.seek(0)
-            assert code == 0, log.read()[-4000:]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
-        for log in logs:
-            log.close()
+    outputs = [tmp_path / f"worker{index}.npz" for index in range(2)]
+    run_workers(
+        [[str(WORKER), str(out), str(run_dir), *extra] for out in outputs], tmp_path, TIMEOUT_S
+    )
     results = []
     for out in outputs:
         with np.load(out) as data:

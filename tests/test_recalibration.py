@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from workers import run_workers
 
 import tfbn
 from tfbn import data
@@ -297,64 +298,14 @@ np.savez(sys.argv[1], **out)
 """
 
 
-def _free_ports(n):
-    import socket
-
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.mark.slow
 def test_multi_worker_statistics_equal_single_device(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
 
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    processes, logs = [], []
-    try:
-        for index in range(2):
-            env = {
-                **os.environ,
-                "TF_CONFIG": json.dumps(
-                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
-                ),
-                "TF_CPP_MIN_LOG_LEVEL": "3",
-                "CUDA_VISIBLE_DEVICES": "",
-            }
-            log = open(tmp_path / f"worker{index}.log", "w+")  # noqa: SIM115
-            logs.append(log)
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, str(script), str(tmp_path / f"worker{index}.npz")],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        for process, log in zip(processes, logs, strict=True):
-            try:
-                code = process.wait(timeout=240)
-            except subprocess.TimeoutExpired:
-                pytest.fail("a worker ran longer than 240 s")
-            log.seek(0)
-            assert code == 0, log.read()[-4000:]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
-        for log in logs:
-            log.close()
+    run_workers(
+        [[str(script), str(tmp_path / f"worker{index}.npz")] for index in range(2)], tmp_path, 240
+    )
 
     first, second = (dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2))
     # The single-device reference: the same model and data, recalibrated in this process.
