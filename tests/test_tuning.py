@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tuner_process import SyntheticData
+from tuner_process import SyntheticData, oracle_records
 
 import tfbn
 import tfbn.data
@@ -23,16 +23,6 @@ from tfbn.cli import main as cli_main
 from tfbn.models import lenet
 
 LR_MIN, LR_MAX = 0.05, 5.0
-
-
-def _oracle_records(project_dir):
-    """trial_id -> the trial.json Keras Tuner's oracle wrote."""
-    records = {}
-    for path in glob.glob(os.path.join(project_dir, "trial_*", "trial.json")):
-        with open(path) as f:
-            trial = json.load(f)
-        records[trial["trial_id"]] = trial
-    return records
 
 
 def _last(trial, name):
@@ -66,7 +56,7 @@ def search(tmp_path_factory):
     return result, directory, data
 
 
-def test_tables_agree_with_the_oracle_records(search):
+def test_tables_agree_with_theoracle_records(search):
     result, directory, _ = search
     with open(os.path.join(directory, "lenet_lr_results.json")) as f:
         table = json.load(f)
@@ -75,7 +65,7 @@ def test_tables_agree_with_the_oracle_records(search):
     markdown = open(os.path.join(directory, "lenet_lr_results.md")).read()
 
     for variant, entry in table["variants"].items():
-        records = _oracle_records(os.path.join(directory, f"lenet_lr_{variant}"))
+        records = oracle_records(os.path.join(directory, f"lenet_lr_{variant}"))
         assert len(records) == entry["num_trials"] == 2
         completed = {i: t for i, t in records.items() if t["status"] == "COMPLETED"}
         assert len(completed) == 2
@@ -178,7 +168,7 @@ def test_nan_trials_are_recorded_as_diverged_and_the_search_goes_on(tmp_path):
         dataset=data,
         progress=False,
     )
-    records = _oracle_records(str(tmp_path / "lenet_lr_none"))
+    records = oracle_records(str(tmp_path / "lenet_lr_none"))
     assert len(records) == 4
     vr = result.variants["none"]
     assert vr.num_diverged == 4
@@ -260,7 +250,7 @@ def test_bayesian_and_hyperband_tuners(tmp_path, tuner, state_key):
     project = tmp_path / "lenet_lr_none"
     with open(project / "oracle.json") as f:
         assert state_key in json.load(f)  # the oracle of the requested algorithm
-    records = _oracle_records(str(project))
+    records = oracle_records(str(project))
     assert len(records) == 2 == len(result.variants["none"].trials)
     for trial in records.values():
         values = trial["hyperparameters"]["values"]
@@ -294,7 +284,7 @@ def test_sampled_learning_rate_and_momentum_reach_the_optimizer(tmp_path, monkey
         dataset=SyntheticData(num_train=128, num_validation=64),
         progress=False,
     )
-    records = _oracle_records(str(tmp_path / "lenet_lr_none"))
+    records = oracle_records(str(tmp_path / "lenet_lr_none"))
     assert len(records) == 2
     for trial in records.values():
         values = trial["hyperparameters"]["values"]

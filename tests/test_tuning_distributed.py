@@ -4,7 +4,6 @@ Three processes on 127.0.0.1 (tests/tuner_process.py) share one trial budget per
 the chief's oracles; the chief's records on disk are the reference for "every trial ran once".
 """
 
-import glob
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ import sys
 import time
 
 import pytest
+from tuner_process import oracle_records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRIALS = 3
@@ -33,15 +33,6 @@ def _free_port_pair() -> int:
         except OSError:
             continue
     raise RuntimeError("no two consecutive free ports")
-
-
-def _chief_records(project_dir):
-    records = {}
-    for path in glob.glob(os.path.join(project_dir, "trial_*", "trial.json")):
-        with open(path) as f:
-            trial = json.load(f)
-        records[trial["trial_id"]] = trial
-    return records
 
 
 @pytest.mark.slow
@@ -100,7 +91,7 @@ def test_chief_and_two_workers_share_the_trial_budget(tmp_path):
 
     ran_by = {"tuner0": [], "tuner1": []}
     for variant in VARIANTS:
-        records = _chief_records(str(tmp_path / "chief" / f"lenet_lr_{variant}"))
+        records = oracle_records(str(tmp_path / "chief" / f"lenet_lr_{variant}"))
         assert len(records) == TRIALS
         assert all(t["status"] == "COMPLETED" and t["score"] is not None for t in records.values())
         # Every trial trained the variant of its project: no worker reported to another

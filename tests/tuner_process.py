@@ -44,6 +44,18 @@ class SyntheticData:
         raise AssertionError("the tuner touched the test split")
 
 
+def oracle_records(project_dir: str) -> dict:
+    """trial_id -> the trial.json Keras Tuner's oracle wrote in a project folder."""
+    import glob
+
+    records = {}
+    for path in glob.glob(os.path.join(project_dir, "trial_*", "trial.json")):
+        with open(path) as f:
+            trial = json.load(f)
+        records[trial["trial_id"]] = trial
+    return records
+
+
 def _barrier(spec: str, timeout_s: float = 120.0) -> None:
     if not spec:
         return

@@ -36,6 +36,23 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def _replace_from_temporary(path: Path, suffix: str, write: Callable[[str], None]) -> Path:
+    """Calls `write` on a temporary file beside `path`, then renames it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp makes the file private (0600); give it the usual permissions.
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Writes a file atomically.
 
@@ -46,22 +63,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     Returns:
         The target path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
+
+    def write_synced(tmp: str) -> None:
+        with open(tmp, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        # mkstemp makes the file private (0600); give it the usual permissions.
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+
+    return _replace_from_temporary(Path(path), ".tmp", write_synced)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -86,16 +95,5 @@ def save_model_atomically(model, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"Argument `path` must end in '.keras'; received path='{path}'.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Keras needs the .keras suffix on the file it writes, so the temporary name keeps it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    return _replace_from_temporary(path, ".keras", model.save)
