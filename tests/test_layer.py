@@ -446,6 +446,92 @@ def test_every_fused_plan_equals_the_composed_kernel(rng, shape, axis, plan):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5 * max(1.0, n**0.5))
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize(
+    "shape,known_inner",
+    [
+        ((8, 6, 6, 6), True),  # six channels: 12 positions per row of the 2-D view
+        ((5, 3, 4, 2, 3), True),
+        ((6, 7, 5), True),
+        ((6, 5, 5, 6), False),  # inner dimensions unknown when traced: one position per row
+        ((10, 70), True),
+        ((4, 3, 3, 96), True),
+    ],
+)
+def test_composed_kernel_equals_float64_numpy(rng, shape, known_inner, jit_compile):
+    from tfbn import fast
+
+    x = rng.normal(size=shape) * 3.0 + 1.5
+    dy = rng.normal(size=shape)
+    channels = shape[-1]
+    gamma = rng.uniform(0.5, 2, channels)
+    beta = rng.normal(size=channels)
+    spec = [None] * len(shape) if not known_inner else [None, *shape[1:]]
+    spec[-1] = channels
+
+    @tf.function(
+        jit_compile=jit_compile,
+        input_signature=[tf.TensorSpec(spec, tf.float32), tf.TensorSpec(shape, tf.float32)],
+    )
+    def step(x, dy):
+        g, b = tf.constant(gamma, tf.float32), tf.constant(beta, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch([x, g, b])
+            y, stats = fast.composed_batch_norm(x, g, b, 1e-5, -1)
+        return (y, *tape.gradient(y, [x, g, b], output_gradients=dy), stats.mean, stats.variance)
+
+    y, dx, d_gamma, d_beta, mean, var = (
+        t.numpy() for t in step(x.astype("float32"), dy.astype("float32"))
+    )
+    y_ref, mean_ref, var_ref, x_hat = np_batch_norm_train(x, gamma, beta, 1e-5, -1)
+    dx_ref, d_gamma_ref, d_beta_ref = np_batch_norm_grads(dy, x_hat, var_ref, gamma, 1e-5, -1)
+    n = x.size / channels
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_gamma, d_gamma_ref, rtol=1e-5, atol=1e-5 * n)
+    np.testing.assert_allclose(d_beta, d_beta_ref, rtol=1e-5, atol=1e-5 * n)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_composed_kernel_variance_is_stable_for_large_means(rng):
+    # Mean 1e4, std 1: E[x^2] - E[x]^2 in float32 would lose the variance entirely.
+    from tfbn import fast
+
+    x = rng.normal(size=(16, 6, 6, 6)) + 1e4
+    _, stats = fast.composed_batch_norm(tf.constant(x, tf.float32), None, None, 1e-5, -1)
+    # The reference is the variance of the float32-rounded input, in float64.
+    expected = x.astype("float32").astype(np.float64).var(axis=(0, 1, 2))
+    np.testing.assert_allclose(stats.variance.numpy(), expected, rtol=1e-3)
+
+
+def test_xla_compiled_layer_takes_the_composed_kernel(monkeypatch, rng):
+    from tfbn import fast
+
+    calls = []
+    for name in ("fused_batch_norm_planned", "composed_batch_norm"):
+        original = getattr(fast, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, fast.in_xla_context()))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fast, name, spy)
+    x = (rng.normal(size=(8, 4, 4, 8)) * 2 + 1).astype("float32")
+    layer = tfbn.BatchNorm()
+    layer.build(x.shape)
+    eager = layer(x, training=True).numpy()
+    compiled = tf.function(lambda x: layer(x, training=True), jit_compile=True)(x).numpy()
+    plain = tf.function(lambda x: layer(x, training=True))(x).numpy()
+    assert calls == [
+        ("fused_batch_norm_planned", False),
+        ("composed_batch_norm", True),
+        ("fused_batch_norm_planned", False),
+    ]
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_plan_is_what_the_layer_runs(monkeypatch):
     from tfbn import fast
 
@@ -458,8 +544,8 @@ def test_fused_plan_is_what_the_layer_runs(monkeypatch):
 
     monkeypatch.setattr(fast, "fused_batch_norm_planned", spy)
     layer = tfbn.BatchNorm()
-    x = np.ones((4, 3, 3, 6), "float32")
+    x = np.ones((4, 3, 3, 8), "float32")
     layer(x, training=True)
-    assert seen == [fast.fused_plan(4, -1, 6, tf.float32)]
+    assert seen == [fast.fused_plan(4, -1, 8, tf.float32)]
     assert tfbn.BatchNorm(fused=False)(x, training=True) is not None
     assert len(seen) == 1  # fused=False never takes the fused kernel

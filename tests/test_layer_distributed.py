@@ -96,7 +96,9 @@ def test_moving_stats_identical_on_all_replicas(cpu_devices, rng, n_replicas, sh
 
 
 @pytest.mark.parametrize("n_replicas", [2, 3])
-@pytest.mark.parametrize("shape,axis", [((6, 5), -1), ((4, 3, 3, 8), -1), ((4, 6, 3, 3), 1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((6, 5), -1), ((4, 3, 3, 8), -1), ((4, 3, 3, 6), -1), ((4, 6, 3, 3), 1)]
+)
 def test_synchronized_equals_single_device_on_concatenated_batch(
     cpu_devices, rng, n_replicas, shape, axis
 ):

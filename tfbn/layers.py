@@ -378,7 +378,9 @@ class BatchNorm(keras.layers.Layer):
         if self.fused:
             supported = fast.fused_data_format(self._rank, self._channel_axis, dtype)
             return "direct" if supported else None
-        return fast.fused_plan(self._rank, self._channel_axis, self.channels, dtype)
+        return fast.fused_plan(
+            self._rank, self._channel_axis, self.channels, dtype, xla=fast.in_xla_context()
+        )
 
     def _fold_adjustment(self, adj_scale, adj_bias, gamma, beta, dtype):
         """`(gamma * scale, gamma * bias + beta)` when the adjustment is per-channel, else None."""
@@ -429,9 +431,7 @@ class BatchNorm(keras.layers.Layer):
             "beta_initializer": initializers.serialize(self.beta_initializer),
             "gamma_initializer": initializers.serialize(self.gamma_initializer),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer
-            ),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
             "beta_regularizer": regularizers.serialize(self.beta_regularizer),
             "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
             "beta_constraint": constraints.serialize(self.beta_constraint),
