@@ -294,13 +294,16 @@ md(
 `tfbn.lenet()` is the chapter's network: two 5x5 convolutions and two hidden dense layers, each
 followed by batch normalization and then the sigmoid, average pooling after the convolutions.
 `tfbn.load_fashion_mnist` reads the dataset from local files (no download) and gives `tf.data`
-pipelines, reshuffled example by example at every epoch.
+pipelines, reshuffled example by example at every epoch. As in the recipe, each training epoch
+keeps full batches only (`drop_remainder`): the short last batch of the permutation is left out,
+other examples each time.
 """
 )
 
 code(
     """
-data = tfbn.load_fashion_mnist(RECIPE.batch_size, train_fraction=TRAIN_FRACTION, seed=SEED)
+data = tfbn.load_fashion_mnist(RECIPE.batch_size, train_fraction=TRAIN_FRACTION, seed=SEED,
+                               drop_remainder=RECIPE.drop_remainder)
 print(f"{data.num_train} training and {data.num_test} test images, "
       f"batch {data.batch_size}, {data.steps_per_epoch} steps per epoch")
 tfbn.lenet().summary()
@@ -461,7 +464,7 @@ def test_accuracy(model):
     return float(model.evaluate(data.test, verbose=0, return_dict=True)["accuracy"])
 
 acc_before = test_accuracy(model)
-report = tfbn.recalibrate(model, data.train, progress=False)
+report = tfbn.recalibrate(model, data.train_examples, progress=False)
 acc_after = test_accuracy(model)
 results["test_acc_before_recalibration"] = acc_before
 results["test_acc_after_recalibration"] = acc_after
@@ -488,7 +491,7 @@ conv1 = keras.Model(model.inputs, model.get_layer("conv1").output)
 total = np.zeros(6)
 total_sq = np.zeros(6)
 count = 0
-for images, _ in data.train:
+for images, _ in data.train_examples:
     features = conv1(images, training=False).numpy().astype("float64").reshape(-1, 6)
     total += features.sum(axis=0)
     total_sq += np.square(features).sum(axis=0)
@@ -572,7 +575,7 @@ def fit(model, learning_rate=RECIPE.learning_rate, epochs=EPOCHS):
     model.fit(data.train_epochs(0, epochs), epochs=epochs, steps_per_epoch=data.steps_per_epoch,
               shuffle=False, verbose=VERBOSE)
     if POPULATION_STATISTICS and any(isinstance(layer, tfbn.BatchNorm) for layer in model.layers):
-        tfbn.recalibrate(model, data.train, progress=False)
+        tfbn.recalibrate(model, data.train_examples, progress=False)
     return test_accuracy(model)
 
 

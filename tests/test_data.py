@@ -237,6 +237,43 @@ def test_train_dataset_reshuffles_at_every_pass(tfds_dir):
     assert _keys(*_collect(unshuffled.train_for_epoch(4))) == first
 
 
+def test_drop_remainder_gives_full_batches_and_train_examples_every_example(tfds_dir):
+    loaded = data.load_fashion_mnist(
+        64, tfds_dir=tfds_dir, seed=7, train_fraction=0.05, drop_remainder=True
+    )
+    keeping = data.load_fashion_mnist(64, tfds_dir=tfds_dir, seed=7, train_fraction=0.05)
+    assert loaded.num_train == 3000 and loaded.steps_per_epoch == 46  # 3000 // 64
+    assert loaded.examples_per_epoch == 2944 and keeping.examples_per_epoch == 3000
+    assert int(loaded.train_for_epoch(0).cardinality()) == 46
+    assert int(loaded.train.cardinality()) == 46
+    assert int(loaded.train_epochs(1, 3).cardinality()) == 2 * 46
+    all_keys = collections.Counter(_keys(*_collect(keeping.train_for_epoch(0))))
+    left_out = []
+    for epoch in range(2):
+        images, labels = _collect(loaded.train_for_epoch(epoch))
+        sizes = [int(b[1].shape[0]) for b in loaded.train_for_epoch(epoch)]
+        assert sizes == [64] * 46
+        keys = collections.Counter(_keys(images, labels))
+        # The same permutation as without dropping, less its last 3000 - 46 * 64 = 56 examples.
+        np.testing.assert_array_equal(labels, _collect(keeping.train_for_epoch(epoch))[1][:2944])
+        assert not keys - all_keys
+        left_out.append(all_keys - keys)
+    assert sum(left_out[0].values()) == 56 and left_out[0] != left_out[1]
+    _, labels = _collect(loaded.train_epochs(0, 2))
+    assert labels.shape == (2 * 2944,)
+    # Validation/test/train_examples keep every example, in file order.
+    images, labels = _collect(loaded.train_examples)
+    assert collections.Counter(_keys(images, labels)) == all_keys
+    assert [int(b[1].shape[0]) for b in loaded.train_examples][-1] == 3000 - 46 * 64
+    assert int(loaded.test.cardinality()) == 157
+    # Fewer examples than a batch: one short batch rather than none.
+    tiny = data.load_fashion_mnist(
+        4096, tfds_dir=tfds_dir, train_fraction=0.05, drop_remainder=True, seed=1
+    )
+    assert tiny.steps_per_epoch == 1 and len(_collect(tiny.train_for_epoch(0))[1]) == 3000
+    assert tiny.examples_per_epoch == 3000
+
+
 # -------------------------------------------------------------------------------------- splits
 def test_validation_held_out_of_training_set(tfds_dir, raw):
     loaded = data.load_fashion_mnist(

@@ -252,7 +252,11 @@ def test_resume_after_epoch_1_equals_uninterrupted(tmp_path, uninterrupted, loop
     keras.backend.clear_session()
     second = tfbn.train("tfbn", epochs=2, loop=loops[1], dataset=synthetic_data(), **options)
     assert second.initial_epoch == 1
-    _assert_same_weights(second.model.get_weights(), weights, atol=1e-5)
+    # The two loops are separately optimized graphs: the same kernels, but float32 rounding may
+    # differ in the last bit (an elementwise chain rewritten by Grappler), and an epoch at lr 1.0
+    # amplifies that; a wrong resume (lost moving statistics, optimizer state or data order) is
+    # off by orders of magnitude more.
+    _assert_same_weights(second.model.get_weights(), weights, atol=5e-5)
     assert [h["epoch"] for h in second.history] == [1, 2]
     for got, want in zip(second.history, history, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
@@ -426,6 +430,7 @@ def test_cli_flags_reach_train(monkeypatch):
         "--export-dir",
         "e",
         "--jit-compile",
+        "--no-drop-remainder",
     ]
     assert cli.main(argv) == 0
     assert seen == dict(
@@ -444,7 +449,11 @@ def test_cli_flags_reach_train(monkeypatch):
         export_dir="e",
         jit_compile=True,
         progress=True,
+        drop_remainder=False,
     )
+    seen.clear()
+    assert cli.main(["train"]) == 0
+    assert seen["drop_remainder"] is tfbn.config.RECIPE.drop_remainder
 
 
 # ------------------------------------------------------------------------ Fashion-MNIST runs
@@ -461,7 +470,8 @@ def test_default_pipeline_on_fashion_mnist(tmp_path, capsys):
     )
     out = capsys.readouterr().out.strip().splitlines()
     assert SUMMARY.match(out[-1]), out[-1]
-    assert result.loop == "fit" and result.history[0]["examples"] == 3000
+    # Full batches only (the recipe's drop_remainder): 11 batches of 256 of the 3000 examples.
+    assert result.loop == "fit" and result.history[0]["examples"] == 11 * 256
     assert result.test_acc_before_recalibration is not None
     assert any("before recalibration" in line for line in out)
     # The reported test accuracy is the recalibrated model's, recounted here from its predictions.
@@ -478,6 +488,16 @@ def test_default_pipeline_on_fashion_mnist(tmp_path, capsys):
     saved = json.loads((result.run_dir / "result.json").read_text())
     assert saved["export_path"] == str(result.export_path)
     assert saved["test_acc_before_recalibration"] == result.test_acc_before_recalibration
+    # The run folder records how epochs were batched: resuming it otherwise is refused.
+    with pytest.raises(ValueError, match="drop_remainder"):
+        tfbn.train(
+            "tfbn",
+            epochs=2,
+            train_fraction=0.05,
+            run_dir=tmp_path / "run",
+            drop_remainder=False,
+            export=False,
+        )
 
 
 @pytest.mark.slow

@@ -30,6 +30,11 @@ class Recipe:
         batch_size: Global batch size (split across replicas).
         momentum: Momentum of the BatchNorm moving averages.
         epsilon: Variance epsilon of BatchNorm.
+        drop_remainder: Whether each training epoch leaves out the short last batch of its
+            permutation (96 examples at batch 256), so that every step normalizes a full batch.
+            The examples left out differ from epoch to epoch. With the short batch kept, it is
+            always an epoch's last step, right before the evaluation: over six seeds its
+            normalization from 96 examples made the test accuracy at lr 1.0 swing more.
     """
 
     learning_rate: float = 1.0
@@ -38,6 +43,7 @@ class Recipe:
     batch_size: int = 256
     momentum: float = 0.9
     epsilon: float = 1e-5
+    drop_remainder: bool = True
 
     def lr_for(self, norm: str) -> float:
         """The default learning rate for a LeNet variant (`"tfbn"`, `"keras"` or `"none"`)."""

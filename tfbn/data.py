@@ -392,11 +392,22 @@ def _epoch_key(seed: int, epoch) -> tf.Tensor:
     return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
 
 
+def _num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
+    """Batches per pass: full batches only when dropping the remainder (at least one batch)."""
+    if drop_remainder and num_examples >= batch_size:
+        return num_examples // batch_size
+    return -(-num_examples // batch_size)
+
+
 def _batches(
-    whole: tf.data.Dataset, batch_size: int, num_examples: int, key: tf.Tensor | None
+    whole: tf.data.Dataset,
+    batch_size: int,
+    num_examples: int,
+    key: tf.Tensor | None,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """Batches of a whole split (one element), in the order of a permutation keyed by `key`."""
-    num_batches = -(-num_examples // batch_size)
+    num_batches = _num_batches(num_examples, batch_size, drop_remainder)
 
     def split(images, labels):
         if key is None:
@@ -434,12 +445,15 @@ class FashionMNIST:
     """Fashion-MNIST as `tf.data` pipelines, from `load_fashion_mnist`.
 
     Every dataset yields `(images, labels)`: images float32 `[B, 28, 28, 1]` scaled to `[0, 1]`,
-    labels int32 `[B]`; the last batch of an epoch may be smaller.
+    labels int32 `[B]`; the last batch of a pass may be smaller, except in the training epochs
+    when `drop_remainder` is set.
 
     Attributes:
         train: Training batches, reshuffled (per example, over the whole split) at every pass.
             Iterating it again gives the next epoch's order; the sequence is reproducible from a
             fresh process when `seed` is set. For exact resumption use `train_for_epoch`.
+        train_examples: Every training example once, in file order (the last batch may be
+            smaller): for population statistics (`tfbn.recalibrate`) and evaluation.
         validation: Batches of the examples held out of the training set (fixed order), or
             `None` when `validation_fraction == 0`.
         test: Batches of the test split, in file order. Only for the final evaluation.
@@ -450,6 +464,8 @@ class FashionMNIST:
         batch_size: The batch size.
         seed: The seed of the shuffles and of the validation hold-out (`None`: fresh randomness for
             the shuffles, and seed 0 for the hold-out).
+        drop_remainder: Whether training epochs have full batches only (the short last batch of
+            each permutation left out).
     """
 
     train: tf.data.Dataset
@@ -461,14 +477,23 @@ class FashionMNIST:
     class_names: tuple[str, ...]
     batch_size: int
     seed: int | None = None
+    drop_remainder: bool = False
+    train_examples: tf.data.Dataset | None = None
     _train_whole: tf.data.Dataset | None = dataclasses.field(default=None, repr=False)
     _epoch_seed: int = dataclasses.field(default=0, repr=False)
     _shuffle: bool = dataclasses.field(default=True, repr=False)
 
     @property
     def steps_per_epoch(self) -> int:
-        """Number of training batches per epoch (the last one may be smaller)."""
-        return -(-self.num_train // self.batch_size)
+        """Number of training batches per epoch."""
+        return _num_batches(self.num_train, self.batch_size, self.drop_remainder)
+
+    @property
+    def examples_per_epoch(self) -> int:
+        """Number of training examples in an epoch (fewer than `num_train` when dropping)."""
+        if self.drop_remainder and self.num_train >= self.batch_size:
+            return self.steps_per_epoch * self.batch_size
+        return self.num_train
 
     def train_for_epoch(self, epoch: int) -> tf.data.Dataset:
         """The training batches of epoch `epoch`, in an order that depends on `(seed, epoch)` only.
@@ -491,7 +516,9 @@ class FashionMNIST:
                 f"Argument `epoch` must be a non-negative integer; received epoch={epoch!r}."
             )
         key = _epoch_key(self._epoch_seed, int(epoch)) if self._shuffle else None
-        return _finish(_batches(self._train_whole, self.batch_size, self.num_train, key))
+        return _finish(
+            _batches(self._train_whole, self.batch_size, self.num_train, key, self.drop_remainder)
+        )
 
     def train_epochs(self, initial_epoch: int, epochs: int) -> tf.data.Dataset:
         """The batches of epochs `initial_epoch .. epochs - 1` back to back, as `train_for_epoch`.
@@ -513,9 +540,9 @@ class FashionMNIST:
                 f"initial_epoch={initial_epoch}, epochs={epochs}."
             )
         seed, whole, size, n = self._epoch_seed, self._train_whole, self.batch_size, self.num_train
-        shuffle = self._shuffle
+        shuffle, drop = self._shuffle, self.drop_remainder
         dataset = tf.data.Dataset.range(int(initial_epoch), int(epochs)).flat_map(
-            lambda e: _batches(whole, size, n, _epoch_key(seed, e) if shuffle else None)
+            lambda e: _batches(whole, size, n, _epoch_key(seed, e) if shuffle else None, drop)
         )
         total = (int(epochs) - int(initial_epoch)) * self.steps_per_epoch
         return _finish(dataset.apply(tf.data.experimental.assert_cardinality(total)))
@@ -582,6 +609,7 @@ def load_fashion_mnist(
     train_fraction: float = 1.0,
     seed: int | None = None,
     shuffle: bool = True,
+    drop_remainder: bool = False,
 ) -> FashionMNIST:
     """Loads Fashion-MNIST as `tf.data` pipelines, preparing it offline on first use.
 
@@ -605,6 +633,9 @@ def load_fashion_mnist(
             `(seed, k)` (see `FashionMNIST.train_for_epoch`). `None` gives fresh randomness.
         shuffle: If `False`, `train` (and `train_for_epoch`) yield the training examples in file
             order every epoch.
+        drop_remainder: If `True`, every training epoch has full batches only: the short last
+            batch of each epoch's permutation is left out (other examples at every epoch when
+            shuffling). Validation, test and `train_examples` always keep every example.
 
     Returns:
         A `FashionMNIST` with `train`, `validation`, `test` and the sizes.
@@ -631,6 +662,7 @@ def load_fashion_mnist(
             f"Argument `seed` must be a non-negative integer or None; received seed={seed!r}."
         )
     batch_size = int(batch_size)
+    drop_remainder = bool(drop_remainder)
 
     builder = prepare(data_dir, tfds_dir)
     num_examples = builder.info.splits["train"].num_examples
@@ -649,12 +681,20 @@ def load_fashion_mnist(
         keys = tf.data.Dataset.random(seed=epoch_seed, rerandomize_each_iteration=True).take(1)
         train = keys.flat_map(
             lambda r: _batches(
-                train_whole, batch_size, num_train, tf.stack([tf.constant(epoch_seed, tf.int64), r])
+                train_whole,
+                batch_size,
+                num_train,
+                tf.stack([tf.constant(epoch_seed, tf.int64), r]),
+                drop_remainder,
             )
         )
-        train = train.apply(tf.data.experimental.assert_cardinality(-(-num_train // batch_size)))
+        train = train.apply(
+            tf.data.experimental.assert_cardinality(
+                _num_batches(num_train, batch_size, drop_remainder)
+            )
+        )
     else:
-        train = _batches(train_whole, batch_size, num_train, None)
+        train = _batches(train_whole, batch_size, num_train, None, drop_remainder)
 
     validation = None
     if len(validation_idx):
@@ -678,6 +718,8 @@ def load_fashion_mnist(
         class_names=tuple(builder.info.features["label"].names),
         batch_size=batch_size,
         seed=None if seed is None else int(seed),
+        drop_remainder=drop_remainder,
+        train_examples=_finish(_batches(train_whole, batch_size, num_train, None)),
         _train_whole=train_whole,
         _epoch_seed=epoch_seed,
         _shuffle=bool(shuffle),

@@ -328,8 +328,6 @@ def _accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
     return right / total
 
 
-
-
 def run_cli(args: argparse.Namespace) -> int:
     """Runs `tfbn recalibrate`: population statistics for a saved model, test accuracy before
     and after, and the recalibrated model saved (atomically)."""

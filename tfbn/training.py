@@ -48,7 +48,14 @@ LOOPS: tuple[str, ...] = ("auto", "fit", "custom")
 _CHECKPOINTS = "checkpoints"
 _KEEP_CHECKPOINTS = 2
 # Settings that define a run: resuming a folder with different values would mix two experiments.
-_RUN_IDENTITY = ("norm", "batch_size", "learning_rate", "seed", "train_fraction")
+_RUN_IDENTITY = (
+    "norm",
+    "batch_size",
+    "learning_rate",
+    "seed",
+    "train_fraction",
+    "drop_remainder",
+)
 
 
 @dataclasses.dataclass
@@ -452,6 +459,7 @@ def train(
     progress: bool = True,
     dataset=None,
     model_fn: Callable[[], keras.Model] | None = None,
+    drop_remainder: bool = RECIPE.drop_remainder,
 ) -> TrainResult:
     """Trains the chapter's LeNet on Fashion-MNIST, resumably, and saves the run.
 
@@ -495,6 +503,9 @@ def train(
             `tfbn.models.lenet(norm)` (called inside the strategy's scope, so its variables are
             distributed); it must return an uncompiled `keras.Model` that outputs logits. `norm`
             then only names the run and picks the default learning rate.
+        drop_remainder: If `True` (the recipe's default), every training epoch has full batches
+            only: the short last batch of each epoch's permutation is left out, other examples
+            every epoch (see `tfbn.config.Recipe`). Unused with `dataset`.
 
     Returns:
         A `TrainResult`.
@@ -569,6 +580,7 @@ def train(
             "learning_rate": learning_rate,
             "seed": seed,
             "train_fraction": float(train_fraction) if dataset is None else None,
+            "drop_remainder": bool(drop_remainder) if dataset is None else None,
         }
         for key in _RUN_IDENTITY:
             if recorded.get(key) != wanted[key]:
@@ -592,6 +604,7 @@ def train(
         "learning_rate": learning_rate,
         "seed": seed,
         "train_fraction": float(train_fraction) if dataset is None else None,
+        "drop_remainder": bool(drop_remainder) if dataset is None else None,
     }
 
     # ---- strategy, data, model
@@ -602,7 +615,12 @@ def train(
         from tfbn.data import load_fashion_mnist
 
         dataset = load_fashion_mnist(
-            batch_size, data_dir=data_dir, train_fraction=train_fraction, seed=seed, shuffle=True
+            batch_size,
+            data_dir=data_dir,
+            train_fraction=train_fraction,
+            seed=seed,
+            shuffle=True,
+            drop_remainder=drop_remainder,
         )
     load_start = time.perf_counter()
     # The first batch of each split fills the in-memory caches: done here, so that the training
@@ -657,7 +675,7 @@ def train(
             epoch,
             epochs,
             progress,
-            num_train=getattr(dataset, "num_train", None),
+            num_train=getattr(dataset, "examples_per_epoch", getattr(dataset, "num_train", None)),
         )
         test_acc = runner.evaluate(dataset.test)
         record = {
@@ -702,7 +720,10 @@ def train(
         from tfbn.recalibration import recalibrate as recalibrate_fn
 
         test_acc_before = test_acc
-        recalibrate_fn(model, dataset.train, strategy=strategy, progress=progress)
+        # Every training example once (the epochs may have left some out).
+        examples = getattr(dataset, "train_examples", None)
+        examples = dataset.train if examples is None else examples
+        recalibrate_fn(model, examples, strategy=strategy, progress=progress)
         test_acc = runner.evaluate(dataset.test)
         print(f"test acc {test_acc_before:.3f} before recalibration, {test_acc:.3f} after")
         if writer is not None:
@@ -810,6 +831,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--train-fraction", type=float, default=1.0, help="fraction of the training set"
     )
     parser.add_argument(
+        "--drop-remainder",
+        action=argparse.BooleanOptionalAction,
+        default=RECIPE.drop_remainder,
+        help="leave the short last batch out of every training epoch",
+    )
+    parser.add_argument(
         "--no-recalibrate",
         dest="recalibrate",
         action="store_false",
@@ -852,5 +879,6 @@ def run_cli(args: argparse.Namespace) -> int:
         export_dir=args.export_dir,
         jit_compile=args.jit_compile,
         progress=args.progress,
+        drop_remainder=args.drop_remainder,
     )
     return 0
