@@ -502,10 +502,8 @@ def test_default_pipeline_on_fashion_mnist(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_chapter_recipe_targets(tmp_path):
-    # The chapter's recipe (lr 1.0, 10 epochs, batch 256) with tfbn.BatchNorm, three seeds, and
-    # plain LeNet (lr 0.9). At lr 1.0 test accuracy swings from epoch to epoch (d2l-en #2108:
-    # the book printed 0.874-0.883), so single seeds are held to the swing's floor and the mean to
-    # the book's range; batch normalization must beat the plain network clearly.
+    # The chapter's recipe (lr 1.0, 10 epochs, batch 256, full batches only) with tfbn.BatchNorm
+    # for three seeds, and plain LeNet (lr 0.9): the book printed test acc 0.874-0.883.
     results, lines = [], []
     for seed in (0, 1, 2):
         r = tfbn.train(
@@ -522,15 +520,13 @@ def test_chapter_recipe_targets(tmp_path):
     print("\n".join(lines))
     report = "\n".join(lines)
 
-    mean_test = float(np.mean([r.test_acc for r in results]))
-    mean_before = float(np.mean([r.test_acc_before_recalibration for r in results]))
-    assert all(r.train_acc >= 0.90 for r in results), report
-    assert all(r.test_acc >= 0.85 for r in results), report
-    assert mean_test >= 0.875, report
+    for r in results:
+        assert r.train_acc >= 0.90, report
+        assert r.test_acc >= 0.875, report
     # Population statistics do not make the model worse on average.
-    assert mean_test >= mean_before, report
-    assert plain.test_acc >= 0.75, report
-    assert mean_test - plain.test_acc >= 0.05, report
+    mean_before = float(np.mean([r.test_acc_before_recalibration for r in results]))
+    assert float(np.mean([r.test_acc for r in results])) >= mean_before, report
+    assert plain.test_acc >= 0.78, report
 
 
 def test_progress_bar_counts_the_epochs_of_the_run(tmp_path, capsys):

@@ -74,9 +74,9 @@ class BatchNorm(keras.layers.Layer):
             with the channel axis 1 or last, in float16, bfloat16 or float32, and not
             `synchronized`. `False`: the composed kernel, any rank, with a closed-form gradient.
             `None` (default): the fused kernel where it is expected to be faster, on the input as
-            it is, transposed to channels-first, or viewed as rank 4 (`tfbn.fast.fused_plan`),
-            else the composed one. Masked calls always use the reference statistics. All paths
-            give the same results.
+            it is or viewed as rank 4, else the composed one, which also serves every input under
+            XLA on a CPU (`tfbn.fast.fused_plan`). Masked calls always use the reference
+            statistics. All paths give the same results.
             `fused=True` cannot be combined with `renorm`, `virtual_batch_size` or `adjustment`
             (as in tf-keras); with `fused=None` those options choose their own path (below).
         virtual_batch_size: Ghost batch normalization (Hoffer et al., 2017; tf-keras's argument):
