@@ -167,6 +167,15 @@ def test_passes_are_time_over_single_pass_time(quick_run):
                 assert _close(v["passes"], v["median_s"] / pass_time)
                 assert _close(v["passes_vs_case_copy"], v["median_s"] / (case_copy / 2))
                 assert v["passes"] >= v["passes_vs_case_copy"] * (1 - 1e-12)
+        # XLA rows also price a pass at the XLA-compiled copy timed beside them.
+        if row["xla"]:
+            xla_copy = float(np.median(row["xla_copy"]["samples_s"]))
+            assert _close(row["xla_copy_bandwidth_gb_s"], 2 * nbytes / xla_copy / 1e9)
+            for v in row["variants"].values():
+                if v["available"]:
+                    assert _close(v["passes_vs_xla_copy"], v["median_s"] / (xla_copy / 2))
+        else:
+            assert row["xla_copy"] is None and "passes_vs_xla_copy" not in str(row["variants"])
 
 
 def test_lenet_epoch_times_and_ratios(quick_run):

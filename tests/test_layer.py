@@ -505,6 +505,19 @@ def test_composed_kernel_variance_is_stable_for_large_means(rng):
     np.testing.assert_allclose(stats.variance.numpy(), expected, rtol=1e-3)
 
 
+def test_xla_compiled_training_keeps_the_variance_of_large_means(rng):
+    # XLA expands a fused batch norm into E[x^2] - E[x]^2: at mean 1e4 that cancels. The layer
+    # must give the float64 statistics of its input under jit_compile too.
+    x = (rng.normal(size=(16, 6, 6, 8)) + 1e4).astype("float32")
+    expected = x.astype(np.float64).var(axis=(0, 1, 2))
+    layer = tfbn.BatchNorm(momentum=0.0)
+    layer.build(x.shape)
+    y = tf.function(lambda x: layer(x, training=True), jit_compile=True)(x).numpy()
+    np.testing.assert_allclose(layer.moving_variance.numpy(), expected, rtol=1e-3)
+    x_hat = (x - x.astype(np.float64).mean(axis=(0, 1, 2))) / np.sqrt(expected + 1e-3)
+    np.testing.assert_allclose(y, x_hat, atol=2e-2)
+
+
 def test_xla_compiled_layer_takes_the_composed_kernel(monkeypatch, rng):
     from tfbn import fast
 

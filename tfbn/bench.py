@@ -189,13 +189,13 @@ def _layer_function(layer, mode: str, xla: bool, x, dy):
     return lambda: infer(x)
 
 
-def _copy_function(x):
+def _copy_function(x, jit_compile: bool = False):
     import tensorflow as tf
 
     # A runtime scalar, so that no graph optimizer can turn the multiply into a no-op alias.
     c = tf.constant(1.0, dtype=x.dtype)
 
-    @tf.function(jit_compile=False)
+    @tf.function(jit_compile=jit_compile)
     def copy(x, c):
         y = x * c
         return y, y[(0,) * (len(x.shape) - 1)]
@@ -211,6 +211,9 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
     x = tf.constant(rng.normal(2.0, 3.0, size=shape).astype("float32"))
     dy = tf.constant(rng.normal(size=shape).astype("float32"))
     functions: dict[str, Callable[[], object]] = {"copy": _copy_function(x)}
+    if xla:
+        # The same copy compiled by XLA: what XLA's code reaches on this machine.
+        functions["xla_copy"] = _copy_function(x, jit_compile=True)
     unavailable: dict[str, str] = {}
     # The first output (dx in training, y in inference) of each implementation, to check that
     # they all compute the same thing before timing them.
@@ -229,6 +232,7 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
     nbytes = int(np.prod(shape)) * 4
     copy = timings.pop("copy")
     case_pass_time = copy["median_s"] / 2.0  # the copy reads the tensor once and writes it once
+    xla_copy = timings.pop("xla_copy", None)
     keras_median = timings["keras"]["median_s"] if "keras" in timings else None
     variants = {}
     for name in _layer_variants():
@@ -237,6 +241,8 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
             continue
         row = dict(timings[name], available=True)
         row["passes_vs_case_copy"] = row["median_s"] / case_pass_time
+        if xla_copy is not None:
+            row["passes_vs_xla_copy"] = row["median_s"] / (xla_copy["median_s"] / 2.0)
         row["ratio"] = row["median_s"] / keras_median if keras_median else None
         if "keras" in first_outputs:
             diff = np.abs(first_outputs[name] - first_outputs["keras"])
@@ -252,6 +258,10 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
         "bytes_per_pass": nbytes,
         "copy": copy,
         "case_bandwidth_gb_s": 2.0 * nbytes / copy["median_s"] / 1e9,
+        "xla_copy": xla_copy,
+        "xla_copy_bandwidth_gb_s": (
+            2.0 * nbytes / xla_copy["median_s"] / 1e9 if xla_copy is not None else None
+        ),
         "min_passes": MIN_PASSES[mode],
         "variants": variants,
     }
@@ -662,6 +672,31 @@ def render_markdown(results: dict) -> str:
                     f"{row['min_passes']} | {_ms(row['bound_s'])} | "
                     f"{_fmt(row['bandwidth_gb_s'], 1)} | {_fmt(row['case_bandwidth_gb_s'], 1)} | "
                     f"{_sci(v.get('max_abs_diff_vs_keras'))} |"
+                )
+        xla_rows = [r for r in cases["layer"]["rows"] if r.get("xla_copy_bandwidth_gb_s")]
+        if xla_rows:
+            lines += [
+                "",
+                "Under XLA the passes above are priced at TensorFlow's copy (the targets use "
+                "them). The same copy compiled by XLA runs at the bandwidth below; priced at "
+                "that, each implementation costs:",
+                "",
+                "| case | XLA copy GB/s | "
+                + " | ".join(f"{name} passes" for name in _layer_variants())
+                + " |",
+                "|---|---|" + "---|" * len(_layer_variants()),
+            ]
+            for row in xla_rows:
+                cells = [
+                    _fmt(row["variants"][name].get("passes_vs_xla_copy"), 1)
+                    if row["variants"][name]["available"]
+                    else "n/a"
+                    for name in _layer_variants()
+                ]
+                lines.append(
+                    f"| {row['id']} | {_fmt(row['xla_copy_bandwidth_gb_s'], 1)} | "
+                    + " | ".join(cells)
+                    + " |"
                 )
 
     if "lenet" in cases:

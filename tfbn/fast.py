@@ -10,7 +10,9 @@ normalize, differentiated by autodiff):
 - `composed_batch_norm`: any rank and axis, optionally with the statistics of the global batch
   across `tf.distribute` replicas. Forward as in `tfbn.ops`; backward by the closed-form gradient
   of batch normalization (`tf.custom_gradient`) instead of autodiff through the moments, so the
-  backward pass is two reductions and one elementwise pass.
+  backward pass is two reductions and one elementwise pass. Channels-last inputs are computed on
+  a 2-D `(rows, lanes * C)` view (`channel_lanes`), which is what makes it fast for few channels
+  and under XLA.
 """
 
 from __future__ import annotations
@@ -65,23 +67,25 @@ def fused_plan(
         channels-first and back), `"reshape"` (a rank-2/3 channels-last input viewed as
         `(-1, 1, 1, C)`), or `None` when the composed kernel is expected to be faster.
 
-    On GPUs (cuDNN) the fused kernel is taken wherever it applies. Under XLA (`xla=True`) on a CPU
-    the composed kernel is taken: XLA expands the fused kernel into reductions over the leading
-    axes, which ran 3x slower than the composed kernel's 2-D reductions ((128, 32, 32, 64), 2-core
-    x86 CPU). Otherwise on CPUs the choice follows forward+backward timings on that CPU (oneDNN):
-    channels-last rank-4 inputs ran the fused kernel at 0.4-0.55x Keras's time for C divisible by 4
-    ((256, 24, 24, C), C in {4, 8, 12, 16, 20, 32}) but at 1.1-6x for C in {3, 6, 7, 9, 10},
-    where the composed kernel's packed 2-D view (`channel_lanes`) took about 0.45x, and the fused
-    kernel on the transposed (channels-first) input 0.6x; a (4096, 1024) dense input took 0.3x
-    through the rank-4 view, but small dense inputs such as (256, 120) were faster composed.
+    Under XLA (`xla=True`) the composed kernel is taken on every device: XLA expands the fused
+    kernel into `E[x^2] - E[x]^2`, which loses the variance of inputs with large means (at mean
+    1e4 and variance 1 it returned variances from -135 to 35 on a CPU), and on a 2-core x86 CPU
+    that expansion also ran 4x slower than the composed kernel on (128, 32, 32, 64). Otherwise, on
+    GPUs (cuDNN), the fused kernel is taken wherever it applies; on CPUs the choice follows
+    forward+backward timings on that CPU (oneDNN): channels-last rank-4 inputs ran the fused
+    kernel at 0.4-0.55x Keras's time for C divisible by 4 ((256, 24, 24, C), C in
+    {4, 8, 12, 16, 20, 32}) but at 1.1-6x for C in {3, 6, 7, 9, 10}, where the composed kernel's
+    packed 2-D view (`channel_lanes`) took about 0.45x, and the fused kernel on the transposed
+    (channels-first) input 0.6x; a (4096, 1024) dense input took 0.3x through the rank-4 view,
+    but small dense inputs such as (256, 120) were faster composed.
     """
     dtype = tf.as_dtype(dtype)
     if dtype not in FUSED_DTYPES:
         return None
     axis = ops.canonical_axis(axis, rank)
-    on_gpu = bool(tf.config.list_logical_devices("GPU"))
-    if xla and not on_gpu:
+    if xla:
         return None
+    on_gpu = bool(tf.config.list_logical_devices("GPU"))
     if fused_data_format(rank, axis, dtype) is not None:
         if on_gpu or axis == 1 or channels % 4 == 0:
             return "direct"
@@ -192,6 +196,19 @@ def channel_lanes(shape, channels: int) -> int:
     return max(inner, 1)
 
 
+def _column_sums(x: tf.Tensor, xla: bool) -> tf.Tensor:
+    """Sums over the rows of a 2-D tensor.
+
+    TensorFlow's CPU reduction over the rows of a tall matrix ran at about a third of the memory
+    bandwidth; the same sums as `ones @ x` (a matrix-vector product) ran near it and halved the
+    composed kernel's time on (128, 32, 32, 64) (2-core x86 CPU). XLA compiles its own reductions
+    faster than its products here, so under XLA they stay reductions.
+    """
+    if xla:
+        return tf.reduce_sum(x, 0)
+    return tf.matmul(tf.ones([1, tf.shape(x)[0]], x.dtype), x)[0]
+
+
 def _fold(v: tf.Tensor, lanes: int) -> tf.Tensor:
     """`(lanes * C,)` per-column values -> `(C,)` per-channel sums."""
     return v if lanes == 1 else tf.reduce_sum(tf.reshape(v, [lanes, -1]), 0)
@@ -252,15 +269,16 @@ def composed_batch_norm(
 def _composed_rows(x, gamma, beta, epsilon, lanes, ctx):
     """`composed_batch_norm` of a `(rows, lanes * C)` view; `ctx` is set when synchronized."""
     dtype = x.dtype
+    xla = in_xla_context()
     channels = tf.shape(x)[1] // lanes
     count = tf.cast(tf.shape(x)[0] * lanes, dtype)
-    total = _fold(tf.reduce_sum(x, 0), lanes)
+    total = _fold(_column_sums(x, xla), lanes)
     if ctx is not None:
         packed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([total, count[None]], 0))
         total, count = packed[:-1], packed[-1]
     mean = tf.math.divide_no_nan(total, count)
     centred = x - _spread(mean, lanes)
-    m2 = _fold(tf.reduce_sum(tf.square(centred), 0), lanes)
+    m2 = _fold(_column_sums(tf.square(centred), xla), lanes)
     if ctx is not None:
         m2 = ctx.all_reduce(tf.distribute.ReduceOp.SUM, m2)
     variance = tf.math.divide_no_nan(m2, count)
@@ -276,8 +294,8 @@ def _composed_rows(x, gamma, beta, epsilon, lanes, ctx):
 
         def grad(dy):
             dy = tf.cast(dy, dtype)
-            sum_dy = _fold(tf.reduce_sum(dy, 0), lanes)
-            sum_dy_xhat = _fold(tf.reduce_sum(dy * centred, 0), lanes) * inv
+            sum_dy = _fold(_column_sums(dy, xla), lanes)
+            sum_dy_xhat = _fold(_column_sums(dy * centred, xla), lanes) * inv
             if ctx is not None:
                 # The statistics came from the global batch, so must their derivatives.
                 packed = ctx.all_reduce(

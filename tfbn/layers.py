@@ -75,8 +75,9 @@ class BatchNorm(keras.layers.Layer):
             `synchronized`. `False`: the composed kernel, any rank, with a closed-form gradient.
             `None` (default): the fused kernel where it is expected to be faster, on the input as
             it is or viewed as rank 4, else the composed one, which also serves every input under
-            XLA on a CPU (`tfbn.fast.fused_plan`). Masked calls always use the reference
-            statistics. All paths give the same results.
+            XLA (`tfbn.fast.fused_plan`). Masked calls always use the reference statistics. All
+            paths give the same results, except that under XLA the fused kernel (`fused=True`)
+            is expanded into `E[x^2] - E[x]^2`, which cancels for inputs with large means.
             `fused=True` cannot be combined with `renorm`, `virtual_batch_size` or `adjustment`
             (as in tf-keras); with `fused=None` those options choose their own path (below).
         virtual_batch_size: Ghost batch normalization (Hoffer et al., 2017; tf-keras's argument):
