@@ -450,7 +450,8 @@ def test_every_fused_plan_equals_the_composed_kernel(rng, shape, axis, plan):
 @pytest.mark.parametrize(
     "shape,known_inner",
     [
-        ((8, 6, 6, 6), True),  # six channels: 12 positions per row of the 2-D view
+        ((8, 6, 6, 6), True),  # six channels: all 36 positions of an example in one row
+        ((4, 12, 12, 6), True),  # 48 of the 144 positions per row
         ((5, 3, 4, 2, 3), True),
         ((6, 7, 5), True),
         ((6, 5, 5, 6), False),  # inner dimensions unknown when traced: one position per row
