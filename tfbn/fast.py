@@ -255,31 +255,54 @@ def composed_batch_norm(
     dtype = ops.statistics_dtype(x.dtype)
     x = tf.cast(x, dtype)
     ctx = tf.distribute.get_replica_context()
-    sync = synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
-    if axis == rank - 1:
-        channels = x.shape[-1]
-        lanes = channel_lanes(x.shape, channels) if channels is not None else 1
-        if channels is None:
-            channels = tf.shape(x)[-1]
-        rows = tf.reshape(x, [-1, lanes * channels])
-        y, stats = _composed_rows(rows, gamma, beta, epsilon, lanes, ctx if sync else None)
-        return tf.ensure_shape(tf.reshape(y, tf.shape(x)), x.shape), stats
-    return _composed_any_axis(x, gamma, beta, epsilon, axis, ctx if sync else None)
-
-
-def _composed_rows(x, gamma, beta, epsilon, lanes, ctx):
-    """`composed_batch_norm` of a `(rows, lanes * C)` view; `ctx` is set when synchronized."""
-    dtype = x.dtype
+    if not (synchronized and ctx is not None and ctx.num_replicas_in_sync > 1):
+        ctx = None
+    if axis != rank - 1:
+        # Per-channel sums over every other axis; per-channel values broadcast along them.
+        axes = [i for i in range(rank) if i != axis]
+        shape = [1] * rank
+        shape[axis] = -1
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
+        return _composed(
+            x,
+            gamma,
+            beta,
+            epsilon,
+            count,
+            sums=lambda t: tf.reduce_sum(t, axes),
+            spread=lambda v: tf.reshape(v, shape),
+            ctx=ctx,
+        )
+    channels = x.shape[-1]
+    lanes = channel_lanes(x.shape, channels) if channels is not None else 1
+    rows = tf.reshape(x, [-1, lanes * (channels or tf.shape(x)[-1])])
     xla = in_xla_context()
-    channels = tf.shape(x)[1] // lanes
-    count = tf.cast(tf.shape(x)[0] * lanes, dtype)
-    total = _fold(_column_sums(x, xla), lanes)
+    y, stats = _composed(
+        rows,
+        gamma,
+        beta,
+        epsilon,
+        tf.cast(tf.shape(rows)[0] * lanes, dtype),
+        sums=lambda t: _fold(_column_sums(t, xla), lanes),
+        spread=lambda v: _spread(v, lanes),
+        ctx=ctx,
+    )
+    return tf.ensure_shape(tf.reshape(y, tf.shape(x)), x.shape), stats
+
+
+def _composed(x, gamma, beta, epsilon, count, *, sums, spread, ctx):
+    """`composed_batch_norm` given how to take per-channel sums of an `x`-shaped tensor (`sums`)
+    and broadcast per-channel values to it (`spread`); `ctx` is the replica context when the
+    statistics are synchronized, else `None`."""
+    dtype = x.dtype
+    total = sums(x)
+    channels = tf.shape(total)[0]
     if ctx is not None:
         packed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([total, count[None]], 0))
         total, count = packed[:-1], packed[-1]
     mean = tf.math.divide_no_nan(total, count)
-    centred = x - _spread(mean, lanes)
-    m2 = _fold(_column_sums(tf.square(centred), xla), lanes)
+    centred = x - spread(mean)
+    m2 = sums(tf.square(centred))
     if ctx is not None:
         m2 = ctx.all_reduce(tf.distribute.ReduceOp.SUM, m2)
     variance = tf.math.divide_no_nan(m2, count)
@@ -291,12 +314,12 @@ def _composed_rows(x, gamma, beta, epsilon, lanes, ctx):
     @tf.custom_gradient
     def normalize(x, gamma_t, beta_t):
         scale = inv * gamma_t
-        y = centred * _spread(scale, lanes) + _spread(beta_t, lanes)
+        y = centred * spread(scale) + spread(beta_t)
 
         def grad(dy):
             dy = tf.cast(dy, dtype)
-            sum_dy = _fold(_column_sums(dy, xla), lanes)
-            sum_dy_xhat = _fold(_column_sums(dy * centred, xla), lanes) * inv
+            sum_dy = sums(dy)
+            sum_dy_xhat = sums(dy * centred) * inv
             if ctx is not None:
                 # The statistics came from the global batch, so must their derivatives.
                 packed = ctx.all_reduce(
@@ -309,60 +332,13 @@ def _composed_rows(x, gamma, beta, epsilon, lanes, ctx):
             # operand: dy * scale + centred * slope + offset.
             slope = -scale * inv * tf.math.divide_no_nan(global_dy_xhat, count)
             offset = -scale * tf.math.divide_no_nan(global_dy, count)
-            dx = dy * _spread(scale, lanes) + (
-                centred * _spread(slope, lanes) + _spread(offset, lanes)
-            )
+            dx = dy * spread(scale) + (centred * spread(slope) + spread(offset))
             # The parameters' gradients are per replica: the optimizer all-reduces them.
             return dx, sum_dy_xhat, sum_dy
 
         return y, grad
 
     return normalize(x, gamma_t, beta_t), ops.Moments(mean, variance, count)
-
-
-def _composed_any_axis(x, gamma, beta, epsilon, axis, ctx):
-    """`composed_batch_norm` over every axis but `axis`; `ctx` is set when synchronized."""
-    rank = x.shape.rank
-    dtype = x.dtype
-    axes = [i for i in range(rank) if i != axis]
-    shape = [1] * rank
-    shape[axis] = -1
-    stats = ops.moments(x, axis, synchronized=ctx is not None)
-    channels = tf.shape(x)[axis]
-    gamma_t = tf.ones([channels], dtype) if gamma is None else tf.cast(gamma, dtype)
-    beta_t = tf.zeros([channels], dtype) if beta is None else tf.cast(beta, dtype)
-    mean = tf.stop_gradient(stats.mean)
-    inv = tf.math.rsqrt(tf.stop_gradient(stats.variance) + tf.cast(epsilon, dtype))
-    count = tf.stop_gradient(stats.count)
-
-    @tf.custom_gradient
-    def normalize(x, gamma_t, beta_t):
-        scale = inv * gamma_t
-        y = x * tf.reshape(scale, shape) + tf.reshape(beta_t - mean * scale, shape)
-
-        def grad(dy):
-            dy = tf.cast(dy, dtype)
-            x_hat = (x - tf.reshape(mean, shape)) * tf.reshape(inv, shape)
-            sum_dy = tf.reduce_sum(dy, axes)
-            sum_dy_xhat = tf.reduce_sum(dy * x_hat, axes)
-            if ctx is not None:
-                packed = ctx.all_reduce(
-                    tf.distribute.ReduceOp.SUM, tf.concat([sum_dy, sum_dy_xhat], 0)
-                )
-                global_dy, global_dy_xhat = packed[:channels], packed[channels:]
-            else:
-                global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
-            mean_dy = tf.math.divide_no_nan(global_dy, count)
-            mean_dy_xhat = tf.math.divide_no_nan(global_dy_xhat, count)
-            dx = (dy - tf.reshape(mean_dy, shape) - x_hat * tf.reshape(mean_dy_xhat, shape)) * (
-                tf.reshape(scale, shape)
-            )
-            return dx, sum_dy_xhat, sum_dy
-
-        return y, grad
-
-    y = normalize(x, gamma_t, beta_t)
-    return y, ops.Moments(mean, tf.stop_gradient(stats.variance), count)
 
 
 def ghost_composed_batch_norm(
