@@ -491,9 +491,7 @@ class FashionMNIST:
     @property
     def examples_per_epoch(self) -> int:
         """Number of training examples in an epoch (fewer than `num_train` when dropping)."""
-        if self.drop_remainder and self.num_train >= self.batch_size:
-            return self.steps_per_epoch * self.batch_size
-        return self.num_train
+        return min(self.num_train, self.steps_per_epoch * self.batch_size)
 
     def train_for_epoch(self, epoch: int) -> tf.data.Dataset:
         """The training batches of epoch `epoch`, in an order that depends on `(seed, epoch)` only.

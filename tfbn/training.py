@@ -47,15 +47,6 @@ __all__ = ["LOOPS", "TrainResult", "train", "format_summary", "configure_parser"
 LOOPS: tuple[str, ...] = ("auto", "fit", "custom")
 _CHECKPOINTS = "checkpoints"
 _KEEP_CHECKPOINTS = 2
-# Settings that define a run: resuming a folder with different values would mix two experiments.
-_RUN_IDENTITY = (
-    "norm",
-    "batch_size",
-    "learning_rate",
-    "seed",
-    "train_fraction",
-    "drop_remainder",
-)
 
 
 @dataclasses.dataclass
@@ -568,21 +559,27 @@ def train(
         _check_writable("export_dir", pathlib.Path(export_dir))
 
     # ---- the run's identity: new, or the one recorded in run_dir
+    def identity(seed) -> dict:
+        """The settings that define a run: resuming a folder with other values would mix two
+        experiments."""
+        own_data = dataset is None
+        return {
+            "norm": norm,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "train_fraction": float(train_fraction) if own_data else None,
+            "drop_remainder": bool(drop_remainder) if own_data else None,
+        }
+
     found = _Checkpoints(run_dir, write=False).latest_state()
     initial_epoch = 0
     if found is not None:
         recorded = found[1]["config"]
         if seed is None:
             seed = recorded["seed"]
-        wanted = {
-            "norm": norm,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "seed": seed,
-            "train_fraction": float(train_fraction) if dataset is None else None,
-            "drop_remainder": bool(drop_remainder) if dataset is None else None,
-        }
-        for key in _RUN_IDENTITY:
+        wanted = identity(seed)
+        for key in wanted:
             if recorded.get(key) != wanted[key]:
                 raise ValueError(
                     f"Argument `run_dir`: '{run_dir}' holds a run with {key}="
@@ -598,14 +595,7 @@ def train(
     if seed is None:
         seed = secrets.randbelow(2**31)
     seed = int(seed)
-    config = {
-        "norm": norm,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "train_fraction": float(train_fraction) if dataset is None else None,
-        "drop_remainder": bool(drop_remainder) if dataset is None else None,
-    }
+    config = identity(seed)
 
     # ---- strategy, data, model
     if isinstance(strategy, str):
