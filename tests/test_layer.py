@@ -457,6 +457,8 @@ def test_every_fused_plan_equals_the_composed_kernel(rng, shape, axis, plan):
         ((6, 5, 5, 6), False),  # inner dimensions unknown when traced: one position per row
         ((10, 70), True),
         ((4, 3, 3, 96), True),
+        ((70, 4, 4, 32), True),  # 70 rows of 256: under XLA, two blocks of 32 rows and 6 apart
+        ((128, 40), True),  # 128 rows: four whole blocks
     ],
 )
 def test_composed_kernel_equals_float64_numpy(rng, shape, known_inner, jit_compile):
@@ -493,6 +495,30 @@ def test_composed_kernel_equals_float64_numpy(rng, shape, known_inner, jit_compi
     np.testing.assert_allclose(d_beta, d_beta_ref, rtol=1e-5, atol=1e-5 * n)
     np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, var_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner", [(24,), (3, 8)])
+@pytest.mark.parametrize("known_rows", [True, False])
+@pytest.mark.parametrize("rows", [1, 31, 63, 64, 95, 150, 1024])
+def test_xla_channel_sums_equal_float64_numpy(rng, rows, known_rows, inner):
+    # Blocks of 32 rows summed apart from the rows left over, with the product fused in.
+    from tfbn import fast
+
+    shape = (rows, *inner)
+    a = rng.normal(2.0, 3.0, size=shape).astype("float32")
+    b = rng.normal(size=shape).astype("float32")
+    spec = tf.TensorSpec([rows if known_rows else None, *inner], tf.float32)
+    sums = tf.function(
+        lambda a, b: fast._xla_channel_sums(a * b), jit_compile=True, input_signature=[spec] * 2
+    )
+    axes = tuple(range(len(shape) - 1))
+    expected = (a.astype(np.float64) * b).sum(axis=axes)
+    scale = np.abs(a.astype(np.float64) * b).sum(axis=axes).max()
+    np.testing.assert_allclose(sums(a, b).numpy(), expected, atol=1e-6 * scale)
+    graph = sums.get_concrete_function().graph.as_graph_def()
+    blocked = any(node.op == "XlaOptimizationBarrier" for node in graph.node)
+    # Fewer than two blocks' worth of rows is one plain reduction.
+    assert blocked == (rows >= 64 or not known_rows)
 
 
 def test_composed_kernel_variance_is_stable_for_large_means(rng):
@@ -544,6 +570,25 @@ def test_xla_compiled_layer_takes_the_composed_kernel(monkeypatch, rng):
     ]
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(plain, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_composed_kernel_under_xla_broadcasts_instead_of_tiling():
+    # Channels-last with lanes > 1: outside XLA a tiled `(rows, lanes * C)` view summed by matrix
+    # products; under XLA a `(rows, lanes, C)` view, blocked sums and no tiling.
+    from tfbn import fast
+
+    x = tf.zeros((96, 4, 4, 32))
+    assert fast.channel_lanes(x.shape, 32) == 8
+
+    def ops_of(jit_compile):
+        fn = tf.function(
+            lambda x: fast.composed_batch_norm(x, None, None, 1e-3, -1)[0], jit_compile=jit_compile
+        )
+        return {node.op for node in fn.get_concrete_function(x).graph.as_graph_def().node}
+
+    plain, compiled = ops_of(False), ops_of(True)
+    assert {"Tile", "MatMul"} <= plain and "XlaOptimizationBarrier" not in plain
+    assert "XlaOptimizationBarrier" in compiled and not {"Tile", "MatMul"} & compiled
 
 
 def test_fused_plan_is_what_the_layer_runs(monkeypatch):

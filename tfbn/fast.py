@@ -11,8 +11,9 @@ normalize, differentiated by autodiff):
   across `tf.distribute` replicas. Forward as in `tfbn.ops`; backward by the closed-form gradient
   of batch normalization (`tf.custom_gradient`) instead of autodiff through the moments, so the
   backward pass is two reductions and one elementwise pass. Channels-last inputs are computed on
-  a 2-D `(rows, lanes * C)` view (`channel_lanes`), which is what makes it fast for few channels
-  and under XLA.
+  a 2-D `(rows, lanes * C)` view (`channel_lanes`), which is what makes it fast for few channels;
+  under XLA on a `(rows, lanes, C)` view with reductions in blocks of rows (`_xla_channel_sums`),
+  the forms XLA's CPU compiler fuses and vectorizes.
 """
 
 from __future__ import annotations
@@ -197,17 +198,56 @@ def channel_lanes(shape, channels: int) -> int:
     return max(inner, 1)
 
 
-def _column_sums(x: tf.Tensor, xla: bool) -> tf.Tensor:
-    """Sums over the rows of a 2-D tensor.
+def _column_sums(x: tf.Tensor) -> tf.Tensor:
+    """Sums over the rows of a 2-D tensor, outside XLA.
 
     TensorFlow's CPU reduction over the rows of a tall matrix ran at about a third of the memory
     bandwidth; the same sums as `ones @ x` (a matrix-vector product) ran near it and halved the
-    composed kernel's time on (128, 32, 32, 64) (2-core x86 CPU). XLA compiles its own reductions
-    faster than its products here, so under XLA they stay reductions.
+    composed kernel's time on (128, 32, 32, 64) (2-core x86 CPU).
     """
-    if xla:
-        return tf.reduce_sum(x, 0)
     return tf.matmul(tf.ones([1, tf.shape(x)[0]], x.dtype), x)[0]
+
+
+# Rows summed per block by `_xla_channel_sums`.
+_XLA_BLOCK_ROWS = 32
+
+
+def _optimization_barrier():
+    """XLA's `OptimizationBarrier` as a TensorFlow op, or `None` where this TensorFlow lacks it."""
+    try:
+        from tensorflow.compiler.tf2xla.python import xla
+    except ImportError:  # pragma: no cover - TensorFlow moved its internals
+        return None
+    return getattr(xla, "optimization_barrier", None)
+
+
+def _xla_channel_sums(x: tf.Tensor) -> tf.Tensor:
+    """Sums over every axis but the last, in two stages that XLA compiles well.
+
+    XLA's CPU compiler does not fuse an elementwise producer (`dy * centred`, `(x - mean)**2`) into
+    a reduction over the leading axis of a tall tensor: it writes the product to memory and reads
+    it back. It does fuse the producer into a reduction over the second axis of
+    `(rows / 32, 32, ...)`, which then runs near the copy bandwidth. So the rows are summed in
+    blocks of `_XLA_BLOCK_ROWS` (those that do not fill a block are summed apart) and the block
+    sums are summed after an optimization barrier, without which XLA merges the two stages back
+    into one reduction. Each stage is a single-threaded loop on XLA's CPU runtime.
+    """
+    rank = x.shape.rank
+    rest = list(range(rank - 1))
+    barrier = _optimization_barrier()
+    inner = x.shape[1:].as_list()
+    rows = x.shape[0]
+    block = _XLA_BLOCK_ROWS
+    if barrier is None or None in inner or (rows is not None and rows < 2 * block):
+        return tf.reduce_sum(x, rest)
+    # Under XLA the row count is known when compiling, so these slices are static.
+    n_rows = tf.shape(x)[0]
+    main = n_rows - tf.math.floormod(n_rows, block)
+    blocks = tf.reduce_sum(tf.reshape(x[:main], [-1, block, *inner]), 1)
+    total = tf.reduce_sum(barrier(blocks)[0], rest)
+    if rows is not None and rows % block == 0:
+        return total
+    return total + tf.reduce_sum(x[main:], rest)
 
 
 def _fold(v: tf.Tensor, lanes: int) -> tf.Tensor:
@@ -233,7 +273,8 @@ def composed_batch_norm(
 
     Statistics in two passes (mean, then the centred sum of squares), so large means do not cancel.
     The backward pass is two per-channel reductions and one elementwise pass instead of autodiff
-    through the moments. Channels-last inputs are computed on a 2-D view (see `channel_lanes`).
+    through the moments. Channels-last inputs are computed on a 2-D view (see `channel_lanes`), or
+    under XLA on a 3-D one with blocked reductions.
 
     With `synchronized=True` in a `tf.distribute` replica context the statistics are those of the
     global batch (see `tfbn.ops.moments`), and the backward pass all-reduces its two per-channel
@@ -275,18 +316,28 @@ def composed_batch_norm(
         )
     channels = x.shape[-1]
     lanes = channel_lanes(x.shape, channels) if channels is not None else 1
-    rows = tf.reshape(x, [-1, lanes * (channels or tf.shape(x)[-1])])
-    xla = in_xla_context()
-    y, stats = _composed(
-        rows,
-        gamma,
-        beta,
-        epsilon,
-        tf.cast(tf.shape(rows)[0] * lanes, dtype),
-        sums=lambda t: _fold(_column_sums(t, xla), lanes),
-        spread=lambda v: _spread(v, lanes),
-        ctx=ctx,
-    )
+    width = channels or tf.shape(x)[-1]
+    count = tf.cast(tf.size(x, out_type=tf.int64) // tf.cast(width, tf.int64), dtype)
+    if in_xla_context():
+        # A `(rows, lanes, C)` view (`(rows, C)` for one lane): per-channel values broadcast
+        # along its last axis. Tiled to `lanes * C` columns instead, they cost XLA an index
+        # computation per element that halved the speed of each pass (2-core x86 CPU).
+        view = tf.reshape(x, [-1, width] if lanes == 1 else [-1, lanes, width])
+        sums = _xla_channel_sums
+
+        def spread(v):
+            return v
+
+    else:
+        view = tf.reshape(x, [-1, lanes * width])
+
+        def sums(t):
+            return _fold(_column_sums(t), lanes)
+
+        def spread(v):
+            return _spread(v, lanes)
+
+    y, stats = _composed(view, gamma, beta, epsilon, count, sums=sums, spread=spread, ctx=ctx)
     return tf.ensure_shape(tf.reshape(y, tf.shape(x)), x.shape), stats
 
 
