@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tfbn
@@ -81,8 +81,23 @@ def cases(draw):
     }
 
 
+_FEW_NEARLY_EQUAL = {  # channel 4 of its second batch: 3 values, variance 4e-4, |dx| up to 24
+    "shape": (3, 6),
+    "axis": -1,
+    "momentum": 0.0,
+    "epsilon": 1e-05,
+    "center": False,
+    "scale": False,
+    "fused": None,
+    "loc": 0.0,
+    "spread": 1.0,
+    "seed": 0,
+}
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
+@example(case=_FEW_NEARLY_EQUAL)
 def test_matches_keras_batch_normalization_in_both_modes(case):
     rng = np.random.default_rng(case["seed"])
     x = (rng.normal(size=case["shape"]) * case["spread"] + case["loc"]).astype("float32")
@@ -105,8 +120,14 @@ def test_matches_keras_batch_normalization_in_both_modes(case):
         y_theirs, g_theirs = _grads(theirs, batch, dy)
         _assert_close(y_ours, y_theirs)
         n = x.size / channels
-        for a, b in zip(g_ours, g_theirs, strict=True):
-            _assert_close(a, b, scale=np.abs(b).max() if a.ndim == 1 else None, atol=1e-5 * n**0.5)
+        for a, b in zip(g_ours[1:], g_theirs[1:], strict=True):
+            _assert_close(a, b, scale=np.abs(b).max(), atol=1e-5 * n**0.5)
+        # dx of a channel is its gradients times 1 / std: a channel of a few nearly equal values
+        # has large dx, and both layers' float32 rounding grows with it. Compare per channel,
+        # relative to the channel's largest |dx|.
+        other_axes = tuple(i for i in range(x.ndim) if i != case["axis"] % x.ndim)
+        dx_scale = np.maximum(1.0, np.abs(g_theirs[0]).max(axis=other_axes, keepdims=True))
+        _assert_close(g_ours[0] / dx_scale, g_theirs[0] / dx_scale, atol=1e-5 * n**0.5)
         _assert_close(ours.moving_mean.numpy(), theirs.moving_mean.numpy())
         _assert_close(ours.moving_variance.numpy(), theirs.moving_variance.numpy())
     _assert_close(ours(x, training=False), theirs(x, training=False))
