@@ -22,7 +22,9 @@ import pytest
 
 from tfbn import bench, cli
 
-LAYER_SHAPES = {"4d": (8, 4, 4, 8), "2d": (16, 32)}  # the quick shapes, stated independently
+# The quick shapes and their channel axes, stated independently.
+LAYER_SHAPES = {"4d": (8, 4, 4, 8), "4d-nchw": (8, 8, 4, 4), "2d": (16, 32)}
+LAYER_AXES = {"4d": -1, "4d-nchw": 1, "2d": -1}
 QUICK_REPEATS = 3
 
 
@@ -100,6 +102,7 @@ def test_every_case_and_target_present(quick_run):
             if v["available"]:
                 assert v["max_abs_diff_vs_keras"] < 1e-3
         assert tuple(row["shape"]) == LAYER_SHAPES[row["id"].split("/")[1]]
+        assert row["axis"] == LAYER_AXES[row["id"].split("/")[1]]
     assert set(results["cases"]["lenet"]["variants"]) == {"tfbn", "keras", "none"}
     # A case that depends on another module is only "not available" while that module is missing.
     for name, module, attribute in (

@@ -518,6 +518,57 @@ def test_composed_kernel_equals_float64_numpy(rng, shape, known_inner, jit_compi
     np.testing.assert_allclose(var, var_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize(
+    "shape,axis,known",
+    [
+        ((6, 8, 5, 5), 1, True),
+        ((6, 8, 5, 5), 1, False),  # all but the channel axis unknown when traced
+        ((4, 3, 5, 6), 2, True),
+        ((5, 4, 3), 1, True),
+        ((4, 6, 3, 2, 2), 1, True),
+        ((3, 2, 4, 5, 3), 3, True),
+    ],
+)
+def test_composed_kernel_other_axes_equal_float64_numpy(rng, shape, axis, known, jit_compile):
+    from tfbn import fast
+
+    x = rng.normal(size=shape) * 3.0 + 1.5
+    dy = rng.normal(size=shape)
+    channels = shape[axis]
+    gamma = rng.uniform(0.5, 2, channels)
+    beta = rng.normal(size=channels)
+    spec = list(shape) if known else [None] * len(shape)
+    spec[axis] = channels
+
+    @tf.function(
+        jit_compile=jit_compile,
+        input_signature=[tf.TensorSpec(spec, tf.float32), tf.TensorSpec(shape, tf.float32)],
+    )
+    def step(x, dy):
+        g, b = tf.constant(gamma, tf.float32), tf.constant(beta, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch([x, g, b])
+            y, stats = fast.composed_batch_norm(x, g, b, 1e-5, axis)
+        return (y, *tape.gradient(y, [x, g, b], output_gradients=dy), stats.mean, stats.variance)
+
+    y, dx, d_gamma, d_beta, mean, var = (
+        t.numpy() for t in step(x.astype("float32"), dy.astype("float32"))
+    )
+    y_ref, mean_ref, var_ref, x_hat = np_batch_norm_train(x, gamma, beta, 1e-5, axis)
+    dx_ref, d_gamma_ref, d_beta_ref = np_batch_norm_grads(dy, x_hat, var_ref, gamma, 1e-5, axis)
+    n = x.size / channels
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_gamma, d_gamma_ref, rtol=1e-5, atol=1e-5 * n)
+    np.testing.assert_allclose(d_beta, d_beta_ref, rtol=1e-5, atol=1e-5 * n)
+    np.testing.assert_allclose(mean, mean_ref.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, var_ref.ravel(), rtol=1e-5, atol=1e-6)
+    graph = step.get_concrete_function().graph.as_graph_def()
+    barriers = [node for node in graph.node if node.op == "XlaOptimizationBarrier"]
+    assert bool(barriers) == jit_compile
+
+
 @pytest.mark.parametrize("inner", [(24,), (3, 8)])
 @pytest.mark.parametrize("known_rows", [True, False])
 @pytest.mark.parametrize("rows", [1, 31, 63, 64, 95, 150, 1024])

@@ -8,10 +8,11 @@ machine they were taken on, so the results carry a description of it.
 Cases:
 
 - `layer`: one BatchNorm layer, training forward+backward (gradients with respect to the input,
-  gamma and beta, and the moving-statistics update) and inference forward, on a 4D
-  `(128, 32, 32, 64)` and a 2D `(4096, 1024)` float32 input, without and with XLA. Each timing is
-  also given in *passes over the tensor*: its time divided by the time one pass takes, a pass being
-  one read or one write of the whole tensor at the copy bandwidth measured in the same run (a copy
+  gamma and beta, and the moving-statistics update) and inference forward, on float32 inputs: 4D
+  channels-last `(128, 32, 32, 64)`, 4D channels-first `(128, 64, 32, 32)` (`4d-nchw`, channel
+  axis 1) and 2D `(4096, 1024)`, without and with XLA. Each timing is also given in *passes over
+  the tensor*: its time divided by the time one pass takes, a pass being one read or one write of
+  the whole tensor at the copy bandwidth measured in the same run (a copy
   `x * c` reads the tensor once and writes it once: two passes). The memory bound of an
   implementation is the traffic no implementation can avoid: training forward+backward reads `x`,
   writes `y`, reads `dy`, reads `x` again and writes `dx` (5 passes); inference reads `x` and writes
@@ -66,7 +67,7 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
 )
 
 _FULL = {
-    "shapes": {"4d": (128, 32, 32, 64), "2d": (4096, 1024)},
+    "shapes": {"4d": (128, 32, 32, 64), "4d-nchw": (128, 64, 32, 32), "2d": (4096, 1024)},
     "repeats": 15,
     "min_sample_s": 0.05,
     "lenet_batch": 256,
@@ -76,7 +77,7 @@ _FULL = {
     "export_repeats": 5,
 }
 _QUICK = {
-    "shapes": {"4d": (8, 4, 4, 8), "2d": (16, 32)},
+    "shapes": {"4d": (8, 4, 4, 8), "4d-nchw": (8, 8, 4, 4), "2d": (16, 32)},
     "repeats": 3,
     "min_sample_s": 0.0,
     "lenet_batch": 32,
@@ -85,6 +86,9 @@ _QUICK = {
     "export_seconds": 0.05,
     "export_repeats": 2,
 }
+# The channel axis of each layer shape (default: last): "4d-nchw" is channels-first, the layout
+# cuDNN prefers.
+_CHANNEL_AXIS = {"4d-nchw": 1}
 _MAX_NUMBER = 100
 _WARMUP_CALLS = 3
 
@@ -152,13 +156,13 @@ def _layer_variants() -> dict[str, dict]:
     return variants
 
 
-def _make_layer(name: str, kwargs: dict | None):
+def _make_layer(name: str, kwargs: dict | None, axis: int = -1):
     import keras
 
     from tfbn.config import RECIPE
     from tfbn.layers import BatchNorm
 
-    settings = {"momentum": RECIPE.momentum, "epsilon": RECIPE.epsilon}
+    settings = {"axis": axis, "momentum": RECIPE.momentum, "epsilon": RECIPE.epsilon}
     if kwargs is None:
         return keras.layers.BatchNormalization(**settings, name=name)
     return BatchNorm(**settings, **kwargs, name=name)
@@ -207,6 +211,7 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    axis = _CHANNEL_AXIS.get(shape_name, -1)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(2.0, 3.0, size=shape).astype("float32"))
     dy = tf.constant(rng.normal(size=shape).astype("float32"))
@@ -220,7 +225,7 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
     first_outputs = {}
     for name, kwargs in _layer_variants().items():
         try:
-            layer = _make_layer(f"{name}_{shape_name}_{mode}", kwargs)
+            layer = _make_layer(f"{name}_{shape_name}_{mode}", kwargs, axis)
             fn = _layer_function(layer, mode, xla, x, dy)
             first_outputs[name] = fn()[0].numpy()
         except (ValueError, NotImplementedError, tf.errors.OpError) as error:
@@ -252,6 +257,7 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
         "id": f"layer/{shape_name}/{mode}/{'xla' if xla else 'no-xla'}",
         "shape_name": shape_name,
         "shape": list(shape),
+        "axis": axis,
         "dtype": "float32",
         "mode": mode,
         "xla": xla,
