@@ -71,7 +71,8 @@ def fused_plan(
     Under XLA (`xla=True`) the composed kernel is taken on every device: XLA expands the fused
     kernel into `E[x^2] - E[x]^2`, which loses the variance of inputs with large means (at mean
     1e4 and variance 1 it returned variances from -135 to 35 on a CPU), and on a 2-core x86 CPU
-    that expansion also ran 4x slower than the composed kernel on (128, 32, 32, 64). Otherwise, on
+    that expansion also ran 7x slower than the composed kernel on (128, 32, 32, 64)
+    (docs/benchmarks/cpu-2core.md). Otherwise, on
     GPUs (cuDNN), the fused kernel is taken wherever it applies; on CPUs the choice follows
     forward+backward timings on that CPU (oneDNN): channels-last rank-4 inputs ran the fused
     kernel at 0.4-0.55x Keras's time for C divisible by 4 ((256, 24, 24, C), C in
