@@ -467,70 +467,9 @@ def test_every_fused_plan_equals_the_composed_kernel(rng, shape, axis, plan):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5 * max(1.0, n**0.5))
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize(
-    "shape,known_inner",
-    [
-        ((8, 6, 6, 6), True),  # six channels: all 36 positions of an example in one row
-        ((4, 12, 12, 6), True),  # 48 of the 144 positions per row
-        ((5, 3, 4, 2, 3), True),
-        ((6, 7, 5), True),
-        ((6, 5, 5, 6), False),  # inner dimensions unknown when traced: one position per row
-        ((10, 70), True),
-        ((4, 3, 3, 96), True),
-        ((70, 4, 4, 32), True),  # 70 rows of 256: under XLA, two blocks of 32 rows and 6 apart
-        ((128, 40), True),  # 128 rows: four whole blocks
-    ],
-)
-def test_composed_kernel_equals_float64_numpy(rng, shape, known_inner, jit_compile):
-    from tfbn import fast
-
-    x = rng.normal(size=shape) * 3.0 + 1.5
-    dy = rng.normal(size=shape)
-    channels = shape[-1]
-    gamma = rng.uniform(0.5, 2, channels)
-    beta = rng.normal(size=channels)
-    spec = [None] * len(shape) if not known_inner else [None, *shape[1:]]
-    spec[-1] = channels
-
-    @tf.function(
-        jit_compile=jit_compile,
-        input_signature=[tf.TensorSpec(spec, tf.float32), tf.TensorSpec(shape, tf.float32)],
-    )
-    def step(x, dy):
-        g, b = tf.constant(gamma, tf.float32), tf.constant(beta, tf.float32)
-        with tf.GradientTape() as tape:
-            tape.watch([x, g, b])
-            y, stats = fast.composed_batch_norm(x, g, b, 1e-5, -1)
-        return (y, *tape.gradient(y, [x, g, b], output_gradients=dy), stats.mean, stats.variance)
-
-    y, dx, d_gamma, d_beta, mean, var = (
-        t.numpy() for t in step(x.astype("float32"), dy.astype("float32"))
-    )
-    y_ref, mean_ref, var_ref, x_hat = np_batch_norm_train(x, gamma, beta, 1e-5, -1)
-    dx_ref, d_gamma_ref, d_beta_ref = np_batch_norm_grads(dy, x_hat, var_ref, gamma, 1e-5, -1)
-    n = x.size / channels
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(d_gamma, d_gamma_ref, rtol=1e-5, atol=1e-5 * n)
-    np.testing.assert_allclose(d_beta, d_beta_ref, rtol=1e-5, atol=1e-5 * n)
-    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(var, var_ref, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize(
-    "shape,axis,known",
-    [
-        ((6, 8, 5, 5), 1, True),
-        ((6, 8, 5, 5), 1, False),  # all but the channel axis unknown when traced
-        ((4, 3, 5, 6), 2, True),
-        ((5, 4, 3), 1, True),
-        ((4, 6, 3, 2, 2), 1, True),
-        ((3, 2, 4, 5, 3), 3, True),
-    ],
-)
-def test_composed_kernel_other_axes_equal_float64_numpy(rng, shape, axis, known, jit_compile):
+def _check_composed_against_numpy(rng, shape, axis, spec, jit_compile):
+    """Runs `fast.composed_batch_norm` (forward, gradients, statistics) traced with input spec
+    `spec` and compares it with the float64 formulas; returns the traced step."""
     from tfbn import fast
 
     x = rng.normal(size=shape) * 3.0 + 1.5
@@ -538,8 +477,6 @@ def test_composed_kernel_other_axes_equal_float64_numpy(rng, shape, axis, known,
     channels = shape[axis]
     gamma = rng.uniform(0.5, 2, channels)
     beta = rng.normal(size=channels)
-    spec = list(shape) if known else [None] * len(shape)
-    spec[axis] = channels
 
     @tf.function(
         jit_compile=jit_compile,
@@ -562,8 +499,48 @@ def test_composed_kernel_other_axes_equal_float64_numpy(rng, shape, axis, known,
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(d_gamma, d_gamma_ref, rtol=1e-5, atol=1e-5 * n)
     np.testing.assert_allclose(d_beta, d_beta_ref, rtol=1e-5, atol=1e-5 * n)
-    np.testing.assert_allclose(mean, mean_ref.ravel(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(var, var_ref.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-5, atol=1e-6)
+    return step
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize(
+    "shape,known_inner",
+    [
+        ((8, 6, 6, 6), True),  # six channels: all 36 positions of an example in one row
+        ((4, 12, 12, 6), True),  # 48 of the 144 positions per row
+        ((5, 3, 4, 2, 3), True),
+        ((6, 7, 5), True),
+        ((6, 5, 5, 6), False),  # inner dimensions unknown when traced: one position per row
+        ((10, 70), True),
+        ((4, 3, 3, 96), True),
+        ((70, 4, 4, 32), True),  # 70 rows of 256: under XLA, two blocks of 32 rows and 6 apart
+        ((128, 40), True),  # 128 rows: four whole blocks
+    ],
+)
+def test_composed_kernel_equals_float64_numpy(rng, shape, known_inner, jit_compile):
+    spec = [None] * len(shape) if not known_inner else [None, *shape[1:]]
+    spec[-1] = shape[-1]
+    _check_composed_against_numpy(rng, shape, -1, spec, jit_compile)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize(
+    "shape,axis,known",
+    [
+        ((6, 8, 5, 5), 1, True),
+        ((6, 8, 5, 5), 1, False),  # all but the channel axis unknown when traced
+        ((4, 3, 5, 6), 2, True),
+        ((5, 4, 3), 1, True),
+        ((4, 6, 3, 2, 2), 1, True),
+        ((3, 2, 4, 5, 3), 3, True),
+    ],
+)
+def test_composed_kernel_other_axes_equal_float64_numpy(rng, shape, axis, known, jit_compile):
+    spec = list(shape) if known else [None] * len(shape)
+    spec[axis] = shape[axis]
+    step = _check_composed_against_numpy(rng, shape, axis, spec, jit_compile)
     graph = step.get_concrete_function().graph.as_graph_def()
     barriers = [node for node in graph.node if node.op == "XlaOptimizationBarrier"]
     assert bool(barriers) == jit_compile

@@ -251,10 +251,11 @@ def _xla_channel_sums(x: tf.Tensor) -> tf.Tensor:
     return total + tf.reduce_sum(x[main:], rest)
 
 
-def _xla_middle_sums(x: tf.Tensor) -> tf.Tensor:
-    """Sums of an `(outer, C, inner)` tensor over its first and last axes, under XLA: over the
-    rows first, then, after an optimization barrier, over the outer axis."""
-    barrier = _optimization_barrier()
+def _middle_sums(x: tf.Tensor, xla: bool) -> tf.Tensor:
+    """Sums of an `(outer, C, inner)` tensor over its first and last axes. Under XLA over the rows
+    first, then, after an optimization barrier, over the outer axis: XLA compiles that faster than
+    one reduction over both axes."""
+    barrier = _optimization_barrier() if xla else None
     if barrier is None:
         return tf.reduce_sum(x, [0, 2])
     return tf.reduce_sum(barrier(tf.reduce_sum(x, 2))[0], 0)
@@ -308,57 +309,32 @@ def composed_batch_norm(
     ctx = tf.distribute.get_replica_context()
     if not (synchronized and ctx is not None and ctx.num_replicas_in_sync > 1):
         ctx = None
-    if axis != rank - 1 and in_xla_context() and x.shape[axis] is not None:
-        # An `(outer, C, inner)` view: each example's channel is a contiguous row, summed first;
-        # the `(outer, C)` row sums are summed after an optimization barrier (see
-        # `_xla_channel_sums`), which XLA compiles faster than one reduction over both axes.
-        channels = x.shape[axis]
-        inner = tf.reduce_prod(tf.shape(x)[axis + 1 :])
-        view = tf.reshape(x, [-1, channels, inner])
-        count = tf.cast(tf.size(x, out_type=tf.int64) // channels, dtype)
-        y, stats = _composed(
-            view,
-            gamma,
-            beta,
-            epsilon,
-            count,
-            sums=_xla_middle_sums,
-            spread=lambda v: tf.reshape(v, [1, -1, 1]),
-            ctx=ctx,
-        )
-        return tf.ensure_shape(tf.reshape(y, tf.shape(x)), x.shape), stats
+    xla = in_xla_context()
+    channels = x.shape[axis] or tf.shape(x)[axis]
+    lanes = channel_lanes(x.shape, x.shape[-1]) if axis == rank - 1 else 1
     if axis != rank - 1:
-        # Per-channel sums over every other axis; per-channel values broadcast along them.
-        axes = [i for i in range(rank) if i != axis]
-        shape = [1] * rank
-        shape[axis] = -1
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
-        return _composed(
-            x,
-            gamma,
-            beta,
-            epsilon,
-            count,
-            sums=lambda t: tf.reduce_sum(t, axes),
-            spread=lambda v: tf.reshape(v, shape),
-            ctx=ctx,
-        )
-    channels = x.shape[-1]
-    lanes = channel_lanes(x.shape, channels) if channels is not None else 1
-    width = channels or tf.shape(x)[-1]
-    count = tf.cast(tf.size(x, out_type=tf.int64) // tf.cast(width, tf.int64), dtype)
-    if in_xla_context():
+        # An `(outer, C, inner)` view: per-channel values broadcast along its first and last
+        # axes, and each example's channel is a contiguous row (see `_middle_sums`).
+        view = tf.reshape(x, [-1, channels, tf.reduce_prod(tf.shape(x)[axis + 1 :])])
+
+        def sums(t):
+            return _middle_sums(t, xla)
+
+        def spread(v):
+            return tf.reshape(v, [1, -1, 1])
+
+    elif xla:
         # A `(rows, lanes, C)` view (`(rows, C)` for one lane): per-channel values broadcast
         # along its last axis. Tiled to `lanes * C` columns instead, they cost XLA an index
         # computation per element that halved the speed of each pass (2-core x86 CPU).
-        view = tf.reshape(x, [-1, width] if lanes == 1 else [-1, lanes, width])
+        view = tf.reshape(x, [-1, channels] if lanes == 1 else [-1, lanes, channels])
         sums = _xla_channel_sums
 
         def spread(v):
             return v
 
     else:
-        view = tf.reshape(x, [-1, lanes * width])
+        view = tf.reshape(x, [-1, lanes * channels])
 
         def sums(t):
             return _fold(_column_sums(t), lanes)
@@ -366,6 +342,7 @@ def composed_batch_norm(
         def spread(v):
             return _spread(v, lanes)
 
+    count = tf.cast(tf.size(x, out_type=tf.int64) // tf.cast(channels, tf.int64), dtype)
     y, stats = _composed(view, gamma, beta, epsilon, count, sums=sums, spread=spread, ctx=ctx)
     return tf.ensure_shape(tf.reshape(y, tf.shape(x)), x.shape), stats
 
