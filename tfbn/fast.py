@@ -228,10 +228,9 @@ def _xla_channel_sums(x: tf.Tensor) -> tf.Tensor:
     XLA's CPU compiler does not fuse an elementwise producer (`dy * centred`, `(x - mean)**2`) into
     a reduction over the leading axis of a tall tensor: it writes the product to memory and reads
     it back. It does fuse the producer into a reduction over the second axis of
-    `(rows / 32, 32, ...)`, which then runs near the copy bandwidth. So the rows are summed in
-    blocks of `_XLA_BLOCK_ROWS` (those that do not fill a block are summed apart) and the block
-    sums are summed after an optimization barrier, without which XLA merges the two stages back
-    into one reduction. Each stage is a single-threaded loop on XLA's CPU runtime.
+    `(rows / 32, 32, ...)`. So the rows are summed in blocks of `_XLA_BLOCK_ROWS` (those that do
+    not fill a block are summed apart) and the block sums are summed after an optimization
+    barrier, without which XLA merges the two stages back into one reduction.
     """
     rank = x.shape.rank
     rest = list(range(rank - 1))
