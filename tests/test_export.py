@@ -1,14 +1,12 @@
-"""SavedModel export and serving: folded and unfolded exports against the Keras model's predict.
+"""SavedModel export: folded and unfolded exports against the Keras model's predict.
 
 The reference is always the Keras model itself (`model.predict`, float32 inputs scaled by 1/255),
 and for the folding arithmetic a float64 NumPy computation of the fold. Exports are loaded in a
 subprocess that cannot import tfbn, and in-process for the rest.
 """
 
-import gzip
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -16,6 +14,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from model_helpers import (
+    keras_reference,
+    lenet,
+    randomize_batch_norms,
+    structured_images,
+    train_briefly,
+    write_idx,
+)
 
 import tfbn
 from tfbn import cli, export, serving
@@ -27,30 +33,6 @@ UNFOLDED_TOL = 1e-5
 
 
 # --------------------------------------------------------------------------------- models
-
-
-def _randomize_batch_norms(model, rng):
-    """Moving statistics, gamma and beta far from their initial values."""
-    for layer in model.layers:
-        if isinstance(layer, (tfbn.BatchNorm, keras.layers.BatchNormalization)):
-            channels = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0.0, 1.0, channels).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.2, 3.0, channels).astype("float32"))
-            if layer.scale:
-                layer.gamma.assign(rng.uniform(0.3, 2.0, channels).astype("float32"))
-            if layer.center:
-                layer.beta.assign(rng.normal(0.0, 1.0, channels).astype("float32"))
-
-
-def _train_briefly(model, rng, steps=3):
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.5),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    shape = (32 * steps, *model.input_shape[1:])
-    x = rng.uniform(0.0, 1.0, shape).astype("float32")
-    y = rng.integers(0, 10, len(x))
-    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
 
 
 def _functional_model(rng):
@@ -85,8 +67,8 @@ def _functional_model(rng):
     x = tfbn.BatchNorm(center=False, scale=False, name="bn_plain")(x)  # folded
     outputs = keras.layers.Dense(10, name="logits")(keras.layers.Activation("sigmoid")(x))
     model = keras.Model(inputs, outputs, name="functional")
-    _train_briefly(model, rng)
-    _randomize_batch_norms(model, rng)
+    train_briefly(model, rng)
+    randomize_batch_norms(model, rng)
     return model
 
 
@@ -96,34 +78,19 @@ FOLDED_IN_FUNCTIONAL = {
 AFFINE_IN_FUNCTIONAL = {"bn_after_pool", "bn_shared", "bn_after_act", "bn_wrong_axis"}
 
 
-def _lenet(norm, rng, use_bias=True):
-    model = tfbn.lenet(norm, use_bias=use_bias)
-    _train_briefly(model, rng)
-    _randomize_batch_norms(model, rng)
-    return model
-
-
 @pytest.fixture(scope="module")
 def images():
-    """uint8 images with some structure (blurred noise), as the models take them."""
-    rng = np.random.default_rng(7)
-    coarse = rng.uniform(0, 255, (48, 7, 7, 1)).astype("float32")
-    smooth = tf.image.resize(coarse, (28, 28)).numpy()[..., 0]
-    return np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+    return structured_images()
 
 
 @pytest.fixture(scope="module")
 def models():
     rng = np.random.default_rng(0)
     return {
-        "tfbn": _lenet("tfbn", rng),
-        "keras": _lenet("keras", rng, use_bias=False),
+        "tfbn": lenet("tfbn", rng),
+        "keras": lenet("keras", rng, use_bias=False),
         "functional": _functional_model(rng),
     }
-
-
-def _reference(model, images):
-    return model.predict(images[..., None].astype(np.float32) / np.float32(255.0), verbose=0)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +131,7 @@ def served_without_tfbn(exports, images, tmp_path_factory):
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
 def test_saved_model_without_tfbn_matches_predict(models, images, served_without_tfbn, kind, fold):
     served = served_without_tfbn[kind, fold]
-    expected = _reference(models[kind], images)
+    expected = keras_reference(models[kind], images)
     tolerance = FOLD_TOL if fold else UNFOLDED_TOL
     for signature in ("serving_default", "serving_uint8_2d", "serving_float"):
         logits = served[f"{signature}/logits"]
@@ -323,14 +290,14 @@ def test_existing_version_refused_then_replaced_with_overwrite(models, images, t
     # The refused export left the first one as it was.
     np.testing.assert_allclose(
         np.array([p for _, p in serving.predict(first, images)]),
-        tf.nn.softmax(_reference(models["tfbn"], images)).numpy(),
+        tf.nn.softmax(keras_reference(models["tfbn"], images)).numpy(),
         atol=FOLD_TOL,
     )
     again = tfbn.export_saved_model(models["keras"], tmp_path, name="m", version=2, overwrite=True)
     assert again == first and _listing(tmp_path / "m") == ["2"]
     np.testing.assert_allclose(
         np.array([p for _, p in serving.predict(again, images)]),
-        tf.nn.softmax(_reference(models["keras"], images)).numpy(),
+        tf.nn.softmax(keras_reference(models["keras"], images)).numpy(),
         atol=FOLD_TOL,
     )
 
@@ -394,98 +361,6 @@ def test_check_data_is_used(models, images, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- the CLIs
 
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    data = header + array.astype(np.uint8).tobytes()
-    if str(path).endswith(".gz"):
-        data = gzip.compress(data)
-    pathlib.Path(path).write_bytes(data)
-
-
-def _printed_classes(stdout):
-    """label -> [(name, probability), ...] from `tfbn predict`'s lines `label: name p, ...`."""
-    out = {}
-    for line in stdout.strip().splitlines():
-        label, ranked = line.rsplit(": ", 1)
-        pairs = [item.rsplit(" ", 1) for item in ranked.split(", ")]
-        out[label] = [(name, float(p)) for name, p in pairs]
-    return out
-
-
-def test_predict_cli_on_png_and_idx_matches_keras(models, images, exports, tmp_path, capsys):
-    expected = [CLASS_NAMES[i] for i in _reference(models["tfbn"], images).argmax(-1)]
-    gray = tmp_path / "gray.png"
-    gray.write_bytes(tf.io.encode_png(images[0][..., None]).numpy())
-    rgb = tmp_path / "rgb.png"  # equal channels: grayscale conversion gives the same pixels
-    rgb.write_bytes(tf.io.encode_png(np.repeat(images[1][..., None], 3, -1)).numpy())
-    idx = tmp_path / "few-images-idx3-ubyte.gz"
-    _write_idx(idx, images[2:12])
-    jpeg = tmp_path / "lossy.jpg"
-    jpeg.write_bytes(tf.io.encode_jpeg(images[12][..., None], quality=90).numpy())
-    # JPEG changes pixels: the reference is the Keras model on the decoded JPEG.
-    decoded = tf.io.decode_jpeg(jpeg.read_bytes(), channels=1).numpy()[None, ..., 0]
-    expected.append(CLASS_NAMES[_reference(models["tfbn"], decoded).argmax()])
-    model_root = exports["tfbn", True].parent  # the model folder: its latest version is served
-    code = cli.main(
-        ["predict", str(model_root), str(gray), str(rgb), str(idx), str(jpeg), "--top-k", "3"]
-    )
-    assert code == 0
-    printed = _printed_classes(capsys.readouterr().out)
-    assert list(printed) == [str(gray), str(rgb)] + [f"{idx}[{i}]" for i in range(10)] + [str(jpeg)]
-    assert [ranked[0][0] for ranked in printed.values()] == expected[:12] + expected[-1:]
-    # The top 3 of each image, with the Keras model's probabilities (printed to 4 decimals).
-    probabilities = tf.nn.softmax(_reference(models["tfbn"], images[:12])).numpy()
-    for ranked, p in zip(list(printed.values())[:12], probabilities, strict=True):
-        top = np.argsort(-p)[:3]
-        assert [name for name, _ in ranked] == [CLASS_NAMES[i] for i in top]
-        np.testing.assert_allclose([q for _, q in ranked], p[top], atol=1e-4)
-
-
-def test_predict_api_matches_keras(models, images, exports):
-    expected = tf.nn.softmax(_reference(models["keras"], images)).numpy()
-    for batch in (images, images[..., None], images.astype(np.float32) / 255.0):
-        results = serving.predict(exports["keras", False], batch)
-        assert [name for name, _ in results] == [CLASS_NAMES[i] for i in expected.argmax(-1)]
-        np.testing.assert_allclose(np.array([p for _, p in results]), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda p: p.write_bytes(tf.io.encode_png(np.zeros((32, 32, 1), np.uint8)).numpy()),
-         "32x32 pixels"),
-        (lambda p: _write_idx(p, np.zeros((2, 28, 27))), "28x27 pixels"),
-        (lambda p: p.write_bytes(bytes([0, 0, 0x0D, 3]) + bytes(12)), "float32 values"),
-        (lambda p: _write_idx(p, np.zeros(5)), "1 dimensions"),
-        (lambda p: p.write_bytes(b"not an image at all"), "neither a PNG"),
-        (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00broken"), "corrupt gzip"),
-        (lambda p: None, "does not exist"),
-    ],
-    ids=["png-32x32", "idx-28x27", "idx-float", "idx-labels", "garbage", "bad-gzip", "missing"],
-)  # fmt: skip
-def test_predict_cli_bad_input_is_a_clear_error(exports, tmp_path, capsys, make, message):
-    path = tmp_path / "input.bin"
-    make(path)
-    code = cli.main(["predict", str(exports["tfbn", True]), str(path)])
-    captured = capsys.readouterr()
-    assert code == 2
-    assert captured.err.startswith("tfbn predict: error:") and message in captured.err
-    assert captured.out == ""
-
-
-def test_predict_api_refuses_wrong_shape_and_dtype(exports):
-    with pytest.raises(ValueError, match=r"shape \(n, 28, 28, 1\)"):
-        serving.predict(exports["tfbn", True], np.zeros((2, 28, 28, 3), np.uint8))
-    with pytest.raises(ValueError, match="dtype=int32"):
-        serving.predict(exports["tfbn", True], np.zeros((2, 28, 28), np.int32))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        serving.predict(exports["tfbn", True], np.full((2, 28, 28), 3.0, np.float32))
-    with pytest.raises(ValueError, match="model_dir"):
-        serving.predict(exports["tfbn", True].parent.parent, np.zeros((2, 28, 28), np.uint8))
-
-
 def test_export_cli_writes_a_version(models, images, tmp_path, capsys):
     path = tmp_path / "model.keras"
     models["tfbn"].save(path)
@@ -499,39 +374,16 @@ def test_export_cli_writes_a_version(models, images, tmp_path, capsys):
     logits = tf.saved_model.load(str(target)).signatures["serving_uint8_2d"](
         images=tf.constant(images)
     )["logits"]
-    np.testing.assert_allclose(logits, _reference(models["tfbn"], images), atol=UNFOLDED_TOL)
+    np.testing.assert_allclose(logits, keras_reference(models["tfbn"], images), atol=UNFOLDED_TOL)
     assert cli.main(["export", str(path), "--dir", str(tmp_path / "out"), "--name", "cli",
                      "--version", "5"]) == 2  # fmt: skip
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["export", str(tmp_path / "missing.keras")]) == 2
     idx = tmp_path / "check-idx3-ubyte"
-    _write_idx(idx, images[:9])
+    write_idx(idx, images[:9])
     code = cli.main(["export", str(path), "--dir", str(tmp_path / "out"), "--name", "cli",
                      "--check-data", str(idx)])  # fmt: skip
     assert code == 0 and (tmp_path / "out" / "cli" / "6" / "saved_model.pb").is_file()
-
-
-def test_inference_throughput(exports):
-    rate = serving.inference_throughput(exports["tfbn", True], 4, seconds=0.2, repeats=2)
-    assert rate > 0
-    rate = serving.inference_throughput(
-        exports["tfbn", True], 1, signature="serving_float", seconds=0.1, repeats=1
-    )
-    assert rate > 0
-    with pytest.raises(ValueError, match="`signature`"):
-        serving.inference_throughput(exports["tfbn", True], 4, signature="nope")
-    with pytest.raises(ValueError, match="`batch_size`"):
-        serving.inference_throughput(exports["tfbn", True], 0)
-
-
-def test_removed_folder_tree_is_not_needed(exports, images, tmp_path):
-    # A copied version folder serves on its own: nothing refers back to where it was written.
-    copy = tmp_path / "copy" / "1"
-    shutil.copytree(exports["keras", True], copy)
-    np.testing.assert_array_equal(
-        [n for n, _ in serving.predict(copy, images)],
-        [n for n, _ in serving.predict(exports["keras", True], images)],
-    )
 
 
 def test_xla_compiled_export_matches_predict(models, images, tmp_path):
@@ -539,13 +391,15 @@ def test_xla_compiled_export_matches_predict(models, images, tmp_path):
     logits = tf.saved_model.load(str(path)).signatures["serving_default"](
         images=tf.constant(images[..., None])
     )["logits"]
-    np.testing.assert_allclose(logits, _reference(models["keras"], images), rtol=0, atol=FOLD_TOL)
+    np.testing.assert_allclose(
+        logits, keras_reference(models["keras"], images), rtol=0, atol=FOLD_TOL
+    )
 
 
 def test_mixed_precision_model_exports_unfolded_and_explains_folding(images, tmp_path):
     keras.mixed_precision.set_global_policy("mixed_float16")
     model = tfbn.lenet("tfbn")
-    _randomize_batch_norms(model, np.random.default_rng(3))
+    randomize_batch_norms(model, np.random.default_rng(3))
     with pytest.raises(ValueError, match=r"computes in float16.*--no-fold"):
         tfbn.export_saved_model(model, tmp_path, name="mp")
     path = tfbn.export_saved_model(model, tmp_path, name="mp", fold=False)
@@ -553,7 +407,7 @@ def test_mixed_precision_model_exports_unfolded_and_explains_folding(images, tmp
         images=tf.constant(images)
     )["logits"]
     assert logits.dtype == tf.float32
-    np.testing.assert_allclose(logits, _reference(model, images), rtol=0, atol=UNFOLDED_TOL)
+    np.testing.assert_allclose(logits, keras_reference(model, images), rtol=0, atol=UNFOLDED_TOL)
 
 
 def test_nested_models_are_folded_inside(models, images):
@@ -566,7 +420,7 @@ def test_nested_models_are_folded_inside(models, images):
     assert [type(layer).__name__ for layer in folded_inner.layers].count("_FoldedAway") == 4
     np.testing.assert_allclose(
         folded.predict(images[..., None] / 255.0, verbose=0),
-        _reference(inner, images),
+        keras_reference(inner, images),
         rtol=0,
         atol=FOLD_TOL,
     )
