@@ -16,6 +16,7 @@ from tfbn.ops import batch_norm, moments  # noqa: E402
 
 # Public name -> "module:attribute", imported on first access.
 _LAZY = {
+    "convert": "tfbn.conversion:convert",
     "lenet": "tfbn.models:lenet",
     "load_fashion_mnist": "tfbn.data:load_fashion_mnist",
     "train": "tfbn.training:train",

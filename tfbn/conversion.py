@@ -1,0 +1,148 @@
+"""Convert a Keras model to tfbn: every `keras.layers.BatchNormalization` becomes `tfbn.BatchNorm`.
+
+`convert(model)` returns a copy of a Sequential or functional model (nested ones included) in
+which each batch-norm layer of Keras's class is a `tfbn.BatchNorm` with the same configuration
+and the same variables (`gamma`, `beta`, the moving statistics and, with batch renormalization,
+`moving_stddev`, `renorm_mean`, `renorm_stddev`). Every other layer is rebuilt from its config
+with its variables copied: names, `trainable` flags (frozen parts for fine-tuning stay frozen),
+dtype policies and random-generator states are those of the original, so the copy computes
+what the original computes, in inference and in training mode.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tfbn.layers import BatchNorm
+
+__all__ = ["convert"]
+
+
+def _is_keras_batch_norm(layer) -> bool:
+    """Keras's own batch-norm class (not tfbn's, nor a user's subclass with its own behaviour)."""
+    return type(layer) is keras.layers.BatchNormalization
+
+
+def _is_graph_model(model) -> bool:
+    if isinstance(model, keras.Sequential):
+        return True
+    try:
+        return isinstance(model, keras.Model) and bool(model.inputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _nested_batch_norms(layer) -> list[str]:
+    """Paths of the Keras batch-norm layers anywhere inside `layer` (itself excluded)."""
+    return [
+        inner.path if hasattr(inner, "path") else inner.name
+        for inner in layer._flatten_layers(include_self=False, recursive=True)
+        if _is_keras_batch_norm(inner)
+    ]
+
+
+def _clone_layer(layer, pairs: list) -> keras.layers.Layer:
+    """A new layer built from `layer`'s config (a tfbn.BatchNorm for Keras's batch norm)."""
+    if _is_graph_model(layer):
+        return convert(layer)  # a nested Sequential or functional model, variables included
+    if _is_keras_batch_norm(layer):
+        clone = BatchNorm.from_config(layer.get_config())
+    else:
+        inside = _nested_batch_norms(layer)
+        if inside:
+            raise ValueError(
+                f"Cannot convert layer '{layer.name}' ({type(layer).__name__}): it holds "
+                f"batch-norm layers {inside} outside a Sequential or functional graph, so they "
+                "cannot be replaced. Build that block as a keras.Sequential or functional model, "
+                "or replace its keras.layers.BatchNormalization by tfbn.BatchNorm in its code."
+            )
+        try:
+            clone = layer.__class__.from_config(layer.get_config())
+        except Exception as error:  # any failure of a user's from_config
+            raise ValueError(
+                f"Cannot convert layer '{layer.name}' ({type(layer).__name__}): rebuilding it from "
+                f"its config failed ({type(error).__name__}: {error})."
+            ) from error
+    pairs.append((layer, clone))
+    return clone
+
+
+def _named_inputs(model: keras.Model):
+    """New inputs with the names of `model`'s input layers (clone_model would rename them)."""
+    if isinstance(model, keras.Sequential):
+        return None  # a Sequential clone keeps its input layer's name
+
+    def like(tensor):
+        layer = tensor._keras_history.operation
+        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=layer.name)
+
+    return keras.tree.map_structure(like, model.input)
+
+
+def _copy_variables(source, target) -> None:
+    """Assigns `source`'s variables to `target` (matched by name for batch norms, else by order)."""
+    if isinstance(target, BatchNorm) and not isinstance(source, BatchNorm):
+        by_name = {v.name: v for v in source.variables}
+        targets = target.variables
+        sources = [by_name.get(v.name) for v in targets]
+    else:
+        targets, sources = target.variables, source.variables
+    if len(sources) != len(targets) or any(
+        s is None or tuple(s.shape) != tuple(t.shape) for s, t in zip(sources, targets, strict=True)
+    ):
+        raise ValueError(
+            f"Cannot convert layer '{source.name}' ({type(source).__name__}): its rebuilt copy has "
+            f"variables {[(v.name, tuple(v.shape)) for v in targets]}, the original "
+            f"{[(v.name, tuple(v.shape)) for v in source.variables]}."
+        )
+    for s, t in zip(sources, targets, strict=True):
+        t.assign(np.asarray(keras.ops.convert_to_numpy(s)))
+
+
+def convert(model: keras.Model) -> keras.Model:
+    """Returns a copy of `model` with every `keras.layers.BatchNormalization` as `tfbn.BatchNorm`.
+
+    The copy has the same layers, names, configuration and variables as `model`, and computes
+    the same outputs in inference and in training mode (up to float32 rounding); only the
+    batch-norm layers of Keras's class are now `tfbn.BatchNorm` (the same arguments, their
+    variables copied). Layers that are already `tfbn.BatchNorm`, and user subclasses of
+    `BatchNormalization`, are copied as they are. Nested Sequential and functional models are
+    converted inside. `model` is not modified. The copy is not compiled: compile it before `fit`.
+
+    Args:
+        model: A built `keras.Sequential` or functional `keras.Model`.
+
+    Returns:
+        The converted `keras.Model` (of the same class for Sequential and functional models).
+
+    Raises:
+        ValueError: if `model` is not a built Sequential or functional model (a subclassed
+            model's batch-norm layers live in its Python code, which cannot be rewritten), or a
+            layer holds batch-norm layers outside a graph, or a layer cannot be rebuilt from its
+            config; the message names the layer.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a keras.Model; received an object of type "
+            f"{type(model).__name__}."
+        )
+    if not _is_graph_model(model) or not model.built:
+        inside = _nested_batch_norms(model)
+        raise ValueError(
+            f"Argument `model` must be a built Sequential or functional model; received "
+            f"'{model.name}' of type {type(model).__name__}"
+            + (f" (its batch-norm layers: {inside})" if inside else "")
+            + ". A subclassed model creates its layers in Python code: use tfbn.BatchNorm there."
+        )
+    pairs: list = []
+    converted = keras.models.clone_model(
+        model,
+        input_tensors=_named_inputs(model),
+        clone_function=lambda layer: _clone_layer(layer, pairs),
+    )
+    for source, target in pairs:
+        _copy_variables(source, target)
+    if not model.trainable:
+        converted.trainable = False
+    return converted
