@@ -1,4 +1,4 @@
-"""tfbn on the models people train: ResNet50, MobileNetV2 and EfficientNetB0 from keras.applications.
+"""tfbn on the models people train: ResNet50, MobileNetV2, EfficientNetB0 (keras.applications).
 
 The architectures ship with keras (`weights=None`: nothing is downloaded), built at 32x32 with 10
 classes so that the suite stays fast; the full sizes are in `tfbn bench`. References: the original
