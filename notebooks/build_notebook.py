@@ -333,7 +333,7 @@ def run(norm, **kwargs):
         run_dir=RUNS / f"lenet_{norm}",
         recalibrate=False,
         export=False,
-        progress=not QUICK,
+        verbose=0 if QUICK else 1,
         **kwargs,
     )
 
@@ -464,7 +464,7 @@ def test_accuracy(model):
     return float(model.evaluate(data.test, verbose=0, return_dict=True)["accuracy"])
 
 acc_before = test_accuracy(model)
-report = tfbn.recalibrate(model, data.train_examples, progress=False)
+report = tfbn.recalibrate(model, data.train_examples, verbose=0)
 acc_after = test_accuracy(model)
 results["test_acc_before_recalibration"] = acc_before
 results["test_acc_after_recalibration"] = acc_after
@@ -575,7 +575,7 @@ def fit(model, learning_rate=RECIPE.learning_rate, epochs=EPOCHS):
     model.fit(data.train_epochs(0, epochs), epochs=epochs, steps_per_epoch=data.steps_per_epoch,
               shuffle=False, verbose=VERBOSE)
     if POPULATION_STATISTICS and any(isinstance(layer, tfbn.BatchNorm) for layer in model.layers):
-        tfbn.recalibrate(model, data.train_examples, progress=False)
+        tfbn.recalibrate(model, data.train_examples, verbose=0)
     return test_accuracy(model)
 
 
@@ -726,7 +726,7 @@ search = tfbn.tune(
     directory=str(RUNS / "tune"),
     overwrite=QUICK,
     seed=SEED,
-    progress=not QUICK,
+    verbose=0 if QUICK else 1,
 )
 display(Markdown(search.table()))
 display(Image(filename=search.plot_path))

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir=args.run_dir,
         recalibrate=False,
         export=False,
-        progress=False,
+        verbose=0,
         dataset=data,
     )
     with result.model.distribute_strategy.scope():

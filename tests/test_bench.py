@@ -43,7 +43,16 @@ def quick_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(bench.os, "replace", recording_replace)
         code = cli.main(
-            ["bench", "--quick", "--output-dir", str(out), "--no-progress", "--note", "a quick run"]
+            [
+                "bench",
+                "--quick",
+                "--output-dir",
+                str(out),
+                "--verbose",
+                "0",
+                "--note",
+                "a quick run",
+            ]
         )
     assert code == 0
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -346,9 +355,7 @@ def test_failed_write_keeps_previous_results(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
-        bench.run_benchmarks(
-            cases="lenet", quick=True, repeats=1, output_dir=tmp_path, progress=False
-        )
+        bench.run_benchmarks(cases="lenet", quick=True, repeats=1, output_dir=tmp_path, verbose=0)
     assert previous.read_text(encoding="utf-8") == '{"old": true}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
@@ -379,7 +386,7 @@ def test_interleaves_and_rotates_order():
 )
 def test_bad_option_raises_value_error(tmp_path, kwargs, word):
     with pytest.raises(ValueError, match=word):
-        bench.run_benchmarks(output_dir=tmp_path / "out", progress=False, **kwargs)
+        bench.run_benchmarks(output_dir=tmp_path / "out", verbose=0, **kwargs)
     assert not (tmp_path / "out").exists()  # raised before any work
 
 
@@ -387,7 +394,7 @@ def test_output_dir_that_is_a_file_raises(tmp_path):
     path = tmp_path / "a_file"
     path.write_text("x", encoding="utf-8")
     with pytest.raises(ValueError, match="output_dir"):
-        bench.run_benchmarks(output_dir=path, progress=False)
+        bench.run_benchmarks(output_dir=path, verbose=0)
 
 
 def test_cli_bad_option_is_one_error_line(tmp_path, capsys):

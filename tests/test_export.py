@@ -365,8 +365,8 @@ def test_export_cli_writes_a_version(models, images, tmp_path, capsys):
     path = tmp_path / "model.keras"
     models["tfbn"].save(path)
     code = cli.main(
-        ["export", str(path), "--dir", str(tmp_path / "out"), "--name", "cli", "--version", "5",
-         "--no-fold"]
+        ["export", str(path), "--export-dir", str(tmp_path / "out"), "--name", "cli",
+         "--version", "5", "--no-fold"]
     )  # fmt: skip
     assert code == 0
     target = tmp_path / "out" / "cli" / "5"
@@ -375,13 +375,13 @@ def test_export_cli_writes_a_version(models, images, tmp_path, capsys):
         images=tf.constant(images)
     )["logits"]
     np.testing.assert_allclose(logits, keras_reference(models["tfbn"], images), atol=UNFOLDED_TOL)
-    assert cli.main(["export", str(path), "--dir", str(tmp_path / "out"), "--name", "cli",
+    assert cli.main(["export", str(path), "--export-dir", str(tmp_path / "out"), "--name", "cli",
                      "--version", "5"]) == 2  # fmt: skip
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["export", str(tmp_path / "missing.keras")]) == 2
     idx = tmp_path / "check-idx3-ubyte"
     write_idx(idx, images[:9])
-    code = cli.main(["export", str(path), "--dir", str(tmp_path / "out"), "--name", "cli",
+    code = cli.main(["export", str(path), "--export-dir", str(tmp_path / "out"), "--name", "cli",
                      "--check-data", str(idx)])  # fmt: skip
     assert code == 0 and (tmp_path / "out" / "cli" / "6" / "saved_model.pb").is_file()
 

@@ -48,7 +48,7 @@ def _single_device_reference(tmp_path) -> list[np.ndarray]:
         run_dir=tmp_path / "single",
         recalibrate=False,
         export=False,
-        progress=False,
+        verbose=0,
         dataset=data,
     )
     return [np.asarray(w) for w in result.model.get_weights()]

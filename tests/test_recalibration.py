@@ -115,7 +115,7 @@ def test_sequential_moving_stats_equal_float64_population_stats(kind, rng):
     old = {layer.name: layer.moving_mean.numpy().copy() for layer in batch_norm_layers(model)}
     # Batches of 64 with a short last batch; (x, y) pairs, labels ignored.
     dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x), np.int32))).batch(64)
-    report = recalibrate(model, dataset, progress=False)
+    report = recalibrate(model, dataset, verbose=0)
     _assert_matches_reference(model, reference, report)
     assert list(report) == ["bn_conv", "bn_dense"]  # network order
     for name, stats in report.items():
@@ -131,7 +131,7 @@ def test_functional_model_with_both_layer_kinds(rng):
     x = _inputs(model, rng, 257)
     reference = _reference(model, x)
     # A dataset of bare inputs (no labels).
-    recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(50), progress=False)
+    recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(50), verbose=0)
     _assert_matches_reference(model, reference)
 
 
@@ -141,7 +141,7 @@ def test_channels_first_axis(kind, rng):
     _randomize(model, rng)
     x = _inputs(model, rng, 120)
     reference = _reference(model, x)
-    report = recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(32), progress=False)
+    report = recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(32), verbose=0)
     _assert_matches_reference(model, reference, report)
     assert report["bn_first"]["new_mean"].shape == (3,)
     assert report["bn_first"]["count"] == 120 * 5 * 4
@@ -153,7 +153,7 @@ def test_large_mean_small_spread_is_accurate(rng):
     outputs = tfbn.BatchNorm(name="bn")(inputs)
     model = keras.Model(inputs, outputs)
     x = (1e4 + rng.normal(0.0, 1e-2, (4000, 3))).astype(np.float32)
-    recalibrate(model, [x[i : i + 128] for i in range(0, 4000, 128)], progress=False)
+    recalibrate(model, [x[i : i + 128] for i in range(0, 4000, 128)], verbose=0)
     np.testing.assert_allclose(
         model.layers[1].moving_variance.numpy(), x.astype(np.float64).var(0), rtol=1e-4
     )
@@ -167,7 +167,7 @@ def test_steps_limits_the_batches(rng):
     _randomize(model, rng)
     x = _inputs(model, rng, 200)
     reference = _reference(model, x[:100])
-    recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(25), steps=4, progress=False)
+    recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(25), steps=4, verbose=0)
     _assert_matches_reference(model, reference)
 
 
@@ -178,13 +178,13 @@ def test_mirrored_strategy_equals_single_device(kind, rng, cpu_devices):
     weights = single.get_weights()
     x = _inputs(single, rng, 203)  # batches of 40: the last one (3) leaves a replica empty-handed
     dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(203))).batch(40)
-    expected = recalibrate(single, dataset, progress=False)
+    expected = recalibrate(single, dataset, verbose=0)
 
     strategy = tf.distribute.MirroredStrategy(cpu_devices[:2])
     with strategy.scope():
         mirrored = _sequential(kind)
     mirrored.set_weights(weights)
-    report = recalibrate(mirrored, dataset, strategy=strategy, progress=False)
+    report = recalibrate(mirrored, dataset, strategy=strategy, verbose=0)
     for layer in batch_norm_layers(mirrored):
         want = expected[layer.name]
         assert report[layer.name]["count"] == want["count"]
@@ -201,17 +201,17 @@ def test_mirrored_strategy_equals_single_device(kind, rng, cpu_devices):
 def test_errors(rng):
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="no batch-norm layer"):
-        recalibrate(plain, [np.zeros((2, 3), np.float32)], progress=False)
+        recalibrate(plain, [np.zeros((2, 3), np.float32)], verbose=0)
     model = _sequential("tfbn")
     with pytest.raises(ValueError, match="`steps`"):
-        recalibrate(model, [np.zeros((2, 8, 8, 2), np.float32)], steps=0, progress=False)
+        recalibrate(model, [np.zeros((2, 8, 8, 2), np.float32)], steps=0, verbose=0)
     with pytest.raises(ValueError, match="no examples"):
-        recalibrate(model, [], progress=False)
+        recalibrate(model, [], verbose=0)
     inner = keras.Sequential([keras.Input((3,)), tfbn.BatchNorm(name="inner_bn")])
     outer_in = keras.Input((3,))
     nested = keras.Model(outer_in, inner(outer_in))
     with pytest.raises(ValueError, match="inner_bn.*nested"):
-        recalibrate(nested, [np.zeros((2, 3), np.float32)], progress=False)
+        recalibrate(nested, [np.zeros((2, 3), np.float32)], verbose=0)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -230,7 +230,7 @@ def test_cli_recalibrates_a_saved_lenet(tmp_path, tfds_dir, capsys):
     source = tmp_path / "lenet.keras"
     model.save(source)
     argv = ["recalibrate", str(source), "--tfds-dir", str(tfds_dir), "--batch-size", "500"]
-    assert main([*argv, "--steps", "4", "--strategy", "default", "--no-progress"]) == 0
+    assert main([*argv, "--steps", "4", "--strategy", "default", "--verbose", "2"]) == 0
     printed = capsys.readouterr().out
     assert "Test accuracy:" in printed and "conv1_bn" in printed
     output = tmp_path / "lenet.recalibrated.keras"
@@ -238,7 +238,7 @@ def test_cli_recalibrates_a_saved_lenet(tmp_path, tfds_dir, capsys):
 
     # The same through the API, on the same 2000 training images in file order.
     fashion = data.load_fashion_mnist(500, tfds_dir=tfds_dir, shuffle=False)
-    recalibrate(model, fashion.train, steps=4, progress=False)
+    recalibrate(model, fashion.train, steps=4, verbose=0)
     saved = keras.saving.load_model(output)
     for layer in batch_norm_layers(model):
         twin = saved.get_layer(layer.name)
@@ -288,7 +288,7 @@ with strategy.scope():
 model.set_weights([rng.normal(0.5, 0.7, w.shape).astype("float32") for w in model.get_weights()])
 x = rng.normal(2.0, 3.0, (263, 6)).astype("float32")
 dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(263))).batch(40)
-report = recalibrate(model, dataset, strategy=strategy, progress=False)
+report = recalibrate(model, dataset, strategy=strategy, verbose=0)
 out = {"x": x, **{f"w{i}": w for i, w in enumerate(model.get_weights())}}
 for layer in batch_norm_layers(model):
     out[layer.name + "/mean"] = layer.moving_mean.numpy()
@@ -337,7 +337,7 @@ def test_recalibration_keeps_renorm_moving_stddev_consistent():
     x = (rng.normal(size=(64, 5)) * 3 + 2).astype("float32")
     model = keras.Sequential([keras.Input((5,)), tfbn.BatchNorm(renorm=True, name="bn")])
     model(x[:8], training=True)
-    tfbn.recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(16), progress=False)
+    tfbn.recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(16), verbose=0)
     layer = model.get_layer("bn")
     expected_var = x.astype(np.float64).var(0)
     np.testing.assert_allclose(layer.moving_variance.numpy(), expected_var, rtol=1e-5)

@@ -35,7 +35,7 @@ def _train(data, tmp_path, name, **kwargs):
         run_dir=tmp_path / name,
         recalibrate=False,
         export=False,
-        progress=False,
+        verbose=0,
         dataset=data,
     )
     options.update(kwargs)
@@ -166,7 +166,7 @@ def test_moving_stats_identical_on_all_replicas_and_reload_predicts_same(tmp_pat
 # ------------------------------------------------------------------------------- run folder
 def test_run_folder_contents_and_summary_line(tmp_path, capsys):
     data = synthetic_data()
-    result = _train(data, tmp_path, "run", epochs=2, loop="fit")
+    result = _train(data, tmp_path, "run", epochs=2, loop="fit", verbose=2)
     out = capsys.readouterr().out.strip().splitlines()
     assert SUMMARY.match(out[-1]), out[-1]
     assert out[-1] == result.summary()
@@ -228,7 +228,7 @@ def uninterrupted(tmp_path_factory):
         run_dir=run_dir,
         recalibrate=False,
         export=False,
-        progress=False,
+        verbose=0,
         dataset=synthetic_data(),
     )
     return [np.array(w) for w in result.model.get_weights()], result.history
@@ -245,7 +245,7 @@ def test_resume_after_epoch_1_equals_uninterrupted(tmp_path, uninterrupted, loop
         run_dir=tmp_path / "run",
         recalibrate=False,
         export=False,
-        progress=False,
+        verbose=0,
     )
     first = tfbn.train("tfbn", epochs=1, loop=loops[0], dataset=synthetic_data(), **options)
     assert first.initial_epoch == 0 and len(first.history) == 1
@@ -411,7 +411,7 @@ def test_cli_flags_reach_train(monkeypatch):
         "3",
         "--batch-size",
         "32",
-        "--lr",
+        "--learning-rate",
         "0.5",
         "--seed",
         "4",
@@ -448,7 +448,7 @@ def test_cli_flags_reach_train(monkeypatch):
         export=False,
         export_dir="e",
         jit_compile=True,
-        progress=True,
+        verbose=1,
         drop_remainder=False,
     )
     seen.clear()
@@ -466,7 +466,7 @@ def test_default_pipeline_on_fashion_mnist(tmp_path, capsys):
         train_fraction=0.05,
         run_dir=tmp_path / "run",
         export_dir=tmp_path / "exports",
-        progress=False,
+        verbose=2,
     )
     out = capsys.readouterr().out.strip().splitlines()
     assert SUMMARY.match(out[-1]), out[-1]
@@ -507,7 +507,7 @@ def test_chapter_recipe_targets(tmp_path):
     results, lines = [], []
     for seed in (0, 1, 2):
         r = tfbn.train(
-            "tfbn", seed=seed, run_dir=tmp_path / f"tfbn_{seed}", export=False, progress=False
+            "tfbn", seed=seed, run_dir=tmp_path / f"tfbn_{seed}", export=False, verbose=0
         )
         results.append(r)
         lines.append(
@@ -515,7 +515,7 @@ def test_chapter_recipe_targets(tmp_path):
             f"{r.test_acc_before_recalibration:.3f} -> {r.test_acc:.3f} recalibrated, "
             f"{r.wall_time:.0f} s"
         )
-    plain = tfbn.train("none", seed=0, run_dir=tmp_path / "plain", export=False, progress=False)
+    plain = tfbn.train("none", seed=0, run_dir=tmp_path / "plain", export=False, verbose=0)
     lines.append(f"plain seed 0: train acc {plain.train_acc:.3f}, test acc {plain.test_acc:.3f}")
     print("\n".join(lines))
     report = "\n".join(lines)
@@ -531,7 +531,7 @@ def test_chapter_recipe_targets(tmp_path):
 
 def test_progress_bar_counts_the_epochs_of_the_run(tmp_path, capsys):
     data = synthetic_data()
-    _train(data, tmp_path, "bars", epochs=3, loop="fit", progress=True)
+    _train(data, tmp_path, "bars", epochs=3, loop="fit", verbose=1)
     out = capsys.readouterr().out
     headers = re.findall(r"Epoch (\d+)/(\d+)", out)
     assert headers == [("1", "3"), ("2", "3"), ("3", "3")]

@@ -51,7 +51,7 @@ def search(tmp_path_factory):
         directory=directory,
         dataset=data,
         converged_accuracy=0.3,
-        progress=False,
+        verbose=0,
     )
     return result, directory, data
 
@@ -166,7 +166,7 @@ def test_nan_trials_are_recorded_as_diverged_and_the_search_goes_on(tmp_path):
         epochs=2,
         directory=str(tmp_path),
         dataset=data,
-        progress=False,
+        verbose=0,
     )
     records = oracle_records(str(tmp_path / "lenet_lr_none"))
     assert len(records) == 4
@@ -206,7 +206,7 @@ def test_resume_continues_and_overwrite_starts_afresh(tmp_path):
             directory=str(tmp_path),
             dataset=data,
             overwrite=overwrite,
-            progress=False,
+            verbose=0,
         )
 
     first = run(2)
@@ -245,7 +245,7 @@ def test_bayesian_and_hyperband_tuners(tmp_path, tuner, state_key):
         epochs=2,
         directory=str(tmp_path),
         dataset=SyntheticData(num_train=128, num_validation=64),
-        progress=False,
+        verbose=0,
     )
     project = tmp_path / "lenet_lr_none"
     with open(project / "oracle.json") as f:
@@ -282,7 +282,7 @@ def test_sampled_learning_rate_and_momentum_reach_the_optimizer(tmp_path, monkey
         tune_momentum=True,
         directory=str(tmp_path),
         dataset=SyntheticData(num_train=128, num_validation=64),
-        progress=False,
+        verbose=0,
     )
     records = oracle_records(str(tmp_path / "lenet_lr_none"))
     assert len(records) == 2
@@ -315,7 +315,7 @@ def test_trials_run_under_the_selected_strategy(tmp_path, monkeypatch):
         # Batches divisible by the replica count: the three logical CPUs of conftest.py.
         dataset=SyntheticData(num_train=120, num_validation=60, batch_size=60),
         strategy="mirrored",
-        progress=False,
+        verbose=0,
     )
     assert result.settings["strategy"] == "mirrored"
     # The first build only declares the search space; the trial's model is built in scope.
@@ -353,13 +353,23 @@ def test_bad_input_raises_before_any_work(tmp_path, monkeypatch, kwargs, name):
     kwargs = dict(kwargs)
     variants = kwargs.pop("variants", ("tfbn", "keras", "none"))
     with pytest.raises(ValueError, match=name):
-        tfbn.tune(variants, directory=str(directory), progress=False, **kwargs)
+        tfbn.tune(variants, directory=str(directory), verbose=0, **kwargs)
     assert not directory.exists()
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
     _no_data_loading(monkeypatch)
-    rc = cli_main(["tune", "--lr-min", "1", "--lr-max", "0.5", "--dir", str(tmp_path / "out")])
+    rc = cli_main(
+        [
+            "tune",
+            "--learning-rate-min",
+            "1",
+            "--learning-rate-max",
+            "0.5",
+            "--run-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lr_max" in err[0]
@@ -389,7 +399,18 @@ def test_cli_tunes_on_a_fraction_of_fashion_mnist(tmp_path, monkeypatch):
     out = tmp_path / "out"
     argv = ["tune", "--variants", "none", "--trials", "1", "--epochs", "1"]
     argv += ["--train-fraction", "0.02", "--validation-fraction", "0.02", "--batch-size", "128"]
-    argv += ["--lr-min", "0.5", "--lr-max", "2", "--seed", "3", "--dir", str(out), "--quiet"]
+    argv += [
+        "--learning-rate-min",
+        "0.5",
+        "--learning-rate-max",
+        "2",
+        "--seed",
+        "3",
+        "--run-dir",
+        str(out),
+        "--verbose",
+        "0",
+    ]
     assert cli_main(argv) == 0
     ((args, kwargs),) = calls
     assert args == (128,)

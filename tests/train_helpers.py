@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir=args.run_dir,
         recalibrate=False,
         export=False,
-        progress=False,
+        verbose=2,
         dataset=data,
     )
     np.savez(

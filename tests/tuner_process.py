@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
         directory=directory,
         dataset=None if chief else dataset,
         strategy="default",
-        progress=False,
+        verbose=0,
     )
     summary = {
         "role": result.role,

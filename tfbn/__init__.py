@@ -1,7 +1,8 @@
 """tfbn: batch normalization for Keras 3 on TensorFlow.
 
-The layer and its math are imported eagerly; the workflow functions (data, training, population
-statistics, export, tuning) load their modules on first use.
+Every public name loads its module on first use, so `import tfbn` (and the `tfbn` command's
+`--help` and `--version`) does not import TensorFlow. Using `tfbn.BatchNorm` (or importing
+`tfbn.layers`) registers the layer with Keras, so that `.keras` files holding it reload.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import importlib
 __version__ = "0.1.0"
 
 from tfbn.config import CLASS_NAMES, RECIPE, Recipe  # noqa: E402
-from tfbn.layers import BatchNorm  # noqa: E402
-from tfbn.ops import batch_norm, moments  # noqa: E402
 
 # Public name -> "module:attribute", imported on first access.
 _LAZY = {
+    "BatchNorm": "tfbn.layers:BatchNorm",
+    "batch_norm": "tfbn.ops:batch_norm",
+    "moments": "tfbn.ops:moments",
     "convert": "tfbn.conversion:convert",
     "lenet": "tfbn.models:lenet",
     "load_fashion_mnist": "tfbn.data:load_fashion_mnist",
@@ -27,16 +29,7 @@ _LAZY = {
     "tune": "tfbn.tuning:tune",
 }
 
-__all__ = [
-    "BatchNorm",
-    "CLASS_NAMES",
-    "RECIPE",
-    "Recipe",
-    "__version__",
-    "batch_norm",
-    "moments",
-    *_LAZY,
-]
+__all__ = ["CLASS_NAMES", "RECIPE", "Recipe", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -30,7 +30,6 @@ A case whose module is not installed is reported as "not available" instead of f
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import inspect
@@ -829,7 +828,7 @@ def run_benchmarks(
     output_dir: str | os.PathLike | None = "docs/benchmarks",
     name: str = "results",
     note: str = "",
-    progress: bool = True,
+    verbose: int = 1,
 ) -> dict:
     """Benchmarks tfbn.BatchNorm against keras.layers.BatchNormalization and writes a report.
 
@@ -846,7 +845,7 @@ def run_benchmarks(
             atomically); `None` writes nothing.
         name: File stem of the outputs.
         note: Free text kept with the results (e.g. what else ran on the machine).
-        progress: Show a progress bar over the cases.
+        verbose: 1 (default) shows a progress bar over the cases; 0 shows nothing.
 
     Returns:
         The results dict (also the content of the JSON file): `machine`, `settings`, `cases`
@@ -887,7 +886,7 @@ def run_benchmarks(
         },
         "cases": {},
     }
-    with tqdm(total=total, desc="tfbn bench", unit="case", disable=not progress) as bar:
+    with tqdm(total=total, desc="tfbn bench", unit="case", disable=verbose != 1) as bar:
         if "layer" in selected:
             rows = []
             for shape_name, shape, mode, use_xla in layer_jobs:
@@ -925,43 +924,3 @@ def run_benchmarks(
         _atomic_write(md_path, render_markdown(results))
         results["files"] = {"json": str(json_path), "markdown": str(md_path)}
     return results
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny shapes and few repeats (a smoke test)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="interleaved repeats (default 15, quick 3)"
-    )
-    parser.add_argument(
-        "--cases",
-        default=",".join(CASES),
-        help=f"comma-separated cases to run, from {','.join(CASES)} (default: all)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        default="docs/benchmarks",
-        help="folder for the JSON and Markdown results (default docs/benchmarks)",
-    )
-    parser.add_argument("--name", default="results", help="file stem of the results")
-    parser.add_argument("--note", default="", help="free text kept with the results")
-    parser.add_argument("--no-xla", action="store_true", help="skip the XLA layer timings")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    results = run_benchmarks(
-        cases=args.cases,
-        quick=args.quick,
-        repeats=args.repeats,
-        xla=not args.no_xla,
-        output_dir=args.output_dir,
-        name=args.name,
-        note=args.note,
-        progress=not args.no_progress,
-    )
-    print(render_markdown(results))
-    for path in results.get("files", {}).values():
-        print(f"wrote {path}")
-    return 0

@@ -1,4 +1,9 @@
-"""The chapter's training recipe, in one place for the CLI, the notebook and the tests."""
+"""The chapter's training recipe and the workflow's names, in one place for the CLI, the notebook
+and the tests.
+
+This module imports nothing heavy (no TensorFlow): the command line reads its defaults and choices
+from here before it decides whether TensorFlow is needed at all.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ CLASS_NAMES: tuple[str, ...] = (
     "Ankle boot",
 )
 NORMS: tuple[str, ...] = ("tfbn", "keras", "none")
+STRATEGIES: tuple[str, ...] = ("auto", "default", "one_device", "mirrored", "multi_worker")
+LOOPS: tuple[str, ...] = ("auto", "fit", "custom")
+TUNERS: tuple[str, ...] = ("random", "bayesian", "hyperband")
+DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
+DATA_DIR_ENV = "TFBN_DATA_DIR"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfbn import config
 from tfbn.config import CLASS_NAMES
 
 __all__ = [
@@ -46,8 +47,8 @@ __all__ = [
     "resolve_data_dir",
 ]
 
-DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
-DATA_DIR_ENV = "TFBN_DATA_DIR"
+DEFAULT_DATA_DIR = Path(config.DEFAULT_DATA_DIR)
+DATA_DIR_ENV = config.DATA_DIR_ENV
 DATASET_NAME = "fashion_mnist_local"
 
 IMAGE_SHAPE = (28, 28, 1)

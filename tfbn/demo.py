@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def demo(seed: int = 0) -> dict:
     """Runs `tfbn.BatchNorm` on a small random batch and returns what it shows.
@@ -30,16 +28,3 @@ def demo(seed: int = 0) -> dict:
         "moving_variance": layer.moving_variance.numpy(),
         "inference_output": infer_out,
     }
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    np.set_printoptions(precision=4, suppress=True)
-    for key, value in demo(args.seed).items():
-        print(f"{key}:\n{value}\n")
-    return 0

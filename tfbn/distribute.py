@@ -7,7 +7,9 @@ import os
 
 import tensorflow as tf
 
-STRATEGIES: tuple[str, ...] = ("auto", "default", "one_device", "mirrored", "multi_worker")
+from tfbn.config import STRATEGIES
+
+__all__ = ["STRATEGIES", "device_description", "get_strategy", "is_chief", "resolve_strategy_name"]
 
 
 def _tf_config_workers() -> int:

@@ -34,7 +34,6 @@ hardware with `tfbn.serving.inference_throughput`.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import pathlib
@@ -52,6 +51,7 @@ from tfbn.layers import BatchNorm
 __all__ = [
     "FOLD_TOLERANCE",
     "SIGNATURES",
+    "export_keras_file",
     "export_saved_model",
     "fold_batch_norm",
 ]
@@ -639,61 +639,54 @@ def export_saved_model(
 
 
 # -------------------------------------------------------------------------------------- the CLI
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Adds the `tfbn export` arguments."""
-    parser.add_argument("model", help="trained model file (.keras)")
-    parser.add_argument(
-        "--dir", default="saved_models", help="base folder of the exports (default saved_models)"
-    )
-    parser.add_argument("--name", default="lenet", help="model name folder (default lenet)")
-    parser.add_argument(
-        "--version", type=int, default=None, help="version number (default: the next free one)"
-    )
-    parser.add_argument(
-        "--no-fold",
-        dest="fold",
-        action="store_false",
-        help="keep batch normalization as a separate step instead of folding it",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the version folder if it exists"
-    )
-    parser.add_argument(
-        "--jit-compile", action="store_true", help="compile the serving functions with XLA"
-    )
-    parser.add_argument(
-        "--check-data",
-        metavar="FILE",
-        action="append",
-        default=None,
-        help="images to check the export on (repeatable): an IDX image file (e.g. Fashion-MNIST's "
-        "t10k-images-idx3-ubyte.gz) or a PNG/JPEG file (default: a fixed synthetic sample)",
-    )
+def export_keras_file(
+    model_path: str | os.PathLike,
+    export_dir: str | os.PathLike = "saved_models",
+    *,
+    name: str = "lenet",
+    version: int | None = None,
+    fold: bool = True,
+    overwrite: bool = False,
+    jit_compile: bool = False,
+    check_files: Sequence[str | os.PathLike] | None = None,
+) -> pathlib.Path:
+    """Loads a trained `.keras` model and exports it with `export_saved_model` (`tfbn export`).
 
+    Args:
+        model_path: The trained model, a `.keras` file.
+        export_dir: Base folder of the exports.
+        name: Model name folder.
+        version: Version number; `None` takes the next free one.
+        fold: Fold batch normalization into the layers before it.
+        overwrite: Replace the version folder if it exists.
+        jit_compile: Compile the serving functions with XLA.
+        check_files: Images to check the export on: IDX image files or PNG/JPEG files
+            (default: a fixed synthetic sample).
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs `tfbn export`: loads the .keras model and exports it."""
-    path = pathlib.Path(args.model)
+    Returns:
+        The version folder written.
+    """
+    path = pathlib.Path(model_path)
     if path.suffix != ".keras" or not path.is_file():
         raise ValueError(
             f"Argument `model` must be an existing .keras file; received {str(path)!r}."
         )
     model = keras.saving.load_model(path, compile=False)
     check_data = None
-    if args.check_data:
+    if check_files:
         from tfbn.serving import load_images
 
         image_shape = _image_shape(model)
-        check_data, _ = load_images(args.check_data, image_size=image_shape[:2])
-    target = export_saved_model(
-        model,
-        args.dir,
-        name=args.name,
-        version=args.version,
-        fold=args.fold,
-        overwrite=args.overwrite,
-        jit_compile=args.jit_compile,
-        check_data=check_data,
+        check_data, _ = load_images(check_files, image_size=image_shape[:2])
+    return pathlib.Path(
+        export_saved_model(
+            model,
+            export_dir,
+            name=name,
+            version=version,
+            fold=fold,
+            overwrite=overwrite,
+            jit_compile=jit_compile,
+            check_data=check_data,
+        )
     )
-    print(f"Exported {'folded' if args.fold else 'unfolded'} SavedModel to {target}")
-    return 0

@@ -19,7 +19,6 @@ functional models.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from tfbn import ops
 from tfbn.files import save_model_atomically
 from tfbn.layers import BatchNorm
 
-__all__ = ["batch_norm_layers", "configure_parser", "recalibrate", "run_cli"]
+__all__ = ["batch_norm_layers", "recalibrate", "recalibrate_file"]
 
 _BN_TYPES = (BatchNorm, keras.layers.BatchNormalization)
 
@@ -176,7 +175,7 @@ def recalibrate(
     *,
     steps: int | None = None,
     strategy: tf.distribute.Strategy | None = None,
-    progress: bool = True,
+    verbose: int = 1,
 ) -> dict[str, dict[str, np.ndarray | float]]:
     """Sets every batch-norm layer's moving statistics to the population statistics of `dataset`.
 
@@ -198,7 +197,7 @@ def recalibrate(
             `None` means the current strategy (`tf.distribute.get_strategy()`). Under several
             replicas, per-replica sums are all-reduced at every batch and every replica's copy of
             the variables receives the same statistics.
-        progress: Show a progress bar per layer.
+        verbose: 1 (default) shows a progress bar per layer; 0 shows nothing.
 
     Returns:
         Per layer name, a dict with `count` (values per channel the statistics were taken over),
@@ -247,7 +246,7 @@ def recalibrate(
         accumulator = _Accumulator(int(layer.moving_mean.shape[0]))
         batches, length = _batches(dataset, steps, strategy)
         description = f"{layer.name} ({index + 1}/{len(layers)})"
-        with _progress(length, description, progress) as bar:
+        with _progress(length, description, verbose == 1) as bar:
             for batch in batches:
                 count, mean, m2 = step(_features(batch))
                 accumulator.add(float(count), mean.numpy(), m2.numpy())
@@ -278,39 +277,7 @@ def recalibrate(
     return report
 
 
-# ------------------------------------------------------------------------------------------ CLI
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Adds the arguments of `tfbn recalibrate`."""
-    parser.add_argument("model", help="trained model, a .keras file")
-    parser.add_argument(
-        "--output",
-        default=None,
-        help="where to save the recalibrated model (.keras); default: MODEL with "
-        "'.recalibrated' before the extension",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder with the four Fashion-MNIST IDX files (default: $TFBN_DATA_DIR, else "
-        "/usr/share/datasets/fashion-mnist)",
-    )
-    parser.add_argument(
-        "--tfds-dir", default=None, help="TFDS data directory (default: TFDS's default)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=512, help="batch size of the statistics passes"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="batches per pass (default: the whole train split)"
-    )
-    parser.add_argument(
-        "--strategy",
-        default="auto",
-        help="tf.distribute strategy: auto, default, one_device, mirrored, multi_worker",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
+# ------------------------------------------------------------------------------ a saved model
 def _default_output(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.recalibrated.keras")
 
@@ -328,56 +295,80 @@ def _accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
     return right / total
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs `tfbn recalibrate`: population statistics for a saved model, test accuracy before
-    and after, and the recalibrated model saved (atomically)."""
+def recalibrate_file(
+    model_path: str | Path,
+    output: str | Path | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    tfds_dir: str | Path | None = None,
+    batch_size: int = 512,
+    steps: int | None = None,
+    strategy: str = "auto",
+    verbose: int = 1,
+) -> Path:
+    """Recalibrates a saved `.keras` model on Fashion-MNIST's training split and saves it.
+
+    Prints the test accuracy before and after and, per batch-norm layer, how much its statistics
+    moved; the recalibrated model is saved atomically (`tfbn recalibrate`).
+
+    Args:
+        model_path: The trained model, a `.keras` file.
+        output: Where to save the recalibrated model (`.keras`); default: `model_path` with
+            `.recalibrated` before the extension.
+        data_dir: Folder with the four Fashion-MNIST IDX files (see `tfbn.load_fashion_mnist`).
+        tfds_dir: TFDS data directory (default: TFDS's default).
+        batch_size: Batch size of the statistics passes.
+        steps: Batches per pass; `None` means the whole training split.
+        strategy: tf.distribute strategy name (see `tfbn.distribute`).
+        verbose: 0 prints nothing, 1 (default) also shows progress bars, 2 only the lines.
+
+    Returns:
+        The path of the saved model.
+    """
     from tfbn import data
     from tfbn.distribute import get_strategy, resolve_strategy_name
 
-    model_path = Path(args.model)
+    model_path = Path(model_path)
     if model_path.suffix != ".keras":
         raise ValueError(f"MODEL must be a .keras file; received '{model_path}'.")
     if not model_path.is_file():
         raise ValueError(f"MODEL '{model_path}' does not exist.")
-    output = Path(args.output) if args.output else _default_output(model_path)
+    output = Path(output) if output else _default_output(model_path)
     if output.suffix != ".keras":
         raise ValueError(f"--output must end in '.keras'; received '{output}'.")
-    if args.batch_size <= 0:
-        raise ValueError(f"--batch-size must be a positive integer; received {args.batch_size}.")
-    if args.steps is not None and args.steps <= 0:
-        raise ValueError(f"--steps must be a positive integer; received {args.steps}.")
-    resolve_strategy_name(args.strategy)
-    if not data.is_prepared(args.tfds_dir):
-        data.check_data_dir(args.data_dir)
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size must be a positive integer; received {batch_size}.")
+    if steps is not None and steps <= 0:
+        raise ValueError(f"--steps must be a positive integer; received {steps}.")
+    resolve_strategy_name(strategy)
+    if not data.is_prepared(tfds_dir):
+        data.check_data_dir(data_dir)
 
     fashion = data.load_fashion_mnist(
-        args.batch_size, data_dir=args.data_dir, tfds_dir=args.tfds_dir, shuffle=False
+        batch_size, data_dir=data_dir, tfds_dir=tfds_dir, shuffle=False
     )
-    strategy = get_strategy(args.strategy)
-    with strategy.scope():
+    distribution = get_strategy(strategy)
+    with distribution.scope():
         model = keras.saving.load_model(model_path, compile=False)
     before = _accuracy(model, fashion.test)
     report = recalibrate(
-        model,
-        fashion.train,
-        steps=args.steps,
-        strategy=strategy,
-        progress=not args.no_progress,
+        model, fashion.train, steps=steps, strategy=distribution, verbose=int(verbose == 1)
     )
     after = _accuracy(model, fashion.test)
 
-    print(f"Recalibrated {len(report)} batch-norm layers on {fashion.num_train} training images:")
+    log = print if verbose else (lambda *args: None)
+    log(f"Recalibrated {len(report)} batch-norm layers on {fashion.num_train} training images:")
     for name, stats in report.items():
         shift = np.abs(stats["new_mean"] - stats["old_mean"]) / np.sqrt(
             stats["new_variance"] + 1e-12
         )
         ratio = stats["new_variance"] / np.maximum(stats["old_variance"], 1e-12)
-        print(
+        log(
             f"  {name:<24} mean shift {shift.mean():.3f} std (max {shift.max():.3f}), "
             f"variance ratio {ratio.mean():.3f} (range {ratio.min():.3f}-{ratio.max():.3f})"
         )
-    print(f"Test accuracy: {before:.4f} before, {after:.4f} after ({after - before:+.4f}).")
+    log(f"Test accuracy: {before:.4f} before, {after:.4f} after ({after - before:+.4f}).")
     save_model_atomically(model, output)
-    print(f"Saved {output}")
+    log(f"Saved {output}")
     sys.stdout.flush()
-    return 0
+    return output

@@ -15,7 +15,6 @@ Input files for `tfbn predict`:
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import pathlib
@@ -31,6 +30,7 @@ __all__ = [
     "inference_throughput",
     "load_images",
     "predict",
+    "predict_files",
     "resolve_model_dir",
     "top_k",
 ]
@@ -343,46 +343,33 @@ def inference_throughput(
     return float(statistics.median(rates))
 
 
-# -------------------------------------------------------------------------------------- the CLI
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Adds the `tfbn predict` arguments."""
-    parser.add_argument(
-        "model_dir", help="SavedModel folder, or model folder of numbered versions (latest used)"
-    )
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="PNG/JPEG images (28x28, grayscale or colour) or IDX image files (.gz allowed)",
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=3, help="how many classes to print per image (default 3)"
-    )
-    parser.epilog = (
-        "Images are not resized: they must have the model's size (28x28), drawn as Fashion-MNIST "
-        "is (light object on a black background). Colour images are converted to grayscale "
-        "(ITU-R BT.601 weights); an alpha channel is dropped. Prints one line per image: "
-        "'INPUT: class probability, ...', most probable first; an IDX file's images are "
-        "'FILE[i]'."
-    )
+# ------------------------------------------------------------------------------------- files
+def predict_files(
+    model_dir: str | os.PathLike, inputs: list[str | os.PathLike], *, k: int = 3
+) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Classifies image files with an exported SavedModel (`tfbn predict`).
 
+    Args:
+        model_dir: A SavedModel folder, or a model folder of numbered versions (latest used).
+        inputs: PNG/JPEG images of the model's size, or IDX image files (`.gz` allowed).
+        k: How many classes to return per image.
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs `tfbn predict`: prints the top classes and probabilities of every image."""
-    if args.top_k < 1:
-        raise ValueError(f"Argument `--top-k` must be at least 1; received {args.top_k}.")
-    for path in args.inputs:
+    Returns:
+        Per image, its label (the file name; `FILE[i]` for an IDX file's images) and its `k`
+        (class name, probability) pairs, most probable first.
+    """
+    if k < 1:
+        raise ValueError(f"Argument `--top-k` must be at least 1; received {k}.")
+    for path in inputs:
         if not pathlib.Path(path).is_file():
-            raise ValueError(f"Input file {path!r} does not exist.")
-    _, loaded = _load(args.model_dir)
+            raise ValueError(f"Input file {str(path)!r} does not exist.")
+    _, loaded = _load(model_dir)
     names = _class_names(loaded)
-    if args.top_k > len(names):
-        raise ValueError(
-            f"Argument `--top-k` must be between 1 and {len(names)}; received {args.top_k}."
-        )
+    if k > len(names):
+        raise ValueError(f"Argument `--top-k` must be between 1 and {len(names)}; received {k}.")
     spec = _input_spec(loaded.signatures["serving_default"])
-    images, labels = load_images(args.inputs, image_size=tuple(spec.shape[1:3]))
-    for label, (_, probabilities) in zip(labels, predict(args.model_dir, images), strict=True):
-        ranked = ", ".join(f"{n} {p:.4f}" for n, p in top_k(probabilities, args.top_k, names))
-        print(f"{label}: {ranked}")
-    return 0
+    images, labels = load_images(inputs, image_size=tuple(spec.shape[1:3]))
+    return [
+        (label, top_k(probabilities, k, names))
+        for label, (_, probabilities) in zip(labels, predict(model_dir, images), strict=True)
+    ]

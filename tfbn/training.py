@@ -20,7 +20,6 @@ have used. Layout of a run folder:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -39,12 +38,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfbn import distribute
-from tfbn.config import NORMS, RECIPE
+from tfbn.config import LOOPS, NORMS, RECIPE
 from tfbn.files import atomic_write, fsync_dir, save_model_atomically
 
-__all__ = ["LOOPS", "TrainResult", "train", "format_summary", "configure_parser", "run_cli"]
+__all__ = ["LOOPS", "TrainResult", "train", "format_summary"]
 
-LOOPS: tuple[str, ...] = ("auto", "fit", "custom")
 _CHECKPOINTS = "checkpoints"
 _KEEP_CHECKPOINTS = 2
 
@@ -415,6 +413,10 @@ class _CustomLoop:
 
 
 # ------------------------------------------------------------------------------------- train
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def _default_run_dir(norm: str) -> pathlib.Path:
     # A fixed name, so that the same command after a crash finds and resumes the run.
     return pathlib.Path("runs") / f"lenet_{norm}"
@@ -447,7 +449,7 @@ def train(
     export_dir: str | os.PathLike = "saved_models",
     export_name: str = "lenet",
     jit_compile: bool = False,
-    progress: bool = True,
+    verbose: int = 1,
     dataset=None,
     model_fn: Callable[[], keras.Model] | None = None,
     drop_remainder: bool = RECIPE.drop_remainder,
@@ -486,7 +488,8 @@ def train(
         export_dir: Parent folder of the exported SavedModel.
         export_name: Model name of the export (`<export_dir>/<export_name>/<version>`).
         jit_compile: If `True`, compile the training step with XLA.
-        progress: If `True`, show a progress bar per epoch.
+        verbose: 0 prints nothing; 1 (default) a progress bar per epoch, a line per epoch and
+            the summary; 2 the same without progress bars (for logs).
         dataset: Optional prebuilt data with `train`, `test` (batched `tf.data` datasets of
             `(images, labels)`) and optionally `train_for_epoch(epoch)`; replaces loading
             Fashion-MNIST (`data_dir`, `train_fraction` are then unused).
@@ -508,6 +511,10 @@ def train(
             holding a run with other settings. All raised before any data is loaded.
     """
     wall_start = time.perf_counter()
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"Argument `verbose` must be 0, 1 or 2; received verbose={verbose!r}.")
+    progress = verbose == 1
+    say = print if verbose else _silent
     # ---- arguments, before anything expensive
     if norm not in NORMS:
         raise ValueError(f"Argument `norm` must be one of {NORMS}; received norm={norm!r}.")
@@ -617,7 +624,7 @@ def train(
     # speed counts training, as the chapter's timer does.
     for split in (_epoch_dataset(dataset, initial_epoch), dataset.test):
         next(iter(split))
-    print(f"data ready in {time.perf_counter() - load_start:.1f} s")
+    say(f"data ready in {time.perf_counter() - load_start:.1f} s")
     device = distribute.device_description(strategy)
     chief = distribute.is_chief(strategy)
     checkpoints = _Checkpoints(run_dir, write=chief)
@@ -650,10 +657,10 @@ def train(
         with strategy.scope():
             _Checkpoints.restore(found[0], model, optimizer)
         history = list(found[1]["history"])
-        print(f"Resuming {run_dir} after epoch {initial_epoch} of {epochs}.")
+        say(f"Resuming {run_dir} after epoch {initial_epoch} of {epochs}.")
 
     writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
-    print(
+    say(
         f"Training LeNet (norm={norm}) for {epochs} epochs, batch {batch_size}, "
         f"lr {learning_rate:g}, seed {seed}, {strategy_name} strategy on {device}, {loop} loop."
     )
@@ -678,7 +685,7 @@ def train(
             "examples_per_sec": float(examples / seconds) if seconds > 0 else 0.0,
         }
         history.append(record)
-        print(
+        say(
             f"epoch {epoch + 1}/{epochs}: loss {loss:.3f}, train acc {train_acc:.3f}, "
             f"test acc {test_acc:.3f} ({record['examples_per_sec']:.1f} examples/sec)"
         )
@@ -713,9 +720,9 @@ def train(
         # Every training example once (the epochs may have left some out).
         examples = getattr(dataset, "train_examples", None)
         examples = dataset.train if examples is None else examples
-        recalibrate_fn(model, examples, strategy=strategy, progress=progress)
+        recalibrate_fn(model, examples, strategy=strategy, verbose=int(progress))
         test_acc = runner.evaluate(dataset.test)
-        print(f"test acc {test_acc_before:.3f} before recalibration, {test_acc:.3f} after")
+        say(f"test acc {test_acc_before:.3f} before recalibration, {test_acc:.3f} after")
         if writer is not None:
             with writer.as_default(step=epochs):
                 tf.summary.scalar("test/accuracy_recalibrated", test_acc)
@@ -741,7 +748,7 @@ def train(
                     model, export_dir, name=export_name, check_data=np.asarray(check_images)
                 )
             )
-            print(f"exported SavedModel to {export_path}")
+            say(f"exported SavedModel to {export_path}")
     wall_time = time.perf_counter() - wall_start
     result = TrainResult(
         model=model,
@@ -783,92 +790,7 @@ def train(
         )
     if writer is not None:
         writer.close()
-    print(f"wall time {wall_time:.1f} s, run folder {run_dir}")
-    print(result.summary())
+    say(f"wall time {wall_time:.1f} s, run folder {run_dir}")
+    say(result.summary())
     sys.stdout.flush()
     return result
-
-
-# --------------------------------------------------------------------------------------- CLI
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Adds the `tfbn train` arguments to `parser`.
-
-    Args:
-        parser: The subcommand's parser.
-    """
-    parser.add_argument("--norm", default="tfbn", choices=NORMS, help="batch normalization")
-    parser.add_argument("--epochs", type=int, default=RECIPE.epochs, help="number of epochs")
-    parser.add_argument(
-        "--batch-size", type=int, default=RECIPE.batch_size, help="global batch size"
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help=f"SGD learning rate (default {RECIPE.learning_rate:g} with BatchNorm, "
-        f"{RECIPE.plain_learning_rate:g} without)",
-    )
-    parser.add_argument("--seed", type=int, default=None, help="seed for weights and data order")
-    parser.add_argument(
-        "--strategy", default="auto", help=f"one of {', '.join(distribute.STRATEGIES)}"
-    )
-    parser.add_argument("--loop", default="auto", help=f"one of {', '.join(LOOPS)}")
-    parser.add_argument(
-        "--run-dir", default=None, help="run folder (default runs/lenet_<norm>); reused to resume"
-    )
-    parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    parser.add_argument(
-        "--train-fraction", type=float, default=1.0, help="fraction of the training set"
-    )
-    parser.add_argument(
-        "--drop-remainder",
-        action=argparse.BooleanOptionalAction,
-        default=RECIPE.drop_remainder,
-        help="leave the short last batch out of every training epoch",
-    )
-    parser.add_argument(
-        "--no-recalibrate",
-        dest="recalibrate",
-        action="store_false",
-        help="skip recomputing the BatchNorm population statistics",
-    )
-    parser.add_argument(
-        "--no-export", dest="export", action="store_false", help="skip the SavedModel export"
-    )
-    parser.add_argument(
-        "--export-dir", default="saved_models", help="parent folder of the SavedModel export"
-    )
-    parser.add_argument("--jit-compile", action="store_true", help="compile steps with XLA")
-    parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bars"
-    )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs `tfbn train` with parsed arguments.
-
-    Args:
-        args: The namespace from the parser configured by `configure_parser`.
-
-    Returns:
-        The exit code, 0.
-    """
-    train(
-        args.norm,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        strategy=args.strategy,
-        loop=args.loop,
-        run_dir=args.run_dir,
-        data_dir=args.data_dir,
-        train_fraction=args.train_fraction,
-        recalibrate=args.recalibrate,
-        export=args.export,
-        export_dir=args.export_dir,
-        jit_compile=args.jit_compile,
-        progress=args.progress,
-        drop_remainder=args.drop_remainder,
-    )
-    return 0

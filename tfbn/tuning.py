@@ -48,7 +48,6 @@ trains under its own tf.distribute strategy (`strategy`), e.g. mirrored over its
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -60,12 +59,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tfbn.config import NORMS
-from tfbn.distribute import STRATEGIES
+from tfbn.config import NORMS, STRATEGIES, TUNERS
 from tfbn.files import atomic_write, atomic_write_text
 
 VARIANTS: tuple[str, ...] = NORMS
-TUNERS: tuple[str, ...] = ("random", "bayesian", "hyperband")
 CONVERGED_ACCURACY = 0.8
 MOMENTUM_CHOICES: tuple[float, ...] = (0.0, 0.5, 0.9)
 OBJECTIVE = "val_accuracy"
@@ -715,7 +712,7 @@ def tune(
     seed: int = 0,
     data_dir: str | None = None,
     dataset: Any = None,
-    progress: bool = True,
+    verbose: int = 1,
     converged_accuracy: float = CONVERGED_ACCURACY,
 ) -> TuneResult:
     """Searches the SGD learning rate of LeNet per batch-norm variant with Keras Tuner.
@@ -748,7 +745,9 @@ def tune(
         dataset: A prebuilt dataset with `.train` and `.validation` tf.data splits of (images,
             labels) batches, used instead of loading Fashion-MNIST (its `.test` is never
             touched); the fractions and `batch_size` then only get checked.
-        progress: Print Keras Tuner's trial reports, Keras's progress bars and the table.
+        verbose: 0 prints nothing; 1 (default) Keras Tuner's trial reports, Keras's progress
+            bars (one line per epoch when not on a terminal) and the table; 2 the same with one
+            line per epoch.
         converged_accuracy: Validation accuracy from which a trial counts as converged.
 
     Returns:
@@ -780,6 +779,8 @@ def tune(
     )
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"Argument `seed` must be a non-negative integer; received seed={seed!r}.")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"Argument `verbose` must be 0, 1 or 2; received verbose={verbose!r}.")
     if tuner == "bayesian" and not all(importlib.util.find_spec(m) for m in ("scipy", "sklearn")):
         raise ImportError(
             "tuner='bayesian' needs SciPy and scikit-learn (Keras Tuner's BayesianOptimization): "
@@ -847,7 +848,7 @@ def tune(
 
     log_root = os.path.join(directory, f"{project_name}_logs")
     base_port = int(os.environ.get("KERASTUNER_ORACLE_PORT", "0") or 0)
-    verbose = (1 if _isatty() else 2) if progress else 0
+    fit_verbose = 0 if verbose == 0 else (1 if verbose == 1 and _isatty() else 2)
     results: dict[str, VariantResult] = {}
     trials_run: dict[str, list[str]] = {}
     started = time.perf_counter()
@@ -879,7 +880,7 @@ def tune(
             )
             if role == "chief":
                 # Serves trials to the workers until the budget is spent.
-                kt_tuner.search(verbose=verbose)
+                kt_tuner.search(verbose=fit_verbose)
             else:
                 callbacks = [
                     keras.callbacks.TensorBoard(
@@ -891,7 +892,7 @@ def tune(
                     validation_data=validation_data,
                     epochs=epochs,
                     callbacks=callbacks,
-                    verbose=verbose,
+                    verbose=fit_verbose,
                 )
         finally:
             if role != "single":
@@ -928,7 +929,7 @@ def tune(
         atomic_write_text(result.json_path, text)
         atomic_write_text(result.markdown_path, _markdown(result))
         _plot(result, result.plot_path)
-        if progress:
+        if verbose:
             print()
             print(result.table())
             print(f"\nTables: {result.markdown_path}, {result.json_path}; plot: {result.plot_path}")
@@ -939,75 +940,3 @@ def _isatty() -> bool:
     import sys
 
     return bool(getattr(sys.stdout, "isatty", lambda: False)())
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Adds the `tfbn tune` arguments to `parser`."""
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        default=list(VARIANTS),
-        help=f"LeNet variants to search, from {', '.join(VARIANTS)} (default: all)",
-    )
-    parser.add_argument("--tuner", choices=TUNERS, default="random", help="search algorithm")
-    parser.add_argument("--lr-min", type=float, default=0.01, help="smallest learning rate")
-    parser.add_argument("--lr-max", type=float, default=10.0, help="largest learning rate")
-    parser.add_argument("--trials", type=int, default=10, help="trials per variant (default 10)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (default 2)")
-    parser.add_argument(
-        "--executions-per-trial", type=int, default=1, help="trainings per trial (default 1)"
-    )
-    parser.add_argument(
-        "--train-fraction", type=float, default=1.0, help="fraction of the training set to use"
-    )
-    parser.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=0.1,
-        help="fraction of the training set held out for the objective (default 0.1)",
-    )
-    parser.add_argument("--tune-momentum", action="store_true", help="also search the SGD momentum")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
-    parser.add_argument("--dir", default="runs/tune", help="output folder (default runs/tune)")
-    parser.add_argument("--project-name", default="lenet_lr", help="project name prefix")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="start afresh instead of continuing the search"
-    )
-    parser.add_argument(
-        "--strategy", default="auto", choices=STRATEGIES, help="tf.distribute strategy"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs `tune` with the parsed `tfbn tune` arguments."""
-    variants = [v for item in args.variants for v in item.split(",") if v]
-    result = tune(
-        variants,
-        tuner=args.tuner,
-        lr_min=args.lr_min,
-        lr_max=args.lr_max,
-        trials=args.trials,
-        epochs=args.epochs,
-        executions_per_trial=args.executions_per_trial,
-        train_fraction=args.train_fraction,
-        validation_fraction=args.validation_fraction,
-        tune_momentum=args.tune_momentum,
-        batch_size=args.batch_size,
-        directory=args.dir,
-        project_name=args.project_name,
-        overwrite=args.overwrite,
-        strategy=args.strategy,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        progress=not args.quiet,
-    )
-    if args.quiet and result.role != "worker":
-        print(result.table())
-    return 0

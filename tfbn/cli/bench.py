@@ -1,0 +1,55 @@
+"""`tfbn bench`: `tfbn.bench.run_benchmarks` from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "benchmark tfbn.BatchNorm against keras.layers.BatchNormalization"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Adds the `tfbn bench` arguments."""
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes and few repeats (a smoke test)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="interleaved repeats (default: 15, quick 3)"
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated cases to run, from layer, lenet, pipeline, export (default: all)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="docs/benchmarks",
+        help="folder for the JSON and Markdown results",
+    )
+    parser.add_argument("--name", default="results", help="file stem of the results")
+    parser.add_argument("--note", default="", help="free text kept with the results")
+    parser.add_argument(
+        "--xla",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the layer under XLA",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmarks and prints their Markdown report."""
+    from tfbn.bench import render_markdown, run_benchmarks
+
+    results = run_benchmarks(
+        cases=args.cases,
+        quick=args.quick,
+        repeats=args.repeats,
+        xla=args.xla,
+        output_dir=args.output_dir,
+        name=args.name,
+        note=args.note,
+        verbose=args.verbose,
+    )
+    print(render_markdown(results))
+    for path in results.get("files", {}).values():
+        print(f"wrote {path}")
+    return 0

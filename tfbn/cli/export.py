@@ -1,0 +1,58 @@
+"""`tfbn export`: `tfbn.export.export_keras_file` from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a trained .keras model as an inference-only SavedModel"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Adds the `tfbn export` arguments."""
+    parser.add_argument("model", help="trained model file (.keras)")
+    parser.add_argument("--export-dir", default="saved_models", help="parent folder of the exports")
+    parser.add_argument("--name", default="lenet", help="model name folder")
+    parser.add_argument(
+        "--version", type=int, default=None, help="version number (default: the next free one)"
+    )
+    parser.add_argument(
+        "--fold",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold batch normalization into the layer before it",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the version folder if it exists"
+    )
+    parser.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="compile the serving functions with XLA",
+    )
+    parser.add_argument(
+        "--check-data",
+        metavar="FILE",
+        action="append",
+        default=None,
+        help="images to check the export on (repeatable): an IDX image file (e.g. Fashion-MNIST's "
+        "t10k-images-idx3-ubyte.gz) or a PNG/JPEG file (default: a fixed synthetic sample)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `export_keras_file` with the parsed arguments."""
+    from tfbn.export import export_keras_file
+
+    target = export_keras_file(
+        args.model,
+        args.export_dir,
+        name=args.name,
+        version=args.version,
+        fold=args.fold,
+        overwrite=args.overwrite,
+        jit_compile=args.jit_compile,
+        check_files=args.check_data,
+    )
+    print(f"Exported {'folded' if args.fold else 'unfolded'} SavedModel to {target}")
+    return 0

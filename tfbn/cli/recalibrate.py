@@ -1,0 +1,55 @@
+"""`tfbn recalibrate`: `tfbn.recalibration.recalibrate_file` from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, STRATEGIES
+
+HELP = "recompute the BatchNorm population statistics of a model"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Adds the `tfbn recalibrate` arguments."""
+    parser.add_argument("model", help="trained model, a .keras file")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="where to save the recalibrated model (.keras) (default: MODEL with "
+        "'.recalibrated' before the extension)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"folder with the four Fashion-MNIST IDX files (default: ${DATA_DIR_ENV}, else "
+        f"{DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--tfds-dir", default=None, help="TFDS data directory (default: TFDS's default)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=512, help="batch size of the statistics passes"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="batches per pass (default: the whole train split)"
+    )
+    parser.add_argument("--strategy", default="auto", choices=STRATEGIES, help="tf.distribute")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `recalibrate_file` with the parsed arguments."""
+    from tfbn.recalibration import recalibrate_file
+
+    output = recalibrate_file(
+        args.model,
+        args.output,
+        data_dir=args.data_dir,
+        tfds_dir=args.tfds_dir,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        strategy=args.strategy,
+        verbose=args.verbose,
+    )
+    if args.verbose == 0:
+        print(output)
+    return 0

@@ -1,0 +1,113 @@
+"""`tfbn train`: `tfbn.train` from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, LOOPS, NORMS, RECIPE, STRATEGIES
+
+HELP = "train LeNet with BatchNorm on Fashion-MNIST and export it"
+DESCRIPTION = (
+    "Train the chapter's LeNet on Fashion-MNIST (SGD, the chapter's recipe by default), "
+    "recompute the BatchNorm population statistics, and export an inference SavedModel. "
+    "The run folder resumes: the same command after an interruption continues after the last "
+    "finished epoch."
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Adds the `tfbn train` arguments."""
+    parser.add_argument("--norm", default="tfbn", choices=NORMS, help="batch normalization")
+    parser.add_argument("--epochs", type=int, default=RECIPE.epochs, help="number of epochs")
+    parser.add_argument(
+        "--batch-size", type=int, default=RECIPE.batch_size, help="global batch size"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help=f"SGD learning rate (default: {RECIPE.learning_rate:g} with BatchNorm, "
+        f"{RECIPE.plain_learning_rate:g} without)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the weights and the data order (default: drawn at random and recorded "
+        "in the run folder)",
+    )
+    parser.add_argument("--strategy", default="auto", choices=STRATEGIES, help="tf.distribute")
+    parser.add_argument(
+        "--loop",
+        default="auto",
+        choices=LOOPS,
+        help="Keras fit or a custom strategy.run loop; auto: custom under multi_worker, else fit",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="run folder, reused to resume (default: runs/lenet_<norm>)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"folder with the four Fashion-MNIST IDX files (default: ${DATA_DIR_ENV}, else "
+        f"{DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--train-fraction", type=float, default=1.0, help="fraction of the training set"
+    )
+    parser.add_argument(
+        "--drop-remainder",
+        action=argparse.BooleanOptionalAction,
+        default=RECIPE.drop_remainder,
+        help="leave the short last batch out of every training epoch",
+    )
+    parser.add_argument(
+        "--recalibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute the BatchNorm population statistics after training",
+    )
+    parser.add_argument(
+        "--export",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export an inference SavedModel",
+    )
+    parser.add_argument(
+        "--export-dir", default="saved_models", help="parent folder of the SavedModel export"
+    )
+    parser.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="compile the training step with XLA",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `tfbn.train` with the parsed arguments."""
+    from tfbn.training import train
+
+    result = train(
+        args.norm,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        strategy=args.strategy,
+        loop=args.loop,
+        run_dir=args.run_dir,
+        data_dir=args.data_dir,
+        train_fraction=args.train_fraction,
+        drop_remainder=args.drop_remainder,
+        recalibrate=args.recalibrate,
+        export=args.export,
+        export_dir=args.export_dir,
+        jit_compile=args.jit_compile,
+        verbose=args.verbose,
+    )
+    if args.verbose == 0:
+        print(result.summary())
+    return 0
