@@ -24,7 +24,7 @@ from model_helpers import (
 )
 
 import tfbn
-from tfbn import cli, export, serving
+from tfbn import cli, export, folding, serving
 from tfbn.config import CLASS_NAMES
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -167,12 +167,12 @@ def test_signatures_present_and_outputs_consistent(served_without_tfbn, fold):
 
 def test_folding_folds_exactly_the_foldable_batch_norms(models, images):
     model = models["functional"]
-    folded = export.fold_batch_norm(model)
+    folded = folding.fold_batch_norm(model)
     kinds = {layer.name: type(layer).__name__ for layer in folded.layers}
     for name in FOLDED_IN_FUNCTIONAL:
-        assert kinds[name] == "_FoldedAway", name
+        assert kinds[name] == "FoldedAway", name
     for name in AFFINE_IN_FUNCTIONAL:
-        assert kinds[name] == "_ChannelAffine", name
+        assert kinds[name] == "ChannelAffine", name
     assert not any(
         isinstance(layer, (tfbn.BatchNorm, keras.layers.BatchNormalization))
         for layer in folded.layers
@@ -313,15 +313,15 @@ def test_next_free_version(models, tmp_path):
 
 
 def test_folding_refuses_when_outputs_differ(models, tmp_path, monkeypatch):
-    real = export._fold_weights
+    real = folding.folded_weights
 
     def corrupt(producer, bn):
-        kernel, bias = real(producer, bn)
-        kernel = kernel.copy()
-        kernel.flat[0] += 0.5
-        return [kernel, bias]
+        weights = real(producer, bn)
+        weights["kernel"] = weights["kernel"].copy()
+        weights["kernel"].flat[0] += 0.5
+        return weights
 
-    monkeypatch.setattr(export, "_fold_weights", corrupt)
+    monkeypatch.setattr(folding, "folded_weights", corrupt)
     with pytest.raises(ValueError, match="Folded model: logits differ"):
         tfbn.export_saved_model(models["tfbn"], tmp_path, name="m")
     assert not (tmp_path / "m").exists() or _listing(tmp_path / "m") == []
@@ -414,10 +414,10 @@ def test_nested_models_are_folded_inside(models, images):
     inner = models["tfbn"]
     inputs = keras.Input((28, 28, 1))
     outer = keras.Model(inputs, keras.layers.Activation("linear")(inner(inputs)))
-    folded = export.fold_batch_norm(outer)
+    folded = folding.fold_batch_norm(outer)
     folded_inner = folded.get_layer(inner.name)
     assert isinstance(folded_inner, keras.Sequential)
-    assert [type(layer).__name__ for layer in folded_inner.layers].count("_FoldedAway") == 4
+    assert [type(layer).__name__ for layer in folded_inner.layers].count("FoldedAway") == 4
     np.testing.assert_allclose(
         folded.predict(images[..., None] / 255.0, verbose=0),
         keras_reference(inner, images),
@@ -438,7 +438,7 @@ def test_subclassed_model_is_refused_with_a_clear_error(tmp_path):
     net = Net()
     net(np.zeros((1, 28, 28, 1), np.float32))
     with pytest.raises(ValueError, match="Sequential or functional"):
-        export.fold_batch_norm(net)
+        folding.fold_batch_norm(net)
     with pytest.raises(ValueError, match="`model`"):
         tfbn.export_saved_model(net, tmp_path, fold=False)
 

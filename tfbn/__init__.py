@@ -24,7 +24,7 @@ _LAZY = {
     "train": "tfbn.training:train",
     "recalibrate": "tfbn.recalibration:recalibrate",
     "export_saved_model": "tfbn.export:export_saved_model",
-    "fold_batch_norm": "tfbn.export:fold_batch_norm",
+    "fold_batch_norm": "tfbn.folding:fold_batch_norm",
     "predict": "tfbn.serving:predict",
     "tune": "tfbn.tuning:tune",
 }
