@@ -60,7 +60,8 @@ def main(argv):
             outputs = loaded.signatures[signature](images=tf.constant(batch))
             for key, value in outputs.items():
                 results[f"{i}/{signature}/{key}"] = _plain(value.numpy())
-        results[f"{i}/class_names"] = _plain(loaded.class_names.numpy())
+        if hasattr(loaded, "class_names"):  # exported with class names
+            results[f"{i}/class_names"] = _plain(loaded.class_names.numpy())
     if any(name.split(".")[0] in BLOCKED for name in sys.modules):
         return 3
     np.savez(out_path, **results)

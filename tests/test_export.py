@@ -101,7 +101,11 @@ def exports(models, images, tmp_path_factory):
     for kind, model in models.items():
         for fold in (True, False):
             out[kind, fold] = tfbn.export_saved_model(
-                model, base, name=f"{kind}_{'folded' if fold else 'unfolded'}", fold=fold
+                model,
+                base,
+                name=f"{kind}_{'folded' if fold else 'unfolded'}",
+                fold=fold,
+                class_names=None if kind == "keras" else CLASS_NAMES,
             )
     return out
 
@@ -322,7 +326,7 @@ def test_folding_refuses_when_outputs_differ(models, tmp_path, monkeypatch):
         return weights
 
     monkeypatch.setattr(folding, "folded_weights", corrupt)
-    with pytest.raises(ValueError, match="Folded model: logits differ"):
+    with pytest.raises(ValueError, match="Folded model: outputs differ"):
         tfbn.export_saved_model(models["tfbn"], tmp_path, name="m")
     assert not (tmp_path / "m").exists() or _listing(tmp_path / "m") == []
 
@@ -332,26 +336,35 @@ def test_folding_refuses_when_outputs_differ(models, tmp_path, monkeypatch):
     [
         ({"version": 0}, "`version`"),
         ({"version": 1.5}, "`version`"),
+        ({"version": True}, "`version`"),
+        ({"version": "1"}, "`version`"),
         ({"name": "a/b"}, "`name`"),
         ({"name": ""}, "`name`"),
+        ({"name": ".."}, "`name`"),
+        ({"name": "../escaped"}, "`name`"),
+        ({"name": "/tmp/escaped"}, "`name`"),
+        ({"name": ".hidden"}, "`name`"),
+        ({"name": "nul\0byte"}, "`name`"),
+        ({"pixel_range": (1.0, 0.0)}, "`pixel_range`"),
+        ({"pixel_range": (0.0, float("nan"))}, "`pixel_range`"),
         ({"check_data": np.zeros((3, 27, 28), np.uint8)}, "`check_data`"),
         ({"check_data": np.zeros((3, 28, 28), np.int64)}, "`check_data`"),
-        ({"class_names": ("a", "b")}, "one logit per class"),
+        ({"class_names": ("a", "b")}, "`class_names` must be 10 strings"),
     ],
 )
 def test_bad_arguments_are_refused_before_writing(models, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        tfbn.export_saved_model(models["tfbn"], tmp_path, **kwargs)
-    assert not any(tmp_path.rglob("saved_model.pb"))
+        tfbn.export_saved_model(models["tfbn"], tmp_path / "exports", **kwargs)
+    assert _listing(tmp_path) == []  # nothing created, not even the export folder
 
 
 def test_check_data_is_used(models, images, tmp_path, monkeypatch):
     seen = []
     real = export._check_close
 
-    def spy(reference, candidate, tolerance, what, hint=""):
+    def spy(reference, candidate, what, hint=""):
         seen.append((what, reference.shape))
-        return real(reference, candidate, tolerance, what, hint)
+        return real(reference, candidate, what, hint)
 
     monkeypatch.setattr(export, "_check_close", spy)
     tfbn.export_saved_model(models["tfbn"], tmp_path, check_data=images[:5])
@@ -426,7 +439,7 @@ def test_nested_models_are_folded_inside(models, images):
     )
 
 
-def test_subclassed_model_is_refused_with_a_clear_error(tmp_path):
+def test_a_subclassed_model_exports_unfolded(images, tmp_path):
     class Net(keras.Model):
         def __init__(self):
             super().__init__()
@@ -436,11 +449,15 @@ def test_subclassed_model_is_refused_with_a_clear_error(tmp_path):
             return self.dense(keras.ops.reshape(x, (-1, 784)))
 
     net = Net()
-    net(np.zeros((1, 28, 28, 1), np.float32))
+    net(np.zeros((1, 28, 28, 1), np.float32))  # built on its input shape
     with pytest.raises(ValueError, match="Sequential or functional"):
         folding.fold_batch_norm(net)
-    with pytest.raises(ValueError, match="`model`"):
-        tfbn.export_saved_model(net, tmp_path, fold=False)
+    with pytest.raises(ValueError, match="Sequential or functional"):
+        tfbn.export_saved_model(net, tmp_path, fold=True)
+    path = tfbn.export_saved_model(net, tmp_path, fold=False)
+    served = tf.saved_model.load(str(path)).signatures["serving_default"]
+    logits = served(images=tf.constant(images[..., None]))["logits"]
+    np.testing.assert_allclose(logits, keras_reference(net, images), rtol=0, atol=UNFOLDED_TOL)
 
 
 def test_export_refused_when_the_written_model_differs(models, tmp_path, monkeypatch):
@@ -450,6 +467,125 @@ def test_export_refused_when_the_written_model_differs(models, tmp_path, monkeyp
         return real(models["keras"], *args)  # serves another model's weights
 
     monkeypatch.setattr(export, "_serving_module", wrong_model)
-    with pytest.raises(ValueError, match="Exported SavedModel: logits differ"):
+    with pytest.raises(ValueError, match="Exported SavedModel: outputs differ"):
         tfbn.export_saved_model(models["tfbn"], tmp_path, name="m", fold=False)
     assert _listing(tmp_path / "m") == []
+
+
+# ----------------------------------------------------------------------- any classifier's input
+
+
+def _classifier(input_shape, head=None, rng=None):
+    """A small classifier of any input shape: BN, flatten, dense; `head` adds a final softmax."""
+    rng = rng or np.random.default_rng(5)
+    inputs = keras.Input(input_shape)
+    x = keras.layers.BatchNormalization(name="bn_in")(inputs)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(8, name="dense")(x)
+    x = tfbn.BatchNorm(name="bn")(x)
+    if head == "dense":
+        outputs = keras.layers.Dense(4, activation="softmax", name="head")(x)
+    else:
+        outputs = keras.layers.Dense(4, name="head")(x)
+        if head == "activation":
+            outputs = keras.layers.Activation("softmax")(outputs)
+        elif head == "softmax_layer":
+            outputs = keras.layers.Softmax()(outputs)
+    model = keras.Model(inputs, outputs)
+    randomize_batch_norms(model, rng)
+    for variable in model.get_layer("head").variables:
+        variable.assign(rng.normal(0.0, 2.0, variable.shape))  # confident: softmax twice shows
+    return model
+
+
+def _signature_specs(path):
+    loaded = tf.saved_model.load(str(path))
+    specs = {}
+    for name, function in loaded.signatures.items():
+        (spec,) = function.structured_input_signature[1].values()
+        specs[name] = (spec.dtype.name, tuple(spec.shape))
+    return loaded, specs
+
+
+@pytest.mark.parametrize(
+    "input_shape, expected",
+    [
+        ((12, 12, 3), {"serving_default": ("uint8", (None, 12, 12, 3)),
+                       "serving_float": ("float32", (None, 12, 12, 3))}),
+        ((1, 12, 10), {"serving_default": ("uint8", (None, 1, 12, 10)),
+                       "serving_uint8_2d": ("uint8", (None, 12, 10)),
+                       "serving_float": ("float32", (None, 1, 12, 10))}),
+        ((10, 12), {"serving_default": ("uint8", (None, 10, 12)),
+                    "serving_float": ("float32", (None, 10, 12))}),
+        ((20,), {"serving_default": ("float32", (None, 20)),
+                 "serving_float": ("float32", (None, 20))}),
+        ((5, 6, 7), {"serving_default": ("float32", (None, 5, 6, 7)),
+                     "serving_float": ("float32", (None, 5, 6, 7))}),
+    ],
+    ids=["rgb", "channels-first-gray", "gray-2d", "features", "not-an-image"],
+)  # fmt: skip
+def test_signatures_follow_the_model_input(input_shape, expected, tmp_path):
+    model = _classifier(input_shape)
+    path = tfbn.export_saved_model(model, tmp_path)
+    loaded, specs = _signature_specs(path)
+    assert specs == expected
+    x = np.random.default_rng(0).uniform(0.0, 1.0, (6, *input_shape)).astype(np.float32)
+    logits = loaded.signatures["serving_float"](images=tf.constant(x))["logits"]
+    np.testing.assert_allclose(logits, model.predict(x, verbose=0), rtol=0, atol=FOLD_TOL)
+    if "serving_uint8_2d" in expected:
+        pixels = (x * 255).astype(np.uint8)
+        flat = loaded.signatures["serving_uint8_2d"](images=tf.constant(pixels[:, 0]))["logits"]
+        full = loaded.signatures["serving_default"](images=tf.constant(pixels))["logits"]
+        np.testing.assert_allclose(flat, full, rtol=0, atol=1e-5)
+
+
+def test_pixel_range_maps_uint8_pixels_for_the_model(tmp_path):
+    model = _classifier((12, 12, 3))
+    path = tfbn.export_saved_model(model, tmp_path, pixel_range=(-1.0, 1.0))
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 12, 12, 3)).astype(np.uint8)
+    served = tf.saved_model.load(str(path)).signatures["serving_default"]
+    logits = served(images=tf.constant(pixels))["logits"]
+    expected = model.predict(pixels.astype(np.float32) / 127.5 - 1.0, verbose=0)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=FOLD_TOL)
+
+
+@pytest.mark.parametrize("head", ["activation", "dense", "softmax_layer"])
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_a_final_softmax_is_not_applied_twice(head, fold, tmp_path):
+    model = _classifier((6, 6, 1), head=head)
+    x = np.random.default_rng(2).uniform(0.0, 1.0, (16, 6, 6, 1)).astype(np.float32)
+    expected = model.predict(x, verbose=0)
+    assert expected.max() > 0.5  # confident enough that a second softmax would flatten it
+    path = tfbn.export_saved_model(model, tmp_path, fold=fold)
+    out = tf.saved_model.load(str(path)).signatures["serving_float"](images=tf.constant(x))
+    np.testing.assert_allclose(out["probabilities"], expected, rtol=0, atol=1e-5)
+    # The logits are the values the softmax took: the model without its last step.
+    np.testing.assert_allclose(tf.nn.softmax(out["logits"]), expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(out["class_id"], expected.argmax(-1))
+
+
+def test_a_subclassed_model_ending_in_softmax_is_detected(tmp_path):
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4)
+
+        def call(self, x):
+            return keras.ops.softmax(self.dense(keras.ops.reshape(x, (-1, 20))) * 3.0)
+
+    net = Net()
+    net(np.zeros((1, 20), np.float32))
+    x = np.random.default_rng(3).normal(size=(8, 20)).astype(np.float32)
+    path = tfbn.export_saved_model(net, tmp_path, fold=False)
+    out = tf.saved_model.load(str(path)).signatures["serving_default"](images=tf.constant(x))
+    expected = net.predict(x, verbose=0)
+    assert expected.max() > 0.5
+    np.testing.assert_allclose(out["probabilities"], expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["logits"], np.log(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_class_names_only_when_given(exports, served_without_tfbn):
+    named, unnamed = served_without_tfbn["tfbn", True], served_without_tfbn["keras", True]
+    assert "serving_default/class_name" in named and "class_names" in named
+    assert not any(key.endswith("class_name") or key == "class_names" for key in unnamed)
+    assert not hasattr(tf.saved_model.load(str(exports["keras", True])), "class_names")

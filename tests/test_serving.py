@@ -34,7 +34,11 @@ def exports(models, tmp_path_factory):
     base = tmp_path_factory.mktemp("exports")
     return {
         (kind, fold): tfbn.export_saved_model(
-            models[kind], base, name=f"{kind}_{'folded' if fold else 'unfolded'}", fold=fold
+            models[kind],
+            base,
+            name=f"{kind}_{'folded' if fold else 'unfolded'}",
+            fold=fold,
+            class_names=CLASS_NAMES,
         )
         for kind, fold in (("tfbn", True), ("keras", False), ("keras", True))
     }

@@ -168,10 +168,15 @@ def predict(model_dir: str | os.PathLike, images) -> list[tuple[str, np.ndarray]
     results: list[tuple[str, np.ndarray]] = []
     for start in range(0, len(images), _BATCH_SIZE):
         out = function(images=tf.constant(images[start : start + _BATCH_SIZE]))
-        names = out["class_name"].numpy()
+        # An export without class names names each class by its id.
+        names = out["class_name"].numpy() if "class_name" in out else out["class_id"].numpy()
         probabilities = out["probabilities"].numpy()
-        results.extend((n.decode("utf-8"), p) for n, p in zip(names, probabilities, strict=True))
+        results.extend((_text(n), p) for n, p in zip(names, probabilities, strict=True))
     return results
+
+
+def _text(name) -> str:
+    return name.decode("utf-8") if isinstance(name, bytes) else str(name)
 
 
 def top_k(

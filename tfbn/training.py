@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfbn import distribute
-from tfbn.config import LOOPS, NORMS, RECIPE
+from tfbn.config import CLASS_NAMES, LOOPS, NORMS, RECIPE
 from tfbn.files import atomic_write, fsync_dir, save_model_atomically
 
 __all__ = ["LOOPS", "TrainResult", "train", "format_summary"]
@@ -745,7 +745,11 @@ def train(
             check_images = next(iter(dataset.test))[0]
             export_path = pathlib.Path(
                 export_saved_model(
-                    model, export_dir, name=export_name, check_data=np.asarray(check_images)
+                    model,
+                    export_dir,
+                    name=export_name,
+                    check_data=np.asarray(check_images),
+                    class_names=CLASS_NAMES,
                 )
             )
             say(f"exported SavedModel to {export_path}")

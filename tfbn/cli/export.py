@@ -31,6 +31,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="compile the serving functions with XLA",
     )
     parser.add_argument(
+        "--class-names",
+        default=None,
+        help="class names in output order, comma-separated, or 'fashion-mnist' for its ten "
+        "(default: none; the outputs name classes by their ids)",
+    )
+    parser.add_argument(
+        "--pixel-range",
+        nargs=2,
+        type=float,
+        default=(0.0, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="the values the model takes for pixels 0 and 255 (e.g. 0 255 for a model that "
+        "rescales its input itself)",
+    )
+    parser.add_argument(
         "--check-data",
         metavar="FILE",
         action="append",
@@ -42,8 +57,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `export_keras_file` with the parsed arguments."""
+    from tfbn.config import CLASS_NAMES
     from tfbn.export import export_keras_file
 
+    names = args.class_names
+    if names is not None:
+        names = CLASS_NAMES if names == "fashion-mnist" else tuple(names.split(","))
     target = export_keras_file(
         args.model,
         args.export_dir,
@@ -53,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         jit_compile=args.jit_compile,
         check_files=args.check_data,
+        class_names=names,
+        pixel_range=tuple(args.pixel_range),
+        verbose=int(args.verbose > 0),
     )
     print(f"Exported {'folded' if args.fold else 'unfolded'} SavedModel to {target}")
     return 0
