@@ -7,13 +7,20 @@ it, so a process killed mid-write never leaves a truncated file where a reader w
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_text", "fsync_dir", "save_model_atomically"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "check_writable_dir",
+    "fsync_dir",
+    "save_model_atomically",
+]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -36,6 +43,39 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Checks, without leaving anything behind, that files can be created in a folder.
+
+    A folder that does not exist yet is checked where it would be created: its nearest existing
+    ancestor must be a folder in which a file can be created. Call it before expensive work whose
+    results go to `path`.
+
+    Args:
+        path: The folder.
+
+    Returns:
+        `path`, as a `Path`.
+
+    Raises:
+        NotADirectoryError: if `path`, or the nearest of its ancestors that exists, is not a folder.
+        OSError: (e.g. `PermissionError`, or errno `EROFS` on a read-only file system) if no file
+            can be created there; `filename` is the folder that refused.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
+    try:
+        # An unnamed file that disappears when closed: a real write check, nothing left behind.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, str(existing)) from None
+    return path
+
+
 def _replace_from_temporary(path: Path, suffix: str, write: Callable[[str], None]) -> Path:
     """Calls `write` on a temporary file beside `path`, then renames it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +86,12 @@ def _replace_from_temporary(path: Path, suffix: str, write: Callable[[str], None
         # mkstemp makes the file private (0600); give it the usual permissions.
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        if error.filename is None:
+            # A failed write (a full disk, a quota) names no file: name the one being written.
+            raise type(error)(error.errno, error.strerror or str(error), str(path)) from error
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
