@@ -5,7 +5,7 @@ at each repeat) after a warm-up, so that a change in the machine's load hits all
 and reports medians and ratios (ours / keras). Absolute times only mean something with the
 machine they were taken on, so the results carry a description of it.
 
-Cases:
+Cases (`BENCH_CASES`, one `Case` each: a function that measures, one that renders its Markdown):
 
 - `layer`: one BatchNorm layer, training forward+backward (gradients with respect to the input,
   gamma and beta, and the moving-statistics update) and inference forward, on float32 inputs: 4D
@@ -20,19 +20,16 @@ Cases:
 - `lenet`: the chapter's LeNet training step (SGD, `tfbn.config.RECIPE`) on synthetic data with
   tfbn, Keras and no batch normalization; epoch time = median step time x steps per epoch
   (60000 / batch size).
-- `pipeline`: the Fashion-MNIST training input pipeline (`tfbn.data`) in examples per second,
-  against the LeNet (tfbn) training rate.
+- `pipeline`: the Fashion-MNIST training input pipeline (`tfbn.data.pipeline_rate`) in examples per
+  second, against the LeNet (tfbn) training rate.
 - `export`: inference throughput of an exported SavedModel with BatchNorm folded into the previous
-  layer against one without folding, at batch 1 and 256 (`tfbn.export`).
-
-A case whose module is not installed is reported as "not available" instead of failing.
+  layer against one without folding, at batch 1 and 256 (`tfbn.export`, `tfbn.serving`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import importlib
-import inspect
 import json
 import math
 import os
@@ -44,9 +41,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["CASES", "TARGETS", "run_benchmarks", "render_markdown"]
+from tfbn.errors import UsageError
+from tfbn.files import atomic_write_text, check_writable_dir
 
-CASES: tuple[str, ...] = ("layer", "lenet", "pipeline", "export")
+__all__ = ["BENCH_CASES", "CASES", "TARGETS", "Case", "render_markdown", "run_benchmarks"]
+
 SCHEMA_VERSION = 1
 TRAIN_EXAMPLES = 60000
 
@@ -88,6 +87,13 @@ _QUICK = {
 # The channel axis of each layer shape (default: last): "4d-nchw" is channels-first, the layout
 # cuDNN prefers.
 _CHANNEL_AXIS = {"4d-nchw": 1}
+# Implementation name -> BatchNorm keyword arguments (`None`: Keras's layer).
+_LAYER_VARIANTS: dict[str, dict | None] = {
+    "keras": None,
+    "tfbn": {},
+    "tfbn_fused": {"fused": True},
+    "tfbn_unfused": {"fused": False},
+}
 _MAX_NUMBER = 100
 _WARMUP_CALLS = 3
 
@@ -140,21 +146,6 @@ def _interleaved(
 
 
 # ----------------------------------------------------------------------------- layer case
-def _fused_supported() -> bool:
-    from tfbn.layers import BatchNorm
-
-    return "fused" in inspect.signature(BatchNorm.__init__).parameters
-
-
-def _layer_variants() -> dict[str, dict]:
-    """Implementation name -> constructor keyword arguments (`None` for Keras's layer)."""
-    variants: dict[str, dict] = {"keras": None, "tfbn": {}}
-    if _fused_supported():
-        variants["tfbn_fused"] = {"fused": True}
-        variants["tfbn_unfused"] = {"fused": False}
-    return variants
-
-
 def _make_layer(name: str, kwargs: dict | None, axis: int = -1):
     import keras
 
@@ -222,7 +213,7 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
     # The first output (dx in training, y in inference) of each implementation, to check that
     # they all compute the same thing before timing them.
     first_outputs = {}
-    for name, kwargs in _layer_variants().items():
+    for name, kwargs in _LAYER_VARIANTS.items():
         try:
             layer = _make_layer(f"{name}_{shape_name}_{mode}", kwargs, axis)
             fn = _layer_function(layer, mode, xla, x, dy)
@@ -239,7 +230,7 @@ def _layer_case(shape_name, shape, mode, xla, settings) -> dict:
     xla_copy = timings.pop("xla_copy", None)
     keras_median = timings["keras"]["median_s"] if "keras" in timings else None
     variants = {}
-    for name in _layer_variants():
+    for name in _LAYER_VARIANTS:
         if name in unavailable:
             variants[name] = {"available": False, "reason": unavailable[name]}
             continue
@@ -351,74 +342,23 @@ def _lenet_case(settings, norms: Sequence[str] = ("tfbn", "keras", "none")) -> d
 
 
 # ----------------------------------------------------------------------------- pipeline case
-def _optional(module_name: str, *names: str):
-    """The named attributes of an optional module, or a reason string when it is missing."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        return f"module {module_name} is not available"
-    missing = [n for n in names if not hasattr(module, n)]
-    if missing:
-        return f"{module_name} has no {', '.join(missing)}"
-    return tuple(getattr(module, n) for n in names)
+def _pipeline_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
+    from tfbn.data import load_fashion_mnist, pipeline_rate
 
-
-def _train_dataset(load_fashion_mnist, batch_size: int):
-    params = inspect.signature(load_fashion_mnist).parameters
-    kwargs = {"batch_size": batch_size} if "batch_size" in params else {}
-    data = load_fashion_mnist(**kwargs)
-    if isinstance(data, dict):
-        return data["train"]
-    if hasattr(data, "train"):
-        return data.train
-    if isinstance(data, (tuple, list)):
-        return data[0]
-    return data
-
-
-def _count_rate(dataset, batches: int) -> float:
-    """Examples per second over `batches` batches, after one warm-up batch."""
-    import tensorflow as tf
-
-    iterator = iter(dataset.repeat())
-    next(iterator)
-    examples = 0
-    start = time.perf_counter()
-    for _ in range(batches):
-        element = next(iterator)
-        first = element[0] if isinstance(element, (tuple, list)) else element
-        examples += int(tf.shape(first)[0])
-    return examples / (time.perf_counter() - start)
-
-
-def _pipeline_case(settings, lenet_result: dict | None) -> dict:
-    found = _optional("tfbn.data", "load_fashion_mnist")
-    if isinstance(found, str):
-        return {"id": "pipeline", "available": False, "reason": found}
-    (load_fashion_mnist,) = found
+    tick("pipeline")
     batch = settings["lenet_batch"]
-    dataset = _train_dataset(load_fashion_mnist, batch)
-    rate_fn = _optional("tfbn.data", "pipeline_rate")
-    if isinstance(rate_fn, str):
-        method = "tfbn.bench counting loop"
-        rate = _count_rate(dataset, settings["pipeline_batches"])
-    else:
-        method = "tfbn.data.pipeline_rate"
-        kwargs = {}
-        if "warmup" in inspect.signature(rate_fn[0]).parameters:
-            # The full warm-up pass fills the in-memory cache, as the first epoch of training
-            # does; a quick run skips it.
-            kwargs["warmup"] = not settings["quick"]
-        rate = float(rate_fn[0](dataset, batches=settings["pipeline_batches"], **kwargs))
-    if lenet_result is None or "tfbn" not in lenet_result["variants"]:
+    data = load_fashion_mnist(batch_size=batch)
+    # The full warm-up pass fills the in-memory cache, as the first epoch of training does; a
+    # quick run skips it.
+    rate = pipeline_rate(
+        data.train, batches=settings["pipeline_batches"], warmup=not settings["quick"]
+    )
+    lenet_result = cases.get("lenet")
+    if lenet_result is None:
         lenet_result = _lenet_case(settings, norms=("tfbn",))
     training = lenet_result["variants"]["tfbn"]["examples_per_s"]
     return {
         "id": "pipeline",
-        "available": True,
-        "method": method,
         "batch_size": batch,
         "batches": settings["pipeline_batches"],
         "examples_per_s": rate,
@@ -428,26 +368,12 @@ def _pipeline_case(settings, lenet_result: dict | None) -> dict:
 
 
 # ----------------------------------------------------------------------------- export case
-def _export_case(settings, work_dir: Path) -> dict:
-    found = _optional("tfbn.export", "export_saved_model")
-    if isinstance(found, str):
-        return {"id": "export", "available": False, "reason": found}
-    (export_saved_model,) = found
-    throughput = _optional("tfbn.serving", "inference_throughput")
-    if isinstance(throughput, str):
-        return {"id": "export", "available": False, "reason": throughput}
-    (throughput_fn,) = throughput
-    throughput_kwargs = {"seconds": settings["export_seconds"]}
-    if "repeats" in inspect.signature(throughput_fn).parameters:
-        # One timed run per call: the repeats and their median are taken here, interleaved.
-        throughput_kwargs["repeats"] = 1
-
-    def inference_throughput(path, batch):
-        return float(throughput_fn(path, batch, **throughput_kwargs))
-
+def _export_pair(work_dir: Path) -> dict[str, Path]:
+    """A LeNet (tfbn) with trained-looking statistics, exported folded and unfolded."""
     import keras
     import numpy as np
 
+    from tfbn.export import export_saved_model
     from tfbn.models import lenet
 
     keras.utils.set_random_seed(0)
@@ -456,30 +382,49 @@ def _export_case(settings, work_dir: Path) -> dict:
     images = np.random.default_rng(0).uniform(size=(64, 28, 28, 1)).astype("float32")
     for _ in range(3):
         model(images, training=True)
-    paths = {
+    return {
         "folded": Path(export_saved_model(model, work_dir, name="lenet_folded", fold=True)),
         "unfolded": Path(export_saved_model(model, work_dir, name="lenet_unfolded", fold=False)),
     }
-    batches = {}
-    for batch in settings["export_batches"]:
-        samples: dict[str, list[float]] = {"folded": [], "unfolded": []}
-        names = list(samples)
-        for name in names:  # warm-up: loading, tracing
-            inference_throughput(paths[name], batch)
-        for r in range(settings["export_repeats"]):
-            for name in names[r % 2 :] + names[: r % 2]:
-                samples[name].append(inference_throughput(paths[name], batch))
-        rows = {
-            name: {"median_examples_per_s": statistics.median(v), "samples_examples_per_s": v}
-            for name, v in samples.items()
-        }
-        rows["ratio"] = (
-            rows["folded"]["median_examples_per_s"] / rows["unfolded"]["median_examples_per_s"]
+
+
+def _throughput_samples(paths: dict[str, Path], batch: int, settings: dict) -> dict:
+    """Folded and unfolded throughput at one batch size, interleaved, with their ratio."""
+    from tfbn.serving import inference_throughput
+
+    def rate(name):
+        # One timed run per call: the repeats and their median are taken here, interleaved.
+        return float(
+            inference_throughput(paths[name], batch, seconds=settings["export_seconds"], repeats=1)
         )
-        batches[str(batch)] = rows
+
+    names = list(paths)
+    for name in names:  # warm-up: loading, tracing
+        rate(name)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(settings["export_repeats"]):
+        for name in names[r % 2 :] + names[: r % 2]:
+            samples[name].append(rate(name))
+    rows = {
+        name: {"median_examples_per_s": statistics.median(v), "samples_examples_per_s": v}
+        for name, v in samples.items()
+    }
+    rows["ratio"] = (
+        rows["folded"]["median_examples_per_s"] / rows["unfolded"]["median_examples_per_s"]
+    )
+    return rows
+
+
+def _export_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
+    tick("export")
+    with tempfile.TemporaryDirectory(prefix="tfbn-bench-export-") as work_dir:
+        paths = _export_pair(Path(work_dir))
+        batches = {
+            str(batch): _throughput_samples(paths, batch, settings)
+            for batch in settings["export_batches"]
+        }
     return {
         "id": "export",
-        "available": True,
         "seconds_per_sample": settings["export_seconds"],
         "repeats": settings["export_repeats"],
         "batches": batches,
@@ -586,7 +531,7 @@ def _targets(cases: dict) -> list[dict]:
     return targets
 
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- Markdown
 def _fmt(value, digits: int = 2) -> str:
     if value is None:
         return "n/a"
@@ -605,28 +550,25 @@ def _verdict(passed) -> str:
     return {True: "pass", False: "FAIL", None: "not measured"}[passed]
 
 
-def render_markdown(results: dict) -> str:
-    """Renders benchmark results (the dict `run_benchmarks` returns) as a Markdown report.
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A Markdown table: the header, its rule, one line per row (cells as given)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
 
-    Args:
-        results: The results dict, as returned by `run_benchmarks` or read back from its JSON.
 
-    Returns:
-        The Markdown text: machine, settings, targets and one table per case.
-    """
-    m = results["machine"]
-    s = results["settings"]
+def _preamble_markdown(results: dict) -> list[str]:
+    m, s = results["machine"], results["settings"]
     gpus = ", ".join(m["gpus"]) if m["gpus"] else "no GPU"
-    load = m.get("load_average_start")
-    load_end = m.get("load_average_end")
-    lines = [
+    return [
         "# tfbn benchmarks",
         "",
         f"Machine: {m['cpu']}, {m['cores']} logical cores, {m['memory_gib']} GiB, {gpus}; "
         f"{m['os']}.",
         f"Software: Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}, "
         f"NumPy {m['numpy']}, tfbn {m['tfbn']}.",
-        f"Date: {m['date']}; load average (1, 5, 15 min) at start {load}, at end {load_end}.",
+        f"Date: {m['date']}; load average (1, 5, 15 min) at start {m.get('load_average_start')}, "
+        f"at end {m.get('load_average_end')}.",
         "",
         f"Settings: quick={s['quick']}, repeats={s['repeats']}, XLA rows={s['xla']}, "
         f"cases={', '.join(s['cases'])}. All timings in one process, implementations interleaved "
@@ -636,187 +578,303 @@ def render_markdown(results: dict) -> str:
         *([f"Note: {s['note']}", ""] if s.get("note") else []),
         "## Targets",
         "",
-        "| target | value | threshold | result |",
-        "|---|---|---|---|",
+        *_table(
+            ("target", "value", "threshold", "result"),
+            (
+                (
+                    t["description"],
+                    _fmt(t["value"]),
+                    f"{t['comparison']} {t['threshold']}",
+                    _verdict(t["pass"]),
+                )
+                for t in results["targets"]
+            ),
+        ),  # fmt: skip
     ]
-    for t in results["targets"]:
-        lines.append(
-            f"| {t['description']} | {_fmt(t['value'])} | {t['comparison']} {t['threshold']} | "
-            f"{_verdict(t['pass'])} |"
-        )
-    cases = results["cases"]
 
-    if "layer" in cases:
-        lines += [
-            "",
-            "## Layer: one BatchNorm, float32",
-            "",
-            "`train` = forward + backward (gradients for x, gamma, beta) + moving-statistics "
-            "update; `inference` = forward with the moving statistics. A pass is one read or one "
-            "write of the tensor at the best copy bandwidth measured for that shape in this run "
-            "(`copy GB/s`; a copy `x * c` = 2 passes); `case passes` counts against the copy "
-            "interleaved with that case instead (`case copy GB/s`), which runs slower next to "
-            "heavy steps. `min passes` is the compulsory traffic (train: read x, write y, read "
-            "dy, read x, write dx = 5; inference: read x, write y = 2), `bound ms` = min passes "
-            "x pass time. The last column compares each output (dx or y) with Keras's.",
-            "",
-            "| case | impl | median ms | ratio vs keras | passes | case passes | min passes "
-            "| bound ms | copy GB/s | case copy GB/s | max abs diff vs keras |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in cases["layer"]["rows"]:
-            for name, v in row["variants"].items():
-                if not v["available"]:
-                    lines.append(
-                        f"| {row['id']} | {name} | not available: {v['reason']} | | | | | | | | |"
-                    )
-                    continue
-                lines.append(
-                    f"| {row['id']} | {name} | {_ms(v['median_s'])} | {_fmt(v['ratio'])} | "
-                    f"{_fmt(v['passes'], 1)} | {_fmt(v['passes_vs_case_copy'], 1)} | "
-                    f"{row['min_passes']} | {_ms(row['bound_s'])} | "
-                    f"{_fmt(row['bandwidth_gb_s'], 1)} | {_fmt(row['case_bandwidth_gb_s'], 1)} | "
-                    f"{_sci(v.get('max_abs_diff_vs_keras'))} |"
+
+_LAYER_INTRO = (
+    "`train` = forward + backward (gradients for x, gamma, beta) + moving-statistics update; "
+    "`inference` = forward with the moving statistics. A pass is one read or one write of the "
+    "tensor at the best copy bandwidth measured for that shape in this run (`copy GB/s`; a copy "
+    "`x * c` = 2 passes); `case passes` counts against the copy interleaved with that case instead "
+    "(`case copy GB/s`), which runs slower next to heavy steps. `min passes` is the compulsory "
+    "traffic (train: read x, write y, read dy, read x, write dx = 5; inference: read x, write y = "
+    "2), `bound ms` = min passes x pass time. The last column compares each output (dx or y) with "
+    "Keras's."
+)
+_LAYER_HEADER = (
+    "case", "impl", "median ms", "ratio vs keras", "passes", "case passes", "min passes",
+    "bound ms", "copy GB/s", "case copy GB/s", "max abs diff vs keras",
+)  # fmt: skip
+
+
+def _layer_row(row: dict, name: str, v: dict) -> list[str]:
+    if not v["available"]:
+        return [row["id"], name, f"not available: {v['reason']}"] + [""] * 8
+    return [
+        row["id"],
+        name,
+        _ms(v["median_s"]),
+        _fmt(v["ratio"]),
+        _fmt(v["passes"], 1),
+        _fmt(v["passes_vs_case_copy"], 1),
+        str(row["min_passes"]),
+        _ms(row["bound_s"]),
+        _fmt(row["bandwidth_gb_s"], 1),
+        _fmt(row["case_bandwidth_gb_s"], 1),
+        _sci(v.get("max_abs_diff_vs_keras")),
+    ]
+
+
+def _xla_copy_markdown(rows: list[dict]) -> list[str]:
+    xla_rows = [r for r in rows if r.get("xla_copy_bandwidth_gb_s")]
+    if not xla_rows:
+        return []
+    names = list(_LAYER_VARIANTS)
+    return [
+        "",
+        "Under XLA the passes above are priced at TensorFlow's copy (the targets use them). The "
+        "same copy compiled by XLA runs at the bandwidth below; priced at that, each "
+        "implementation costs:",
+        "",
+        *_table(
+            ("case", "XLA copy GB/s", *(f"{name} passes" for name in names)),
+            (
+                (
+                    row["id"],
+                    _fmt(row["xla_copy_bandwidth_gb_s"], 1),
+                    *(
+                        _fmt(row["variants"][n].get("passes_vs_xla_copy"), 1)
+                        if row["variants"][n]["available"]
+                        else "n/a"
+                        for n in names
+                    ),
                 )
-        xla_rows = [r for r in cases["layer"]["rows"] if r.get("xla_copy_bandwidth_gb_s")]
-        if xla_rows:
-            lines += [
-                "",
-                "Under XLA the passes above are priced at TensorFlow's copy (the targets use "
-                "them). The same copy compiled by XLA runs at the bandwidth below; priced at "
-                "that, each implementation costs:",
-                "",
-                "| case | XLA copy GB/s | "
-                + " | ".join(f"{name} passes" for name in _layer_variants())
-                + " |",
-                "|---|---|" + "---|" * len(_layer_variants()),
-            ]
-            for row in xla_rows:
-                cells = [
-                    _fmt(row["variants"][name].get("passes_vs_xla_copy"), 1)
-                    if row["variants"][name]["available"]
-                    else "n/a"
-                    for name in _layer_variants()
-                ]
-                lines.append(
-                    f"| {row['id']} | {_fmt(row['xla_copy_bandwidth_gb_s'], 1)} | "
-                    + " | ".join(cells)
-                    + " |"
+                for row in xla_rows
+            ),
+        ),  # fmt: skip
+    ]
+
+
+def _layer_markdown(case: dict) -> list[str]:
+    rows = case["rows"]
+    return [
+        "## Layer: one BatchNorm, float32",
+        "",
+        _LAYER_INTRO,
+        "",
+        *_table(
+            _LAYER_HEADER,
+            (_layer_row(row, name, v) for row in rows for name, v in row["variants"].items()),
+        ),
+        *_xla_copy_markdown(rows),
+    ]
+
+
+def _lenet_markdown(lenet: dict) -> list[str]:
+    return [
+        f"## LeNet training (batch {lenet['batch_size']}, SGD, chapter recipe, synthetic data, "
+        "no XLA)",
+        "",
+        f"Epoch time = median step time x {lenet['steps_per_epoch']} steps.",
+        "",
+        *_table(
+            ("model", "step ms", "epoch s", "examples/s"),
+            (
+                (norm, _ms(v["median_s"]), _fmt(v["epoch_s"]), _fmt(v["examples_per_s"], 0))
+                for norm, v in lenet["variants"].items()
+            ),
+        ),
+        "",
+        f"tfbn / keras epoch time: {_fmt(lenet.get('ratio'))}; BN overhead ratio "
+        f"(tfbn - none) / (keras - none): {_fmt(lenet.get('overhead_ratio'))}.",
+    ]
+
+
+def _pipeline_markdown(p: dict) -> list[str]:
+    return [
+        "## Input pipeline (Fashion-MNIST training set)",
+        "",
+        *_table(
+            ("pipeline examples/s", "LeNet tfbn training examples/s", "ratio"),
+            [
+                (
+                    _fmt(p["examples_per_s"], 0),
+                    _fmt(p["training_examples_per_s"], 0),
+                    _fmt(p["ratio"]),
                 )
+            ],
+        ),  # fmt: skip
+    ]
 
-    if "lenet" in cases:
-        lenet = cases["lenet"]
-        lines += [
-            "",
-            f"## LeNet training (batch {lenet['batch_size']}, SGD, chapter recipe, synthetic "
-            f"data, no XLA)",
-            "",
-            f"Epoch time = median step time x {lenet['steps_per_epoch']} steps.",
-            "",
-            "| model | step ms | epoch s | examples/s |",
-            "|---|---|---|---|",
-        ]
-        for norm, v in lenet["variants"].items():
-            lines.append(
-                f"| {norm} | {_ms(v['median_s'])} | {_fmt(v['epoch_s'])} | "
-                f"{_fmt(v['examples_per_s'], 0)} |"
-            )
-        lines += [
-            "",
-            f"tfbn / keras epoch time: {_fmt(lenet.get('ratio'))}; BN overhead ratio "
-            f"(tfbn - none) / (keras - none): {_fmt(lenet.get('overhead_ratio'))}.",
-        ]
 
-    if "pipeline" in cases:
-        p = cases["pipeline"]
-        lines += ["", "## Input pipeline (Fashion-MNIST training set)", ""]
-        if not p["available"]:
-            lines.append(f"not available: {p['reason']}")
-        else:
-            lines += [
-                "| pipeline examples/s | LeNet tfbn training examples/s | ratio | measured by |",
-                "|---|---|---|---|",
-                f"| {_fmt(p['examples_per_s'], 0)} | {_fmt(p['training_examples_per_s'], 0)} | "
-                f"{_fmt(p['ratio'])} | {p['method']} |",
-            ]
-
-    if "export" in cases:
-        e = cases["export"]
-        lines += ["", "## Exported SavedModel inference (LeNet tfbn)", ""]
-        if not e["available"]:
-            lines.append(f"not available: {e['reason']}")
-        else:
-            lines += [
-                "| batch | folded examples/s | unfolded examples/s | folded / unfolded |",
-                "|---|---|---|---|",
-            ]
-            for batch, v in e["batches"].items():
-                lines.append(
-                    f"| {batch} | {_fmt(v['folded']['median_examples_per_s'], 0)} | "
-                    f"{_fmt(v['unfolded']['median_examples_per_s'], 0)} | {_fmt(v['ratio'])} |"
+def _export_markdown(e: dict) -> list[str]:
+    return [
+        "## Exported SavedModel inference (LeNet tfbn)",
+        "",
+        *_table(
+            ("batch", "folded examples/s", "unfolded examples/s", "folded / unfolded"),
+            (
+                (
+                    batch,
+                    _fmt(v["folded"]["median_examples_per_s"], 0),
+                    _fmt(v["unfolded"]["median_examples_per_s"], 0),
+                    _fmt(v["ratio"]),
                 )
+                for batch, v in e["batches"].items()
+            ),
+        ),  # fmt: skip
+    ]
+
+
+def render_markdown(results: dict) -> str:
+    """Renders benchmark results (the dict `run_benchmarks` returns) as a Markdown report.
+
+    Args:
+        results: The results dict, as returned by `run_benchmarks` or read back from its JSON.
+
+    Returns:
+        The Markdown text: machine, settings, targets and one section per case.
+    """
+    lines = _preamble_markdown(results)
+    for case in BENCH_CASES:
+        if case.name in results["cases"]:
+            lines += ["", *case.render(results["cases"][case.name])]
     return "\n".join(lines) + "\n"
 
 
-def _guarded(case_id: str, run: Callable[[], dict]) -> dict:
-    """Runs a case that depends on another module; a failure there becomes a reported row."""
-    try:
-        return run()
-    except Exception as error:  # noqa: BLE001 - reported in the results, not swallowed
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        return {
-            "id": case_id,
-            "available": False,
-            "reason": f"failed with {type(error).__name__}: {first_line}",
-        }
+# ----------------------------------------------------------------------------- the cases
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case.
+
+    Attributes:
+        name: The case's name, as `--cases` takes it and as its results are keyed.
+        run: `run(settings, cases, tick) -> dict` measures the case. `settings` are the run's
+            (`repeats`, shapes, `quick`, ...), `cases` the results of the cases run before it,
+            `tick(label)` is called once per step, before the step.
+        render: `render(result) -> list[str]`: the case's Markdown section.
+        steps: `steps(settings) -> int`: how many times `run` calls `tick` (for the progress bar).
+    """
+
+    name: str
+    run: Callable[[dict, dict, Callable[[str], None]], dict]
+    render: Callable[[dict], list[str]]
+    steps: Callable[[dict], int] = lambda settings: 1
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _layer_steps(settings: dict) -> list[tuple[str, tuple, str, bool]]:
+    return [
+        (shape_name, shape, mode, use_xla)
+        for shape_name, shape in settings["shapes"].items()
+        for mode in ("train", "inference")
+        for use_xla in ((False, True) if settings["xla"] else (False,))
+    ]
+
+
+def _layer_cases(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
+    rows = []
+    for shape_name, shape, mode, use_xla in _layer_steps(settings):
+        tick(f"layer {shape_name} {mode}{' xla' if use_xla else ''}")
+        rows.append(_layer_case(shape_name, shape, mode, use_xla, settings))
+    _add_passes(rows)
+    return {"rows": rows}
+
+
+def _lenet_cases(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
+    tick("lenet")
+    return _lenet_case(settings)
+
+
+# In the order they run (the pipeline case reuses the LeNet case's training rate).
+BENCH_CASES: tuple[Case, ...] = (
+    Case("layer", _layer_cases, _layer_markdown, lambda settings: len(_layer_steps(settings))),
+    Case("lenet", _lenet_cases, _lenet_markdown),
+    Case("pipeline", _pipeline_case, _pipeline_markdown),
+    Case("export", _export_case, _export_markdown),
+)
+CASES: tuple[str, ...] = tuple(case.name for case in BENCH_CASES)
 
 
 # ----------------------------------------------------------------------------- entry points
-def _check_arguments(cases, repeats, output_dir, name) -> tuple[str, ...]:
+def _check_cases(cases) -> tuple[str, ...]:
+    names = tuple(case.name for case in BENCH_CASES)
     if cases is None:
-        cases = CASES
+        cases = names
     elif isinstance(cases, str):
         cases = tuple(c.strip() for c in cases.split(",") if c.strip())
     else:
         cases = tuple(cases)
-    unknown = [c for c in cases if c not in CASES]
+    unknown = [c for c in cases if c not in names]
     if not cases or unknown:
-        raise ValueError(
-            f"Argument `cases` must be a non-empty selection of {CASES}; received cases={cases!r}."
+        raise UsageError(
+            f"Argument `cases` must be a non-empty selection of {names}; received cases={cases!r}."
         )
+    # Keep the registry's order whatever order they were given in.
+    return tuple(c for c in names if c in cases)
+
+
+def _check_arguments(cases, repeats, output_dir, name, note) -> tuple[str, ...]:
+    selected = _check_cases(cases)
     if repeats is not None and (
         isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1
     ):
-        raise ValueError(
+        raise UsageError(
             f"Argument `repeats` must be a positive integer; received repeats={repeats!r}."
         )
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(
+        raise UsageError(
             f"Argument `name` must be a file stem of letters, digits, '.', '_' or '-'; received "
             f"name={name!r}."
         )
-    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise ValueError(
-            f"Argument `output_dir` must be a directory; received output_dir={str(output_dir)!r}, "
-            "which is a file."
-        )
-    # Keep the canonical order whatever order they were given in.
-    return tuple(c for c in CASES if c in cases)
+    if not isinstance(note, str):
+        raise UsageError(f"Argument `note` must be a string; received note={note!r}.")
+    if output_dir is not None:
+        check_writable_dir(output_dir)
+    if "pipeline" in selected:
+        from tfbn.data import check_data_dir
+
+        check_data_dir()
+    return selected
+
+
+def _settings(quick: bool, repeats: int | None, xla: bool) -> dict:
+    settings = dict(_QUICK if quick else _FULL, quick=bool(quick), xla=bool(xla))
+    if repeats is not None:
+        settings["repeats"] = repeats
+        settings["export_repeats"] = min(repeats, settings["export_repeats"])
+    return settings
+
+
+def _run_cases(selected: Sequence[str], settings: dict, verbose: int) -> dict:
+    from tqdm.auto import tqdm
+
+    cases = [case for case in BENCH_CASES if case.name in selected]
+    results: dict = {}
+    total = sum(case.steps(settings) for case in cases)
+    with tqdm(total=total, desc="tfbn bench", unit="case", disable=verbose != 1) as bar:
+        steps = 0
+
+        def tick(label: str) -> None:
+            nonlocal steps
+            if steps:
+                bar.update()
+            steps += 1
+            bar.set_postfix_str(label)
+
+        for case in cases:
+            results[case.name] = case.run(settings, results, tick)
+        bar.update(total - bar.n)
+    return results
+
+
+def _write_results(results: dict, output_dir, name: str) -> dict[str, str]:
+    out = Path(output_dir)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(md_path, render_markdown(results))
+    return {"json": str(json_path), "markdown": str(md_path)}
 
 
 def run_benchmarks(
@@ -836,7 +894,7 @@ def run_benchmarks(
     interleaved, after a warm-up, and the medians of the repeats are reported with their ratios.
 
     Args:
-        cases: The cases to run, a subset of `CASES` (`"layer"`, `"lenet"`, `"pipeline"`,
+        cases: The cases to run, names from `BENCH_CASES` (`"layer"`, `"lenet"`, `"pipeline"`,
             `"export"`), as an iterable or a comma-separated string; `None` runs all.
         quick: Tiny shapes and few repeats: checks that the suite runs, measures nothing useful.
         repeats: Interleaved repeats per comparison (default 15, or 3 with `quick`).
@@ -853,25 +911,13 @@ def run_benchmarks(
         target in `TARGETS`), plus `files` (paths written) when `output_dir` is given.
 
     Raises:
-        ValueError: if `cases`, `repeats`, `name` or `output_dir` is invalid (before any work).
+        UsageError: (a `ValueError`) if `cases`, `repeats`, `name` or `note` is invalid, or the
+            `pipeline` case is selected and the Fashion-MNIST files are missing (before any work).
+        OSError: if no file can be written in `output_dir` (checked before any work, with the
+            folder as `filename`), or writing the results fails.
     """
-    selected = _check_arguments(cases, repeats, output_dir, name)
-    if not isinstance(note, str):
-        raise ValueError(f"Argument `note` must be a string; received note={note!r}.")
-    from tqdm.auto import tqdm
-
-    settings = dict(_QUICK if quick else _FULL, quick=bool(quick))
-    if repeats is not None:
-        settings["repeats"] = repeats
-        settings["export_repeats"] = min(repeats, settings["export_repeats"])
-
-    layer_jobs = [
-        (shape_name, shape, mode, use_xla)
-        for shape_name, shape in settings["shapes"].items()
-        for mode in ("train", "inference")
-        for use_xla in ((False, True) if xla else (False,))
-    ]
-    total = sum(len(layer_jobs) if c == "layer" else 1 for c in selected)
+    selected = _check_arguments(cases, repeats, output_dir, name, note)
+    settings = _settings(quick, repeats, xla)
     results: dict = {
         "schema": SCHEMA_VERSION,
         "machine": machine_description(),
@@ -880,47 +926,13 @@ def run_benchmarks(
             "repeats": settings["repeats"],
             "xla": bool(xla),
             "cases": list(selected),
-            "fused_argument": _fused_supported(),
             "min_sample_s": settings["min_sample_s"],
             "note": note,
         },
-        "cases": {},
     }
-    with tqdm(total=total, desc="tfbn bench", unit="case", disable=verbose != 1) as bar:
-        if "layer" in selected:
-            rows = []
-            for shape_name, shape, mode, use_xla in layer_jobs:
-                bar.set_postfix_str(f"layer {shape_name} {mode}{' xla' if use_xla else ''}")
-                rows.append(_layer_case(shape_name, shape, mode, use_xla, settings))
-                bar.update()
-            _add_passes(rows)
-            results["cases"]["layer"] = {"rows": rows}
-        if "lenet" in selected:
-            bar.set_postfix_str("lenet")
-            results["cases"]["lenet"] = _lenet_case(settings)
-            bar.update()
-        if "pipeline" in selected:
-            bar.set_postfix_str("pipeline")
-            lenet_result = results["cases"].get("lenet")
-            results["cases"]["pipeline"] = _guarded(
-                "pipeline", lambda: _pipeline_case(settings, lenet_result)
-            )
-            bar.update()
-        if "export" in selected:
-            bar.set_postfix_str("export")
-            with tempfile.TemporaryDirectory(prefix="tfbn-bench-export-") as work_dir:
-                results["cases"]["export"] = _guarded(
-                    "export", lambda: _export_case(settings, Path(work_dir))
-                )
-            bar.update()
+    results["cases"] = _run_cases(selected, settings, verbose)
     results["machine"]["load_average_end"] = _load_average()
     results["targets"] = _targets(results["cases"])
-
     if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-        _atomic_write(json_path, json.dumps(results, indent=2) + "\n")
-        _atomic_write(md_path, render_markdown(results))
-        results["files"] = {"json": str(json_path), "markdown": str(md_path)}
+        results["files"] = _write_results(results, output_dir, name)
     return results
