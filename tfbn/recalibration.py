@@ -19,6 +19,7 @@ functional models.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -164,9 +165,11 @@ def _batches(dataset, steps: int | None, strategy: tf.distribute.Strategy):
 
 
 def _progress(total: int | None, description: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="batch", disable=not enabled, leave=False)
+    # Keras's own progress bar: the core install needs nothing beyond TensorFlow and Keras.
+    if enabled:
+        print(description)
+    bar = keras.utils.Progbar(total, verbose=int(enabled), unit_name="batch")
+    return contextlib.nullcontext(bar)
 
 
 def recalibrate(
@@ -250,7 +253,7 @@ def recalibrate(
             for batch in batches:
                 count, mean, m2 = step(_features(batch))
                 accumulator.add(float(count), mean.numpy(), m2.numpy())
-                bar.update(1)
+                bar.add(1)
         if accumulator.count == 0:
             raise ValueError(
                 "Argument `dataset` gave no examples: the statistics cannot be computed."
