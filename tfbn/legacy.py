@@ -208,7 +208,8 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
             self.adjustment = adjustment
         self._axes, self._rank = axes, rank
         self._others = [i for i in range(rank) if i not in axes]
-        self._channels = math.prod(input_shape[a] for a in axes)
+        dims = input_shape.as_list()
+        self._channels = math.prod(dims[a] for a in axes)
 
     # ----------------------------------------------------------------------------- views
     # The math works on one channel axis; several `axis` entries are merged into one by moving
