@@ -293,14 +293,14 @@ def test_existing_version_refused_then_replaced_with_overwrite(models, images, t
         tfbn.export_saved_model(models["keras"], tmp_path, name="m", version=2)
     # The refused export left the first one as it was.
     np.testing.assert_allclose(
-        np.array([p for _, p in serving.predict(first, images)]),
+        serving.predict(first, images)["probabilities"],
         tf.nn.softmax(keras_reference(models["tfbn"], images)).numpy(),
         atol=FOLD_TOL,
     )
     again = tfbn.export_saved_model(models["keras"], tmp_path, name="m", version=2, overwrite=True)
     assert again == first and _listing(tmp_path / "m") == ["2"]
     np.testing.assert_allclose(
-        np.array([p for _, p in serving.predict(again, images)]),
+        serving.predict(again, images)["probabilities"],
         tf.nn.softmax(keras_reference(models["keras"], images)).numpy(),
         atol=FOLD_TOL,
     )

@@ -5,7 +5,12 @@ The reference is the Keras model that was exported (`model.predict` on float32 i
 and unfolded.
 """
 
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -47,7 +52,7 @@ def exports(models, tmp_path_factory):
 def _printed_classes(stdout):
     """label -> [(name, probability), ...] from `tfbn predict`'s lines `label: name p, ...`."""
     out = {}
-    for line in stdout.strip().splitlines():
+    for line in stdout.strip().splitlines()[1:]:  # the first names the model
         label, ranked = line.rsplit(": ", 1)
         pairs = [item.rsplit(" ", 1) for item in ranked.split(", ")]
         out[label] = [(name, float(p)) for name, p in pairs]
@@ -72,7 +77,11 @@ def test_predict_cli_on_png_and_idx_matches_keras(models, images, exports, tmp_p
         ["predict", str(model_root), str(gray), str(rgb), str(idx), str(jpeg), "--top-k", "3"]
     )
     assert code == 0
-    printed = _printed_classes(capsys.readouterr().out)
+    stdout = capsys.readouterr().out
+    # The version served is named: the highest of the model folder.
+    version = exports["tfbn", True]
+    assert stdout.splitlines()[0] == f"model {version}, version {int(version.name)}"
+    printed = _printed_classes(stdout)
     assert list(printed) == [str(gray), str(rgb)] + [f"{idx}[{i}]" for i in range(10)] + [str(jpeg)]
     assert [ranked[0][0] for ranked in printed.values()] == expected[:12] + expected[-1:]
     # The top 3 of each image, with the Keras model's probabilities (printed to 4 decimals).
@@ -83,12 +92,37 @@ def test_predict_cli_on_png_and_idx_matches_keras(models, images, exports, tmp_p
         np.testing.assert_allclose([q for _, q in ranked], p[top], atol=1e-4)
 
 
-def test_predict_api_matches_keras(models, images, exports):
-    expected = tf.nn.softmax(keras_reference(models["keras"], images)).numpy()
+def test_predict_api_returns_the_signature_outputs_as_arrays(models, images, exports):
+    logits = keras_reference(models["keras"], images)
+    expected = tf.nn.softmax(logits.astype(np.float64)).numpy()
     for batch in (images, images[..., None], images.astype(np.float32) / 255.0):
-        results = serving.predict(exports["keras", False], batch)
-        assert [name for name, _ in results] == [CLASS_NAMES[i] for i in expected.argmax(-1)]
-        np.testing.assert_allclose(np.array([p for _, p in results]), expected, atol=1e-5)
+        out = serving.predict(exports["keras", False], batch)
+        assert set(out) == {"logits", "probabilities", "class_id", "class_name"}
+        assert all(isinstance(v, np.ndarray) and len(v) == len(images) for v in out.values())
+        np.testing.assert_allclose(out["logits"], logits, atol=1e-5)
+        np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5)
+        np.testing.assert_array_equal(out["class_id"], expected.argmax(-1))
+        assert out["class_name"].tolist() == [CLASS_NAMES[i] for i in expected.argmax(-1)]
+
+
+def test_predict_in_batches_concatenates_every_output(models, exports):
+    many = np.repeat(structured_images(), 7, axis=0)[:300]  # more than one batch of 256
+    out = serving.predict(exports["keras", False], many)
+    alone = serving.predict(exports["keras", False], many[-10:])
+    assert {key: len(value) for key, value in out.items()} == dict.fromkeys(out, 300)
+    np.testing.assert_allclose(out["logits"][-10:], alone["logits"], atol=1e-6)
+
+
+def test_export_without_class_names_is_served_with_class_ids(models, images, tmp_path, capsys):
+    path = tfbn.export_saved_model(models["tfbn"], tmp_path, name="anonymous")
+    out = serving.predict(path, images)
+    assert "class_name" not in out
+    png = tmp_path / "one.png"
+    png.write_bytes(tf.io.encode_png(images[0][..., None]).numpy())
+    assert cli.main(["predict", str(path), str(png), "--top-k", "2"]) == 0
+    (ranked,) = _printed_classes(capsys.readouterr().out).values()
+    top = np.argsort(-out["probabilities"][0])[:2]
+    assert [name for name, _ in ranked] == [str(i) for i in top]
 
 
 @pytest.mark.parametrize(
@@ -97,22 +131,69 @@ def test_predict_api_matches_keras(models, images, exports):
         (lambda p: p.write_bytes(tf.io.encode_png(np.zeros((32, 32, 1), np.uint8)).numpy()),
          "32x32 pixels"),
         (lambda p: write_idx(p, np.zeros((2, 28, 27))), "28x27 pixels"),
-        (lambda p: p.write_bytes(bytes([0, 0, 0x0D, 3]) + bytes(12)), "float32 values"),
+        (lambda p: p.write_bytes(bytes([0, 0, 0x0D, 3]) + bytes(12)), "holds float32"),
         (lambda p: write_idx(p, np.zeros(5)), "1 dimensions"),
         (lambda p: p.write_bytes(b"not an image at all"), "neither a PNG"),
-        (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00broken"), "corrupt gzip"),
+        (lambda p: p.write_text("a text file named like an image\n"), "neither a PNG"),
+        (lambda p: p.write_bytes(tf.io.encode_png(np.zeros((28, 28, 1), np.uint8)).numpy()[:40]),
+         "cannot be decoded"),
+        (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00broken"), "is corrupt"),
+        (lambda p: write_idx(p, np.zeros((3, 28, 28)))
+         or p.write_bytes(p.read_bytes()[:-5]), "is corrupt"),
         (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "is a folder"),
     ],
-    ids=["png-32x32", "idx-28x27", "idx-float", "idx-labels", "garbage", "bad-gzip", "missing"],
+    ids=["png-32x32", "idx-28x27", "idx-float", "idx-labels", "garbage", "text-as-png",
+         "truncated-png", "bad-gzip", "truncated-idx", "missing", "folder"],
 )  # fmt: skip
-def test_predict_cli_bad_input_is_a_clear_error(exports, tmp_path, capsys, make, message):
-    path = tmp_path / "input.bin"
+def test_predict_cli_bad_input_is_one_line_naming_it(exports, tmp_path, capsys, make, message):
+    path = tmp_path / "input.png"
     make(path)
     code = cli.main(["predict", str(exports["tfbn", True]), str(path)])
     captured = capsys.readouterr()
     assert code == 2
-    assert captured.err.startswith("tfbn predict: error:") and message in captured.err
+    (line,) = captured.err.splitlines()
+    assert line.startswith("tfbn predict: error:") and message in line and str(path) in line
+    # Nothing of TensorFlow's op text, nothing printed as a result.
+    assert "{{" not in line and "function_node" not in line and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+_UNREADABLE_INPUT = """
+import gettext, locale, os, sys
+import tensorflow
+import tfbn.cli.predict, tfbn.serving
+from tfbn import cli
+# Everything imported first (the interpreter's own files may be readable by root only); then the
+# process becomes nobody, for whom the root-owned input of mode 0600 cannot be read.
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(cli.main(["predict", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def test_unreadable_input_is_one_line_with_its_path_before_the_model_loads(images, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the command as another user")
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tfbn-unreadable-"))
+    try:
+        folder.chmod(0o755)
+        model = folder / "model"
+        model.mkdir()
+        # Not a loadable model: the input must be read (and refused) before the model is loaded.
+        (model / "saved_model.pb").write_bytes(b"")
+        secret = folder / "image.png"
+        secret.write_bytes(tf.io.encode_png(images[0][..., None]).numpy())
+        secret.chmod(0o600)
+        env = dict(os.environ, HOME=str(folder))
+        result = subprocess.run(
+            [sys.executable, "-c", _UNREADABLE_INPUT, str(model), str(secret)],
+            capture_output=True, text=True, timeout=300, env=env, cwd=folder,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(folder)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == f"tfbn predict: {secret}: Permission denied"
 
 
 def test_predict_api_refuses_wrong_shape_and_dtype(exports):
@@ -144,6 +225,7 @@ def test_removed_folder_tree_is_not_needed(exports, images, tmp_path):
     copy = tmp_path / "copy" / "1"
     shutil.copytree(exports["keras", True], copy)
     np.testing.assert_array_equal(
-        [n for n, _ in serving.predict(copy, images)],
-        [n for n, _ in serving.predict(exports["keras", True], images)],
+        serving.predict(copy, images)["logits"],
+        serving.predict(exports["keras", True], images)["logits"],
     )
+    assert serving.load_model(copy).version == 1

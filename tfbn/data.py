@@ -52,6 +52,9 @@ DATA_DIR_ENV = config.DATA_DIR_ENV
 DATASET_NAME = "fashion_mnist_local"
 
 IMAGE_SHAPE = (28, 28, 1)
+# The IDX type byte: unsigned bytes, and the names of the others.
+_IDX_UBYTE = 0x08
+_IDX_TYPES = {0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,25 +145,45 @@ def _find_file(folder: Path, spec: IdxFile) -> Path:
 
 
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    # Gzipped or not by its content, whatever its name says.
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def _corrupt(path: Path, why: str) -> DataError:
+def _corrupt(path: Path, why: str, spec: IdxFile | None = None) -> DataError:
+    if spec is None:
+        return DataError(f"IDX file {path} is corrupt: {why}.")
     return DataError(f"Fashion-MNIST file {path} is corrupt: {why}. {_HOW_TO_GET}")
 
 
 def _check_header(path: Path, header: bytes, spec: IdxFile) -> None:
     ndim = len(spec.shape)
     if len(header) < 4 + 4 * ndim:
-        raise _corrupt(path, f"it holds only {len(header)} bytes, shorter than an IDX header")
+        raise _corrupt(path, f"it holds only {len(header)} bytes, shorter than an IDX header", spec)
     magic = struct.unpack(">i", header[:4])[0]
     if magic != spec.magic:
         raise _corrupt(
-            path, f"IDX magic number is {magic:#010x}, expected {spec.magic:#010x} for {spec.name}"
+            path,
+            f"IDX magic number is {magic:#010x}, expected {spec.magic:#010x} for {spec.name}",
+            spec,
         )
     shape = struct.unpack(f">{ndim}i", header[4 : 4 + 4 * ndim])
     if tuple(shape) != spec.shape:
-        raise _corrupt(path, f"IDX shape is {tuple(shape)}, expected {spec.shape}")
+        raise _corrupt(path, f"IDX shape is {tuple(shape)}, expected {spec.shape}", spec)
+
+
+def _header_shape(path: Path, raw: bytes) -> tuple[int, ...]:
+    """The shape an IDX file of unsigned bytes declares (any number of dimensions)."""
+    if len(raw) < 4 or raw[:2] != b"\0\0":
+        raise DataError(f"{path} is not an IDX file: it does not start with an IDX magic number.")
+    kind, ndim = raw[2], raw[3]
+    if kind != _IDX_UBYTE:
+        kind_name = _IDX_TYPES.get(kind, f"values of unknown type 0x{kind:02X}")
+        raise DataError(f"IDX file {path} holds {kind_name}; it must hold unsigned bytes (ubyte).")
+    if len(raw) < 4 + 4 * ndim:
+        raise _corrupt(path, f"its header is cut short after {len(raw)} bytes")
+    return tuple(struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim]))
 
 
 def check_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -189,43 +212,55 @@ def check_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
             with _open(path) as f:
                 header = f.read(4 + 4 * len(spec.shape))
         except (OSError, EOFError, zlib.error) as error:
-            raise _corrupt(path, f"it cannot be read ({error})") from None
+            raise _corrupt(path, f"it cannot be read ({error})", spec) from None
         _check_header(path, header, spec)
     return folder
 
 
-def read_idx(path: str | os.PathLike, spec: IdxFile) -> np.ndarray:
-    """Reads and fully verifies one IDX file (gzipped or not).
+def read_idx(path: str | os.PathLike, spec: IdxFile | None = None) -> np.ndarray:
+    """Reads one IDX file of unsigned bytes (gzipped or not), fully verified against `spec`.
 
     Args:
         path: The file.
-        spec: What it must contain (one of `IDX_FILES`).
+        spec: What it must contain (one of `IDX_FILES`: magic number, shape and SHA-256). `None`
+            takes any IDX file of unsigned bytes, in the shape its header declares (e.g. images
+            to classify).
 
     Returns:
-        A uint8 array of shape `spec.shape`.
+        A uint8 array of shape `spec.shape` (or the declared shape).
 
     Raises:
-        DataError: when the file cannot be decompressed or its header, size or SHA-256 is wrong.
+        DataError: when the file cannot be decompressed, is not an IDX file of unsigned bytes, or
+            its header, size or SHA-256 is wrong.
     """
     path = Path(path)
     try:
         with _open(path) as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as error:
-        raise _corrupt(path, f"it cannot be read or decompressed ({error})") from None
-    _check_header(path, raw, spec)
-    if len(raw) != spec.num_bytes:
-        raise _corrupt(
-            path, f"it holds {len(raw)} bytes once decompressed, expected {spec.num_bytes}"
-        )
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != spec.sha256:
+        raise _corrupt(path, f"it cannot be read or decompressed ({error})", spec) from None
+    if spec is None:
+        shape = _header_shape(path, raw)
+    else:
+        _check_header(path, raw, spec)
+        shape = spec.shape
+    offset = 4 + 4 * len(shape)
+    if len(raw) != offset + int(np.prod(shape)):
         raise _corrupt(
             path,
-            f"SHA-256 of the decompressed content is {digest}, expected {spec.sha256}",
+            f"it holds {len(raw)} bytes once decompressed, its header declares shape {shape} "
+            f"({offset + int(np.prod(shape))} bytes)",
+            spec,
         )
-    offset = 4 + 4 * len(spec.shape)
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(spec.shape)
+    if spec is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != spec.sha256:
+            raise _corrupt(
+                path,
+                f"SHA-256 of the decompressed content is {digest}, expected {spec.sha256}",
+                spec,
+            )
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 
 def read_split(data_dir: str | os.PathLike | None, split: str) -> tuple[np.ndarray, np.ndarray]:

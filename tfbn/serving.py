@@ -10,12 +10,12 @@ Input files for `tfbn predict`:
   channel is dropped, not composited. Images are not resized: they must already have the model's
   size (28x28 for LeNet), drawn as Fashion-MNIST is (light object on a black background).
 - IDX image files (`idx3-ubyte`, the Fashion-MNIST format), optionally gzipped: unsigned bytes,
-  shape `(n, 28, 28)`. Each image is reported as `FILE[i]`.
+  shape `(n, height, width)`, read by `tfbn.data.read_idx`. Each image is reported as `FILE[i]`.
 """
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import os
 import pathlib
 import statistics
@@ -25,10 +25,14 @@ import numpy as np
 import tensorflow as tf
 
 from tfbn.config import CLASS_NAMES
+from tfbn.errors import UsageError
 
 __all__ = [
+    "FilePredictions",
+    "ServedModel",
     "inference_throughput",
     "load_images",
+    "load_model",
     "predict",
     "predict_files",
     "resolve_model_dir",
@@ -36,9 +40,16 @@ __all__ = [
 ]
 
 _BATCH_SIZE = 256
-_IDX_UBYTE = 0x08
-_IDX_DTYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
-               0x0E: "float64"}  # fmt: skip
+# The first bytes of the image formats `tf.io.decode_image` reads.
+_IMAGE_MAGIC = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+_IDX_MAGIC = b"\x00\x00"
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -53,7 +64,8 @@ def resolve_model_dir(model_dir: str | os.PathLike) -> pathlib.Path:
         The folder that holds `saved_model.pb`.
 
     Raises:
-        ValueError: if neither `model_dir` nor a numbered folder under it holds a SavedModel.
+        UsageError: (a `ValueError`) if neither `model_dir` nor a numbered folder under it holds
+            a SavedModel.
     """
     path = pathlib.Path(model_dir)
     if (path / "saved_model.pb").is_file():
@@ -66,29 +78,76 @@ def resolve_model_dir(model_dir: str | os.PathLike) -> pathlib.Path:
         )
         if versions:
             return versions[-1][1]
-    raise ValueError(
+    raise UsageError(
         f"Argument `model_dir` must be a SavedModel folder or a folder of numbered versions; no "
         f"saved_model.pb found in {str(path)!r} or its numbered subfolders."
     )
 
 
-_LOADED: dict[str, object] = {}
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """An exported SavedModel, loaded.
+
+    Attributes:
+        path: The SavedModel folder (a version folder, e.g. `saved_models/lenet/3`).
+        version: The version number (the folder's name) when it is a number, else `None`.
+        loaded: What `tf.saved_model.load` returned: its `signatures` serve.
+        class_names: The class names stored in the export; an export without names names its
+            classes by their ids (`"0"`, `"1"`, ...).
+        image_shape: The shape of one input of `serving_default` (without the batch axis), e.g.
+            `(28, 28, 1)`.
+    """
+
+    path: pathlib.Path
+    version: int | None
+    loaded: object
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        """One line naming what is served: `model saved_models/lenet/3, version 3`."""
+        version = f", version {self.version}" if self.version is not None else ""
+        return f"model {self.path}{version}"
 
 
-def _load(model_dir) -> tuple[pathlib.Path, object]:
+_LOADED: dict[str, tuple[int, ServedModel]] = {}
+
+
+def load_model(model_dir: str | os.PathLike) -> ServedModel:
+    """Loads an exported SavedModel (its highest version for a model base folder).
+
+    A model is loaded once per process; a re-export to the same folder is loaded again.
+
+    Args:
+        model_dir: A SavedModel folder, or a model base folder of numbered versions.
+
+    Returns:
+        The `ServedModel`.
+
+    Raises:
+        UsageError: if `model_dir` holds no SavedModel.
+    """
     path = resolve_model_dir(model_dir)
     key = str(path.resolve())
     stamp = (path / "saved_model.pb").stat().st_mtime_ns
     cached = _LOADED.get(key)
     if cached is None or cached[0] != stamp:
-        cached = (stamp, tf.saved_model.load(str(path)))
-        _LOADED[key] = cached
-    return path, cached[1]
+        loaded = tf.saved_model.load(str(path))
+        default = loaded.signatures["serving_default"]
+        served = ServedModel(
+            path=path,
+            version=int(path.name) if path.name.isdigit() else None,
+            loaded=loaded,
+            class_names=_class_names(loaded, default),
+            image_shape=tuple(_input_spec(default).shape[1:]),
+        )
+        cached = _LOADED[key] = (stamp, served)
+    return cached[1]
 
 
 def _signature(loaded, name: str):
     if name not in loaded.signatures:
-        raise ValueError(
+        raise UsageError(
             f"Argument `signature` must be one of {sorted(loaded.signatures)}; received "
             f"signature={name!r}."
         )
@@ -100,48 +159,59 @@ def _input_spec(function) -> tf.TensorSpec:
     return next(iter(kwargs.values()))
 
 
-def _class_names(loaded) -> tuple[str, ...]:
+def _class_names(loaded, function) -> tuple[str, ...]:
     variable = getattr(loaded, "class_names", None)
     if variable is None:
-        return CLASS_NAMES
+        return tuple(str(i) for i in range(function.structured_outputs["logits"].shape[-1]))
     return tuple(name.decode("utf-8") for name in variable.numpy())
 
 
 # ----------------------------------------------------------------------------------- prediction
+def _check_float_range(images: np.ndarray) -> None:
+    if not np.all(np.isfinite(images)) or images.min() < 0.0 or images.max() > 1.0:
+        raise UsageError(
+            "Argument `images`: float images must be finite and scaled to [0, 1]; received "
+            f"values in [{images.min()}, {images.max()}]."
+        )
+
+
 def _pick_signature(loaded, images: np.ndarray) -> tuple[str, np.ndarray]:
     """The signature that takes `images` as they are, and the images in its dtype."""
-    full = _input_spec(loaded.signatures["serving_default"]).shape[1:]
-    if images.dtype == np.uint8:
-        if tuple(images.shape[1:]) == tuple(full):
+    default = _input_spec(loaded.signatures["serving_default"])
+    full = tuple(default.shape[1:])
+    shape = tuple(images.shape[1:])
+    takes_pixels = default.dtype == tf.uint8  # an image model: floats are scaled pixels
+    if images.dtype == np.uint8 and takes_pixels:
+        if shape == full:
             return "serving_default", images
-        if "serving_uint8_2d" in loaded.signatures:
-            flat = _input_spec(loaded.signatures["serving_uint8_2d"]).shape[1:]
-            if tuple(images.shape[1:]) == tuple(flat):
-                return "serving_uint8_2d", images
-        expected = f"(n, {', '.join(map(str, full))})"
+        flat = loaded.signatures.get("serving_uint8_2d")
+        if flat is not None and shape == tuple(_input_spec(flat).shape[1:]):
+            return "serving_uint8_2d", images
     elif np.issubdtype(images.dtype, np.floating):
-        if not np.all(np.isfinite(images)) or images.min() < 0.0 or images.max() > 1.0:
-            raise ValueError(
-                "Argument `images`: float images must be finite and scaled to [0, 1]; received "
-                f"values in [{images.min()}, {images.max()}]."
-            )
+        if takes_pixels:
+            _check_float_range(images)
         images = images.astype(np.float32)
-        if tuple(images.shape[1:]) == tuple(full):
+        if shape == full:
             return "serving_float", images
-        if full[-1] == 1 and tuple(images.shape[1:]) == tuple(full[:-1]):
+        if full[-1] == 1 and shape == full[:-1]:
             return "serving_float", images[..., None]
-        expected = f"(n, {', '.join(map(str, full))})"
     else:
-        raise ValueError(
-            "Argument `images` must be uint8 (0-255) or floating point in [0, 1]; received "
-            f"dtype={images.dtype}."
-        )
-    raise ValueError(
+        kinds = "uint8 (0-255) or floating point in [0, 1]" if takes_pixels else "floating point"
+        raise UsageError(f"Argument `images` must be {kinds}; received dtype={images.dtype}.")
+    expected = f"(n, {', '.join(map(str, full))})"
+    raise UsageError(
         f"Argument `images` must have shape {expected}; received shape {images.shape}."
     )
 
 
-def predict(model_dir: str | os.PathLike, images) -> list[tuple[str, np.ndarray]]:
+def _as_numpy(value: tf.Tensor) -> np.ndarray:
+    array = value.numpy()
+    if array.dtype == object:  # tf.string: the class names, as str
+        return np.array([item.decode("utf-8") for item in array.ravel()]).reshape(array.shape)
+    return array
+
+
+def predict(model_dir: str | os.PathLike, images) -> dict[str, np.ndarray]:
     """Classifies images with an exported SavedModel.
 
     Args:
@@ -150,33 +220,29 @@ def predict(model_dir: str | os.PathLike, images) -> list[tuple[str, np.ndarray]
             in `[0, 1]` of either shape (sizes as the exported model takes them).
 
     Returns:
-        One `(class_name, probabilities)` per image, `probabilities` a float32 array with one
-        entry per class, in the order of the model's classes.
+        The signature's outputs as NumPy arrays, one row per image: `logits` and `probabilities`
+        (float32, `(n, classes)`, in the order of the model's classes), `class_id` (int64, `(n,)`)
+        and, for an export with class names, `class_name` (str, `(n,)`).
 
     Raises:
-        ValueError: if `model_dir` holds no SavedModel or `images` has the wrong shape or dtype.
+        UsageError: (a `ValueError`) if `model_dir` holds no SavedModel or `images` has the wrong
+            shape or dtype.
     """
     images = np.asarray(images)
     if images.ndim < 3 or images.shape[0] == 0:
-        raise ValueError(
+        raise UsageError(
             "Argument `images` must be a non-empty batch of images, shape (n, height, width) or "
             f"(n, height, width, channels); received shape {images.shape}."
         )
-    _, loaded = _load(model_dir)
+    loaded = load_model(model_dir).loaded
     name, images = _pick_signature(loaded, images)
     function = loaded.signatures[name]
-    results: list[tuple[str, np.ndarray]] = []
+    parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), _BATCH_SIZE):
-        out = function(images=tf.constant(images[start : start + _BATCH_SIZE]))
-        # An export without class names names each class by its id.
-        names = out["class_name"].numpy() if "class_name" in out else out["class_id"].numpy()
-        probabilities = out["probabilities"].numpy()
-        results.extend((_text(n), p) for n, p in zip(names, probabilities, strict=True))
-    return results
-
-
-def _text(name) -> str:
-    return name.decode("utf-8") if isinstance(name, bytes) else str(name)
+        outputs = function(images=tf.constant(images[start : start + _BATCH_SIZE]))
+        for key, value in outputs.items():
+            parts.setdefault(key, []).append(_as_numpy(value))
+    return {key: np.concatenate(values) for key, values in parts.items()}
 
 
 def top_k(
@@ -188,46 +254,32 @@ def top_k(
 
 
 # ---------------------------------------------------------------------------------------- files
-def _read_bytes(path: pathlib.Path) -> bytes:
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
-            raise ValueError(f"Input {str(path)!r} is a corrupt gzip file: {error}") from None
-    return data
-
-
-def _read_idx_images(path: pathlib.Path, data: bytes) -> np.ndarray:
-    dtype_code, ndim = data[2], data[3]
-    if dtype_code != _IDX_UBYTE:
-        kind = _IDX_DTYPES.get(dtype_code, f"unknown type 0x{dtype_code:02X}")
-        raise ValueError(
-            f"IDX file {str(path)!r} holds {kind} values; image files must hold unsigned bytes "
-            "(idx3-ubyte)."
-        )
-    if ndim != 3:
-        raise ValueError(
-            f"IDX file {str(path)!r} has {ndim} dimensions; image files have 3 (n, height, width) "
-            "(is it a labels file?)."
-        )
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    header = 4 + 4 * ndim
-    if len(data) - header != int(np.prod(dims)):
-        raise ValueError(
-            f"IDX file {str(path)!r} is truncated or corrupt: its header says shape {dims} "
-            f"({int(np.prod(dims))} bytes), it holds {len(data) - header} bytes."
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+def _check_inputs(paths) -> list[pathlib.Path]:
+    paths = [pathlib.Path(p) for p in paths]
+    if not paths:
+        raise UsageError("Argument `paths` must name at least one file; received none.")
+    for path in paths:
+        if path.is_dir():
+            raise UsageError(f"Input {str(path)!r} is a folder; name the image files in it.")
+        if not path.is_file():
+            raise UsageError(f"Input file {str(path)!r} does not exist.")
+    return paths
 
 
 def _decode_image(path: pathlib.Path, data: bytes) -> np.ndarray:
+    """A PNG/JPEG/GIF/BMP file as a uint8 grayscale `(height, width)` array."""
+    kind = next((name for magic, name in _IMAGE_MAGIC.items() if data.startswith(magic)), None)
+    if kind is None:
+        raise UsageError(
+            f"Input {str(path)!r} is neither a PNG, JPEG, GIF or BMP image nor an IDX image file "
+            "(its first bytes are none of theirs)."
+        )
     try:
         image = tf.io.decode_image(data, dtype=tf.uint8, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, ValueError) as error:
-        raise ValueError(
-            f"Input {str(path)!r} is neither a PNG/JPEG/GIF/BMP image nor an IDX image file: "
-            f"{str(error).splitlines()[0]}"
+    except (tf.errors.InvalidArgumentError, ValueError):
+        raise UsageError(
+            f"Input {str(path)!r} starts as a {kind} image but cannot be decoded: it is truncated "
+            "or corrupt."
         ) from None
     channels = image.shape[-1]
     if channels in (2, 4):
@@ -235,6 +287,33 @@ def _decode_image(path: pathlib.Path, data: bytes) -> np.ndarray:
     if image.shape[-1] == 3:
         image = tf.image.rgb_to_grayscale(image)
     return image.numpy()[..., 0]
+
+
+def _read_file(path: pathlib.Path) -> tuple[np.ndarray, list[str]]:
+    """The images of one input file and their labels."""
+    with open(path, "rb") as file:  # an unreadable file raises OSError naming it
+        head = file.read(16)
+    if head.startswith((_GZIP_MAGIC, _IDX_MAGIC)):
+        from tfbn.data import read_idx
+
+        batch = read_idx(path)
+        if batch.ndim != 3:
+            raise UsageError(
+                f"IDX file {str(path)!r} has {batch.ndim} dimensions; image files have 3 "
+                "(n, height, width) (is it a labels file?)."
+            )
+        return batch, [f"{path}[{i}]" for i in range(len(batch))]
+    return _decode_image(path, path.read_bytes())[None], [str(path)]
+
+
+def _check_size(path: pathlib.Path, batch: np.ndarray, image_size: tuple[int, int]) -> None:
+    height, width = image_size
+    if batch.shape[1:] != (height, width):
+        raise UsageError(
+            f"Input {str(path)!r} has images of {batch.shape[1]}x{batch.shape[2]} pixels "
+            f"(height x width); the model takes {height}x{width} grayscale images. Images "
+            "are not resized: crop or scale them to that size first."
+        )
 
 
 def load_images(paths, image_size: tuple[int, int] = (28, 28)) -> tuple[np.ndarray, list[str]]:
@@ -249,37 +328,88 @@ def load_images(paths, image_size: tuple[int, int] = (28, 28)) -> tuple[np.ndarr
         name, with `[i]` for the images of an IDX file).
 
     Raises:
-        ValueError: if a file is missing, cannot be decoded, or an image has another size.
+        UsageError: (a `ValueError`) if a file is missing or a folder, cannot be decoded, or an
+            image has another size.
+        OSError: if a file cannot be read (its `filename` says which).
     """
-    paths = [pathlib.Path(p) for p in paths]
-    if not paths:
-        raise ValueError("Argument `paths` must name at least one file; received none.")
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"Input file {str(path)!r} does not exist.")
-    height, width = image_size
     images: list[np.ndarray] = []
     labels: list[str] = []
-    for path in paths:
-        data = _read_bytes(path)
-        if len(data) >= 4 and data[:2] == b"\x00\x00":
-            batch = _read_idx_images(path, data)
-            names = [f"{path}[{i}]" for i in range(len(batch))]
-        else:
-            batch = _decode_image(path, data)[None]
-            names = [str(path)]
-        if batch.shape[1:] != (height, width):
-            raise ValueError(
-                f"Input {str(path)!r} has images of {batch.shape[1]}x{batch.shape[2]} pixels "
-                f"(height x width); the model takes {height}x{width} grayscale images. Images "
-                "are not resized: crop or scale them to that size first."
-            )
+    for path in _check_inputs(paths):
+        batch, names = _read_file(path)
+        _check_size(path, batch, image_size)
         images.append(batch)
         labels.extend(names)
     return np.concatenate(images), labels
 
 
+@dataclasses.dataclass(frozen=True)
+class FilePredictions:
+    """What `predict_files` found.
+
+    Attributes:
+        model: The model that classified the images (its folder and version).
+        labels: One label per image: the file name, `FILE[i]` for an IDX file's images.
+        top: Per image, the `k` most probable `(class name, probability)`, most probable first.
+    """
+
+    model: ServedModel
+    labels: list[str]
+    top: list[list[tuple[str, float]]]
+
+
+def predict_files(model_dir: str | os.PathLike, inputs, *, k: int = 3) -> FilePredictions:
+    """Classifies image files with an exported SavedModel (`tfbn predict`).
+
+    The arguments are checked and the files read before the model is loaded.
+
+    Args:
+        model_dir: A SavedModel folder, or a model folder of numbered versions (latest used).
+        inputs: PNG/JPEG/GIF/BMP images of the model's size, or IDX image files (`.gz` allowed).
+        k: How many classes to return per image.
+
+    Returns:
+        A `FilePredictions`: the model served, and each image's label and top `k` classes.
+
+    Raises:
+        UsageError: (a `ValueError`) for a bad `k`, a missing or undecodable input, an image of
+            another size, or a `model_dir` without a SavedModel.
+        OSError: if an input cannot be read (its `filename` says which).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"Argument `k` (--top-k) must be a positive integer; received k={k!r}.")
+    resolve_model_dir(model_dir)
+    files = [(path, *_read_file(path)) for path in _check_inputs(inputs)]
+    model = load_model(model_dir)
+    if k > len(model.class_names):
+        raise UsageError(
+            f"Argument `k` (--top-k) must be between 1 and {len(model.class_names)}; received "
+            f"k={k}."
+        )
+    for path, batch, _ in files:
+        _check_size(path, batch, model.image_shape[:2])
+    labels = [label for _, _, names in files for label in names]
+    images = np.concatenate([batch for _, batch, _ in files])
+    probabilities = predict(model.path, images)["probabilities"]
+    top = [top_k(p, k, model.class_names) for p in probabilities]
+    return FilePredictions(model=model, labels=labels, top=top)
+
+
 # ----------------------------------------------------------------------------------- throughput
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(
+            f"Argument `{name}` must be a positive integer; received {name}={value!r}."
+        )
+
+
+def _fixed_batch(spec: tf.TensorSpec, batch_size: int) -> tf.Tensor:
+    rng = np.random.default_rng(0)
+    shape = (batch_size, *spec.shape[1:])
+    if spec.dtype == tf.uint8:
+        return tf.constant(rng.integers(0, 256, size=shape, dtype=np.uint8))
+    return tf.constant(rng.uniform(0.0, 1.0, size=shape).astype(spec.dtype.as_numpy_dtype))
+
+
 def inference_throughput(
     model_dir: str | os.PathLike,
     batch_size: int,
@@ -305,31 +435,18 @@ def inference_throughput(
         The median examples per second.
 
     Raises:
-        ValueError: if an argument is invalid or `signature` is not in the SavedModel.
+        UsageError: (a `ValueError`) if an argument is invalid or `signature` is not in the
+            SavedModel.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"Argument `batch_size` must be a positive integer; received batch_size={batch_size!r}."
-        )
+    _check_positive_int("batch_size", batch_size)
     if not seconds > 0:
-        raise ValueError(f"Argument `seconds` must be positive; received seconds={seconds!r}.")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(
-            f"Argument `repeats` must be a positive integer; received repeats={repeats!r}."
-        )
-    _, loaded = _load(model_dir)
-    function = _signature(loaded, signature)
-    spec = _input_spec(function)
-    rng = np.random.default_rng(0)
-    shape = (batch_size, *spec.shape[1:])
-    if spec.dtype == tf.uint8:
-        batch = tf.constant(rng.integers(0, 256, size=shape, dtype=np.uint8))
-    else:
-        batch = tf.constant(rng.uniform(0.0, 1.0, size=shape).astype(spec.dtype.as_numpy_dtype))
+        raise UsageError(f"Argument `seconds` must be positive; received seconds={seconds!r}.")
+    _check_positive_int("repeats", repeats)
+    function = _signature(load_model(model_dir).loaded, signature)
+    batch = _fixed_batch(_input_spec(function), batch_size)
 
     def call():
-        out = function(images=batch)
-        return out["logits"].numpy()
+        return function(images=batch)["logits"].numpy()
 
     for _ in range(3):
         call()
@@ -346,35 +463,3 @@ def inference_throughput(
                 break
         rates.append(calls * batch_size / elapsed)
     return float(statistics.median(rates))
-
-
-# ------------------------------------------------------------------------------------- files
-def predict_files(
-    model_dir: str | os.PathLike, inputs: list[str | os.PathLike], *, k: int = 3
-) -> list[tuple[str, list[tuple[str, float]]]]:
-    """Classifies image files with an exported SavedModel (`tfbn predict`).
-
-    Args:
-        model_dir: A SavedModel folder, or a model folder of numbered versions (latest used).
-        inputs: PNG/JPEG images of the model's size, or IDX image files (`.gz` allowed).
-        k: How many classes to return per image.
-
-    Returns:
-        Per image, its label (the file name; `FILE[i]` for an IDX file's images) and its `k`
-        (class name, probability) pairs, most probable first.
-    """
-    if k < 1:
-        raise ValueError(f"Argument `--top-k` must be at least 1; received {k}.")
-    for path in inputs:
-        if not pathlib.Path(path).is_file():
-            raise ValueError(f"Input file {str(path)!r} does not exist.")
-    _, loaded = _load(model_dir)
-    names = _class_names(loaded)
-    if k > len(names):
-        raise ValueError(f"Argument `--top-k` must be between 1 and {len(names)}; received {k}.")
-    spec = _input_spec(loaded.signatures["serving_default"])
-    images, labels = load_images(inputs, image_size=tuple(spec.shape[1:3]))
-    return [
-        (label, top_k(probabilities, k, names))
-        for label, (_, probabilities) in zip(labels, predict(model_dir, images), strict=True)
-    ]

@@ -8,9 +8,9 @@ HELP = "classify images with an exported SavedModel"
 EPILOG = (
     "Images are not resized: they must have the model's size (28x28), drawn as Fashion-MNIST "
     "is (light object on a black background). Colour images are converted to grayscale "
-    "(ITU-R BT.601 weights); an alpha channel is dropped. Prints one line per image: "
-    "'INPUT: class probability, ...', most probable first; an IDX file's images are "
-    "'FILE[i]'."
+    "(ITU-R BT.601 weights); an alpha channel is dropped. Prints the model served "
+    "('model FOLDER, version N'), then one line per image: 'INPUT: class probability, ...', "
+    "most probable first; an IDX file's images are 'FILE[i]'."
 )
 
 
@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="PNG/JPEG images (28x28, grayscale or colour) or IDX image files (.gz allowed)",
+        help="PNG/JPEG/GIF/BMP images (28x28, grayscale or colour) or IDX image files (.gz "
+        "allowed)",
     )
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to print per image")
 
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     """Prints the top classes and probabilities of every image."""
     from tfbn.serving import predict_files
 
-    for label, ranked in predict_files(args.model_dir, args.inputs, k=args.top_k):
+    found = predict_files(args.model_dir, args.inputs, k=args.top_k)
+    print(found.model.describe())
+    for label, ranked in zip(found.labels, found.top, strict=True):
         print(f"{label}: " + ", ".join(f"{name} {p:.4f}" for name, p in ranked))
     return 0
