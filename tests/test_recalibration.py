@@ -1,5 +1,8 @@
 """Population statistics: recalibrated moving statistics against float64 NumPy references."""
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -207,11 +210,221 @@ def test_errors(rng):
         recalibrate(model, [np.zeros((2, 8, 8, 2), np.float32)], steps=0, verbose=0)
     with pytest.raises(ValueError, match="no examples"):
         recalibrate(model, [], verbose=0)
-    inner = keras.Sequential([keras.Input((3,)), tfbn.BatchNorm(name="inner_bn")])
-    outer_in = keras.Input((3,))
-    nested = keras.Model(outer_in, inner(outer_in))
-    with pytest.raises(ValueError, match="inner_bn.*nested"):
-        recalibrate(nested, [np.zeros((2, 3), np.float32)], verbose=0)
+    with pytest.raises(ValueError, match="`mode`"):
+        recalibrate(model, [], mode="approximate", verbose=0)
+    with pytest.raises(ValueError, match="`passes` applies to mode='fast'"):
+        recalibrate(model, [], passes=2, verbose=0)
+    with pytest.raises(ValueError, match="`passes`"):
+        recalibrate(model, [], mode="fast", passes=0, verbose=0)
+
+
+def test_a_batch_norm_hidden_in_a_layer_or_applied_twice_is_refused():
+    @keras.saving.register_keras_serializable(package="test_recalibration")
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.norm = keras.layers.BatchNormalization(name="hidden_bn")
+
+        def call(self, x):
+            return self.norm(x)
+
+    inputs = keras.Input((3,))
+    hidden = keras.Model(inputs, Block()(inputs))
+    with pytest.raises(ValueError, match="hidden_bn.*graph cannot be read"):
+        recalibrate(hidden, [np.zeros((2, 3), np.float32)], verbose=0)
+    shared = tfbn.BatchNorm(name="shared_bn")
+    twice = keras.Model(inputs, shared(shared(inputs)))
+    with pytest.raises(ValueError, match="shared_bn.*more than once"):
+        recalibrate(twice, [np.zeros((2, 3), np.float32)], verbose=0)
+
+
+# ----------------------------------------------------------------- nested models, any placement
+def _nested(flat: bool):
+    """BN inside nested Sequential and functional blocks, after an Add and after a pooling; with
+    `flat=True` the same layers without the nesting (the reference)."""
+    inner_in = keras.Input((6, 6, 3))
+    y = keras.layers.Conv2D(3, 3, padding="same", name="inner_conv")(inner_in)
+    y = keras.layers.BatchNormalization(name="inner_bn")(y)
+    y = keras.layers.Add(name="inner_add")([y, inner_in])
+    y = tfbn.BatchNorm(name="bn_after_add")(y)
+    stem = [keras.layers.Conv2D(3, 3, padding="same", name="stem"), tfbn.BatchNorm(name="stem_bn")]
+    head = [
+        keras.layers.AveragePooling2D(2, name="pool"),
+        keras.layers.BatchNormalization(name="bn_after_pool"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(4, name="dense"),
+    ]
+    inputs = keras.Input((6, 6, 3))
+    if flat:
+        x = inputs
+        for layer in stem:
+            x = layer(x)
+        a = keras.layers.Conv2D(3, 3, padding="same", name="inner_conv")(x)
+        a = keras.layers.BatchNormalization(name="inner_bn")(a)
+        a = keras.layers.Add(name="inner_add")([a, x])
+        x = tfbn.BatchNorm(name="bn_after_add")(a)
+    else:
+        x = keras.Sequential([keras.Input((6, 6, 3)), *stem], name="stem_block")(inputs)
+        x = keras.Model(inner_in, y, name="residual")(x)
+    for layer in head:
+        x = layer(x)
+    return keras.Model(inputs, x)
+
+
+def test_batch_norms_inside_nested_blocks_and_after_any_layer(rng):
+    nested, flat = _nested(flat=False), _nested(flat=True)
+    _randomize(nested, rng)
+    flat.set_weights(nested.get_weights())  # the same layers in the same order
+    x = _inputs(flat, rng, 90)
+    reference = _reference(flat, x)
+    report = recalibrate(nested, tf.data.Dataset.from_tensor_slices(x).batch(32), verbose=0)
+    assert list(report) == [
+        "stem_block/stem_bn", "residual/inner_bn", "residual/bn_after_add", "bn_after_pool"
+    ]  # fmt: skip
+    layers = {name: layer for name, layer in zip(report, batch_norm_layers(nested), strict=True)}
+    for name, layer in layers.items():
+        mean, variance, count = reference[name.rsplit("/", 1)[-1]]
+        assert report[name]["count"] == count
+        np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-5)
+        error = np.abs(layer.moving_mean.numpy() - mean)
+        assert np.all(error <= 1e-5 * (np.abs(mean) + np.sqrt(variance)))
+
+
+# ----------------------------------------------------------------------------- the exact passes
+@keras.saving.register_keras_serializable(package="test_recalibration")
+class _CountingIdentity(keras.layers.Layer):
+    """Passes its input through and counts the examples it saw (in a variable: traced too)."""
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(shape=(), initializer="zeros", trainable=False, name="seen")
+
+    def call(self, x):
+        self.seen.assign_add(keras.ops.cast(keras.ops.shape(x)[0], "float32"))
+        return x
+
+
+def _chain(depth: int):
+    """`depth` levels of Dense -> BN, with a counting layer before the first Dense."""
+    inputs = keras.Input((4,))
+    x = _CountingIdentity(name="counter")(inputs)
+    for i in range(depth):
+        x = keras.layers.Dense(4, name=f"dense{i}")(x)
+        x = tfbn.BatchNorm(name=f"bn{i}")(x)
+        x = keras.layers.Activation("tanh")(x)
+    return keras.Model(inputs, x)
+
+
+def test_one_pass_per_level_and_each_layer_computed_once_when_the_activations_fit(rng):
+    model = _chain(4)
+    _randomize(model, rng)
+    x = _inputs(model, rng, 100)
+    reference = _reference(model, x)
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(30)
+    counter = model.get_layer("counter").seen
+    counter.assign(0.0)
+    recalibrate(model, dataset, verbose=0)
+    _assert_matches_reference(model, reference)
+    assert counter.numpy() == 100  # kept in memory after the first pass: computed once
+    counter.assign(0.0)
+    again = recalibrate(model, dataset, max_cache_bytes=0, verbose=0)
+    assert counter.numpy() == 4 * 100  # nothing kept: every pass starts from the inputs
+    _assert_matches_reference(model, reference, {n: {"count": 100} for n in again})
+
+
+def test_independent_layers_share_a_pass(rng, capsys):
+    model = _functional_mixed()  # bn_a and bn_b are independent; bn_c depends on both
+    recalibrate(model, [_inputs(model, rng, 20)], verbose=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "pass" in line]
+    assert lines[0].startswith("Recalibration pass 1/2: 2 layers (bn_a, bn_b)")
+    assert lines[1].startswith("Recalibration pass 2/2: 1 layer (bn_c)")
+
+
+def test_exact_at_a_large_mean_with_a_million_values_per_channel(rng):
+    """|mean| / std = 1e4 and 2^20 values per channel, against float64 NumPy (within 1e-4)."""
+    inputs = keras.Input((8, 8, 2))
+    model = keras.Model(inputs, tfbn.BatchNorm(name="bn")(inputs))
+    x = (rng.normal(0.0, 1.0, (2**14, 8, 8, 2)) + np.array([1e4, -3e4])).astype(np.float32)
+    recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(2048), verbose=0)
+    values = x.astype(np.float64).reshape(-1, 2)
+    assert values.shape[0] == 2**20
+    layer = model.get_layer("bn")
+    np.testing.assert_allclose(layer.moving_variance.numpy(), values.var(0), rtol=1e-4)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), rtol=1e-7)
+
+
+# ----------------------------------------------------------------------------------- bad data
+def test_a_dataset_of_the_wrong_shape_is_refused_before_any_pass(rng):
+    model = _sequential("tfbn")
+    before = [v.numpy().copy() for v in model.non_trainable_variables]
+    wrong = np.zeros((4, 9, 8, 2), np.float32)
+    with pytest.raises(ValueError, match=r"shape \(None, 9, 8, 2\).*takes inputs of shape"):
+        recalibrate(model, tf.data.Dataset.from_tensor_slices(wrong).batch(2), verbose=0)
+    with pytest.raises(ValueError, match=r"shape \(4, 9, 8, 2\)"):
+        recalibrate(model, [wrong], verbose=0)
+    for old, new in zip(before, model.non_trainable_variables, strict=True):
+        np.testing.assert_array_equal(old, new.numpy())
+
+
+def test_non_finite_inputs_are_named_and_leave_every_statistic_as_it_was(rng):
+    model = _chain(3)
+    _randomize(model, rng)
+    before = {layer.name: (layer.moving_mean.numpy(), layer.moving_variance.numpy())
+              for layer in batch_norm_layers(model)}  # fmt: skip
+    x = _inputs(model, rng, 64)
+    x[37, 2] = np.nan  # one value of one example
+    with pytest.raises(ValueError, match="Layer 'bn0' received non-finite inputs"):
+        recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(16), verbose=0)
+    # A NaN that only appears deeper: the first layers were already recalibrated, then restored.
+    model.get_layer("dense1").kernel.assign(np.full((4, 4), np.inf, np.float32))
+    with pytest.raises(ValueError, match="Layer 'bn1' received non-finite inputs"):
+        recalibrate(model, [_inputs(model, rng, 16)], verbose=0)
+    for layer in batch_norm_layers(model):
+        np.testing.assert_array_equal(layer.moving_mean.numpy(), before[layer.name][0])
+        np.testing.assert_array_equal(layer.moving_variance.numpy(), before[layer.name][1])
+
+
+# ------------------------------------------------------------------------------------ fast mode
+def _training_mode_inputs(model, x):
+    """Each BN input when the whole network runs in training mode on `x` as one batch: every BN
+    normalizes with the batch statistics (Keras's own training-mode computation)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    probes = keras.Model(copy.inputs[0], [layer.input for layer in batch_norm_layers(copy)])
+    return [np.asarray(a, np.float64) for a in probes(x, training=True)]
+
+
+@pytest.mark.parametrize("kind", ["tfbn", "keras"])
+def test_one_fast_pass_measures_inputs_normalized_with_batch_statistics(kind, rng):
+    model = _sequential(kind)
+    _randomize(model, rng)
+    x = _inputs(model, rng, 128)
+    expected = _training_mode_inputs(model, x)
+    report = recalibrate(model, [x], mode="fast", verbose=0)  # one batch: batch = population
+    for layer, activations in zip(batch_norm_layers(model), expected, strict=True):
+        axes = tuple(i for i in range(activations.ndim) if i != activations.ndim - 1)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), activations.var(axes), rtol=1e-4)
+        np.testing.assert_allclose(
+            report[layer.name]["new_mean"], activations.mean(axes), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_fast_passes_reach_the_exact_statistics_after_one_pass_per_level(rng):
+    model = _chain(3)
+    _randomize(model, rng)
+    x = _inputs(model, rng, 200)
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(50)
+    weights = model.get_weights()
+    exact = recalibrate(model, dataset, verbose=0)
+    model.set_weights(weights)
+    one = recalibrate(model, dataset, mode="fast", verbose=0)
+    model.set_weights(weights)
+    three = recalibrate(model, dataset, mode="fast", passes=3, verbose=0)
+    for name in exact:
+        np.testing.assert_allclose(three[name]["new_variance"], exact[name]["new_variance"],
+                                   rtol=1e-5)  # fmt: skip
+    # The first level is exact at once; deeper ones are not after one pass (batches of 50).
+    np.testing.assert_allclose(one["bn0"]["new_variance"], exact["bn0"]["new_variance"], rtol=1e-6)
+    assert not np.allclose(one["bn2"]["new_variance"], exact["bn2"]["new_variance"], rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -251,14 +464,41 @@ def test_cli_recalibrates_a_saved_lenet(tmp_path, tfds_dir, capsys):
 def test_cli_rejects_bad_arguments_before_work(tmp_path, capsys):
     from tfbn.cli import main
 
-    assert main(["recalibrate", str(tmp_path / "missing.keras")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    def error(*argv):
+        assert main(["recalibrate", *map(str, argv)]) == 2
+        return capsys.readouterr().err.strip()
+
+    assert error(tmp_path / "missing.keras").endswith("missing.keras: No such file or directory")
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(b"")
+    assert "corrupt.keras: corrupt or truncated .keras file" in error(corrupt)
     model_path = tmp_path / "m.keras"
-    model_path.write_bytes(b"")
-    assert main(["recalibrate", str(model_path), "--output", str(tmp_path / "out.h5")]) == 2
-    assert "--output" in capsys.readouterr().err
-    assert main(["recalibrate", str(model_path), "--batch-size", "0"]) == 2
-    assert "--batch-size" in capsys.readouterr().err
+    _sequential("tfbn").save(model_path)
+    assert "--output" in error(model_path, "--output", tmp_path / "out.h5")
+    assert "--batch-size" in error(model_path, "--batch-size", "0")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    line = error(model_path, "--output", blocker / "o.keras")
+    assert line == f"tfbn recalibrate: {blocker}: Not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.keras", "file", "m.keras"]
+
+
+@pytest.mark.slow
+def test_cli_read_only_output_fails_before_the_recalibration(tmp_path, tfds_dir):
+    model_path = tmp_path / "lenet.keras"
+    tfbn.lenet("tfbn").save(model_path)
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    script = f'mount -t tmpfs -o ro,size=1m none "{mount}" || exit 99; exec "$@"'
+    command = ["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "tfbn",
+               "recalibrate", str(model_path), "--output", str(mount / "o.keras"),
+               "--tfds-dir", str(tfds_dir)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    if result.returncode == 99 or "unshare" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a private namespace: {result.stderr[:200]}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == f"tfbn recalibrate: {mount}: Read-only file system"
+    assert "Recalibration pass" not in result.stdout
 
 
 # -------------------------------------------------------------------------------- multi-worker

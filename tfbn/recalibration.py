@@ -2,132 +2,229 @@
 
 During training a batch-norm layer tracks its inference statistics with an exponential moving
 average of batch statistics taken while the weights were still changing. Once training is over,
-the weights are fixed, and one pass over the training data gives the statistics the network will
-actually see: the chapter's "population statistics". `recalibrate` computes them exactly:
+the weights are fixed, and a pass over the training data gives the statistics the network will
+actually see: the chapter's "population statistics". `recalibrate` computes them in one of two
+modes.
 
-- layer by layer, in network order, so that layer k is measured on the activations the network
-  produces once layers 0..k-1 already use their new statistics;
-- with the rest of the network in inference mode;
-- as the mean and biased variance over all examples and all non-channel positions, merged batch by
-  batch in float64 (Chan et al.'s pairwise update), never as `E[x^2] - E[x]^2` in float32;
-- under a `tf.distribute` strategy, per-replica sums are all-reduced at every batch, and the result
-  is assigned to every replica's copy of the variables.
+`mode="exact"` (the default) gives every layer the exact mean and biased variance of the inputs it
+receives once every batch-norm layer before it uses its new statistics, the network otherwise in
+inference mode. A layer's input depends only on the batch-norm layers upstream of it, so the
+layers are measured level by level: level 1 holds the layers with no batch norm upstream, level
+k those whose upstream batch norms are all in levels below k. Layers of one level share a pass
+over the data, and each pass computes only the part of the network between the last level and
+its own: the activations a pass hands on are kept in memory for the next one when they fit in
+`max_cache_bytes` (for all examples); otherwise a pass starts from the latest that did fit, or
+from the inputs.
 
-It works for `tfbn.BatchNorm` and `keras.layers.BatchNormalization` alike, in Sequential and
-functional models.
+`mode="fast"` makes `passes` passes (1 by default) over the whole network, as PyTorch's
+`swa_utils.update_bn` does: in the first, every batch-norm layer normalizes with the statistics of
+the current batch (all replicas together) while its input is measured; later passes run in
+inference mode with the statistics of the pass before. Each layer then sees inputs normalized as
+in training rather than with the final population statistics upstream: an approximation (see
+docs/results for how close it is).
+
+In both modes the statistics are exact for the inputs seen: per batch the mean and the sum of
+squared deviations from it are taken in float64 (never `E[x^2] - E[x]^2`), merged across batches
+with Chan et al.'s pairwise update; under a `tf.distribute` strategy they are all-reduced at every
+batch and assigned to every replica's copy of the variables. Batch-norm layers are found by their
+class, `keras.layers.BatchNormalization` (`tfbn.BatchNorm` included), anywhere in a Sequential or
+functional model, nested Sequential and functional models included.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import itertools
+import os
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn import ops
+from tfbn import graph, ops
 from tfbn.files import save_model_atomically
 from tfbn.layers import BatchNorm
 
 __all__ = ["batch_norm_layers", "recalibrate", "recalibrate_file"]
 
-_BN_TYPES = (BatchNorm, keras.layers.BatchNormalization)
+MODES = ("exact", "fast")
+
+
+def _is_batch_norm(layer) -> bool:
+    return isinstance(layer, (keras.layers.BatchNormalization, BatchNorm))
+
+
+# ------------------------------------------------------------------------------------ the plan
+class _Plan(NamedTuple):
+    """The model cut into segments between the levels of its batch-norm layers.
+
+    Pass p (1-based) runs segment p - 1, which turns frontier p - 2 into frontier p - 1 (frontier
+    -1 being the model's inputs), then measures the batch norms of level p, whose inputs are in
+    frontier p - 1. A frontier holds every tensor computed so far that a later step still reads.
+    """
+
+    graph: graph.Graph
+    steps: tuple  # the batch-norm steps, in network order
+    levels: tuple[tuple, ...]  # levels[p - 1]: the batch-norm steps of level p
+    segments: tuple[tuple, ...]  # segments[q]: the steps computed in pass q + 1
+    frontiers: tuple[tuple[int, ...], ...]  # frontiers[q]: the keys after segment q
+
+
+def _levels(steps) -> tuple[list[int], int]:
+    """Per step, the segment it belongs to; and the number of batch-norm levels."""
+    level_of: dict[int, int] = {}
+    segment_of = []
+    for step in steps:
+        upstream = max((level_of.get(key, 0) for key in step.inputs), default=0)
+        level = upstream + 1 if _is_batch_norm(step.layer) else upstream
+        for key in step.outputs:
+            level_of[key] = level
+        segment_of.append(level)
+    depth = max(
+        (s for s, step in zip(segment_of, steps, strict=True) if _is_batch_norm(step.layer)),
+        default=0,
+    )
+    return segment_of, depth
+
+
+def _frontiers(flat, segment_of, depth) -> tuple[tuple[int, ...], ...]:
+    """The keys each segment must hand on: made so far, read by a step of a later segment."""
+    made_in = {key: -1 for key in flat.inputs}
+    for step, segment in zip(flat.steps, segment_of, strict=True):
+        made_in.update(dict.fromkeys(step.outputs, segment))
+    last_use: dict[int, int] = {}
+    for step, segment in zip(flat.steps, segment_of, strict=True):
+        if segment < depth or _is_batch_norm(step.layer):  # run or measured in some pass
+            for key in step.inputs:
+                last_use[key] = max(last_use.get(key, -1), segment)
+    return tuple(
+        tuple(k for k, made in made_in.items() if made <= q < last_use.get(k, -1))
+        for q in range(depth)
+    )
+
+
+def _plan(model: keras.Model) -> _Plan:
+    flat = graph.flatten(model)
+    bn_steps = [step for step in flat.steps if _is_batch_norm(step.layer)]
+    _check_reachable(model, bn_steps)
+    segment_of, depth = _levels(flat.steps)
+    return _Plan(
+        graph=flat,
+        steps=tuple(bn_steps),
+        levels=tuple(
+            tuple(
+                s for s, g in zip(flat.steps, segment_of, strict=True) if g == p and s in bn_steps
+            )
+            for p in range(1, depth + 1)
+        ),
+        segments=tuple(
+            tuple(s for s, g in zip(flat.steps, segment_of, strict=True) if g == q)
+            for q in range(depth)
+        ),
+        frontiers=_frontiers(flat, segment_of, depth),
+    )
+
+
+def _check_reachable(model: keras.Model, bn_steps) -> None:
+    """Every batch-norm layer of `model` is called exactly once in its graph."""
+    called = [step.layer for step in bn_steps]
+    twice = sorted({layer.name for layer in called if sum(c is layer for c in called) > 1})
+    if twice:
+        raise ValueError(
+            f"Batch-norm layers {twice} are applied more than once in model '{model.name}': "
+            "each needs one input to take its statistics from."
+        )
+    hidden = [
+        layer.name
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if _is_batch_norm(layer) and not any(layer is c for c in called)
+    ]
+    if hidden:
+        raise ValueError(
+            f"Batch-norm layers {hidden} of model '{model.name}' are inside a layer or subclassed "
+            "model whose graph cannot be read, so their inputs cannot be computed. Build that "
+            "block as a keras.Sequential or functional model, or recalibrate it on its own inputs."
+        )
 
 
 def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The batch-norm layers of a model, in network order.
+    """The batch-norm layers of a Sequential or functional model, in network order.
 
     Args:
         model: A Sequential or functional Keras model.
 
     Returns:
-        The `tfbn.BatchNorm` and `keras.layers.BatchNormalization` layers that are direct layers
-        of `model`, in the order the model applies them.
+        Its `keras.layers.BatchNormalization` layers (`tfbn.BatchNorm` included), nested
+        Sequential and functional models included, in the order the model applies them.
 
     Raises:
-        ValueError: if a batch-norm layer sits inside a nested model or layer, where its input
-            cannot be reached from the model's inputs.
+        ValueError: if `model` is not a graph of layers, or a batch-norm layer is applied more
+            than once or hidden inside a layer whose graph cannot be read.
     """
-    direct = [layer for layer in model.layers if isinstance(layer, _BN_TYPES)]
-    every = [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, _BN_TYPES)
+    flat = graph.flatten(model)
+    steps = [step for step in flat.steps if _is_batch_norm(step.layer)]
+    _check_reachable(model, steps)
+    return [step.layer for step in steps]
+
+
+# ------------------------------------------------------------------------------ the statistics
+def _reduction_axes(tensor, step) -> tuple[int, list[int]]:
+    rank = len(tensor.shape)
+    axis = ops.canonical_axis(int(step.layer.axis), rank)
+    return axis, [i for i in range(rank) if i != axis]
+
+
+def _moments(tensors, steps) -> list[tf.Tensor]:
+    """Per batch-norm input, `[count, mean..., m2...]` over all replicas, in float64.
+
+    `m2` is the sum of squared deviations from the mean, per channel. Two all-reduces for all the
+    tensors together: the sums and counts first, then the squared deviations from the global
+    mean, so that the result is that of one device holding the whole global batch.
+    """
+    context = tf.distribute.get_replica_context()
+    xs = [tf.cast(t, tf.float64) for t in tensors]
+    axes = [_reduction_axes(x, step) for x, step in zip(xs, steps, strict=True)]
+    sizes = [int(x.shape[axis]) for x, (axis, _) in zip(xs, axes, strict=True)]
+    counts = [
+        tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), reduce)), tf.float64)[None]
+        for x, (_, reduce) in zip(xs, axes, strict=True)
     ]
-    nested = [layer.name for layer in every if not any(layer is d for d in direct)]
-    if nested:
-        raise ValueError(
-            f"Batch-norm layers {nested} are inside a nested model or layer of '{model.name}'; "
-            "recalibrate needs them as direct layers of a Sequential or functional model. "
-            "Flatten the model, or recalibrate the nested model on its own inputs."
-        )
-    return direct
-
-
-def _input_extractor(model: keras.Model, layer: keras.layers.Layer) -> keras.Model:
-    """A model from `model`'s inputs to `layer`'s input (sharing `model`'s weights)."""
-    try:
-        # A Sequential has one input; a functional model keeps its inputs' structure (dicts).
-        inputs = model.inputs[0] if isinstance(model, keras.Sequential) else model.input
-    except (AttributeError, ValueError, TypeError, IndexError) as error:
-        raise ValueError(
-            f"Model '{model.name}' has no defined inputs ({error}); build it on a `keras.Input` "
-            "(or call it once) before recalibrating."
-        ) from None
-    try:
-        target = layer.input
-    except (AttributeError, ValueError) as error:
-        raise ValueError(
-            f"Layer '{layer.name}' is applied more than once or is not connected in model "
-            f"'{model.name}' ({error}); each batch-norm layer must be applied exactly once."
-        ) from None
-    return keras.Model(inputs, target, name=f"{layer.name}_input")
-
-
-def _features(batch):
-    """The model input of a batch that is `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`."""
-    if isinstance(batch, (tuple, list)):
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(tuple(batch))
-        return x
-    return batch
-
-
-def _replica_moments(activations: tf.Tensor, axis: int):
-    """Count, mean and sum of squared deviations of one batch, over all replicas (float64).
-
-    Two all-reduces: the sums and counts first, then the squared deviations from the global mean,
-    so the result is the same as on one device holding the whole global batch.
-    """
-    x = tf.cast(activations, tf.float64)
-    rank = x.shape.rank
-    axes = [i for i in range(rank) if i != axis]
-    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float64)
-    total = tf.reduce_sum(x, axes)
-    ctx = tf.distribute.get_replica_context()
-    packed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([total, count[None]], 0))
-    total, count = packed[:-1], packed[-1]
-    mean = tf.math.divide_no_nan(total, count)
-    shape = [1] * rank
-    shape[axis] = -1
-    m2 = tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), axes)
-    m2 = ctx.all_reduce(tf.distribute.ReduceOp.SUM, m2)
-    return count, mean, m2
+    sums = [tf.reduce_sum(x, reduce) for x, (_, reduce) in zip(xs, axes, strict=True)]
+    packed = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(sums + counts, 0))
+    sums = tf.split(packed[: sum(sizes)], sizes)
+    counts = tf.split(packed[sum(sizes) :], len(sizes))
+    m2s = []
+    for x, (axis, reduce), total, count in zip(xs, axes, sums, counts, strict=True):
+        shape = [1] * len(x.shape)
+        shape[axis] = -1
+        mean = tf.math.divide_no_nan(total, count)
+        m2s.append(tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), reduce))
+    m2s = tf.split(context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(m2s, 0)), sizes)
+    return [
+        tf.concat([count, tf.math.divide_no_nan(total, count), m2], 0)
+        for count, total, m2 in zip(counts, sums, m2s, strict=True)
+    ]
 
 
 class _Accumulator:
     """Running count, mean and sum of squared deviations, merged batch by batch in float64."""
 
-    def __init__(self, channels: int):
+    def __init__(self):
         self.count = 0.0
-        self.mean = np.zeros(channels, np.float64)
-        self.m2 = np.zeros(channels, np.float64)
+        self.mean = 0.0
+        self.m2 = 0.0
 
-    def add(self, count: float, mean: np.ndarray, m2: np.ndarray) -> None:
+    def add(self, packed: np.ndarray) -> None:
+        """Adds one batch's `[count, mean..., m2...]`."""
+        count = float(packed[0])
         if count <= 0:
             return
+        channels = (len(packed) - 1) // 2
+        mean, m2 = packed[1 : 1 + channels], packed[1 + channels :]
         total = self.count + count
         delta = mean - self.mean
         self.mean = self.mean + delta * (count / total)
@@ -139,145 +236,410 @@ class _Accumulator:
         return self.m2 / self.count
 
 
-def _batches(dataset, steps: int | None, strategy: tf.distribute.Strategy):
-    """An iterable of (possibly distributed) batches, and its length if known."""
-    default = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+def _local(strategy, results):
+    """All replicas hold the same all-reduced values: the first local copy of each."""
+    return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], results)
+
+
+def _distributed(strategy, replica_function):
+    """`replica_function` run on every replica, traced once (the batch size may vary)."""
+    return tf.function(
+        lambda values: strategy.run(replica_function, args=(values,)), reduce_retracing=True
+    )
+
+
+# ------------------------------------------------------------------------------- the variables
+def _statistics_variables(layer) -> list:
+    names = ("moving_mean", "moving_variance", "moving_stddev")
+    return [getattr(layer, n) for n in names if getattr(layer, n, None) is not None]
+
+
+def _assign(layer, mean: np.ndarray, variance: np.ndarray) -> None:
+    # In cross-replica context, assigning a distributed variable writes every replica's copy.
+    layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+    layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
+    if getattr(layer, "renorm", False) and getattr(layer, "moving_stddev", None) is not None:
+        # With batch renormalization the next training step rebuilds the moving variance
+        # from moving_stddev (variance = stddev^2 - epsilon): keep the two consistent.
+        stddev = np.sqrt(variance + layer.epsilon)
+        layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
+
+
+def _finish_pass(steps, accumulators, number: int) -> None:
+    """Assigns a pass's statistics, after checking every one is finite."""
+    for step, accumulator in zip(steps, accumulators, strict=True):
+        if accumulator.count == 0:
+            raise ValueError(
+                "Argument `dataset` gave no examples: the statistics cannot be computed."
+            )
+        if not (
+            np.all(np.isfinite(accumulator.mean)) and np.all(np.isfinite(accumulator.variance))
+        ):
+            raise ValueError(
+                f"Layer '{step.path}' received non-finite inputs (NaN or infinity) in pass "
+                f"{number} of recalibration; no statistics were changed. Check the dataset for "
+                "NaN or infinite values."
+            )
+    for step, accumulator in zip(steps, accumulators, strict=True):
+        _assign(step.layer, accumulator.mean, accumulator.variance)
+
+
+# ------------------------------------------------------------------------------------ the data
+def _features(batch):
+    """The model input of a batch that is `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`."""
+    if isinstance(batch, (tuple, list)):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(tuple(batch))
+        return x
+    return batch
+
+
+class _Batches:
+    """The dataset's model inputs, batch by batch, as flat tuples (distributed under a strategy);
+    iterable once per pass."""
+
+    def __init__(self, dataset, steps: int | None, strategy: tf.distribute.Strategy):
+        default = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+        self.length = steps
+        if isinstance(dataset, tf.data.Dataset):
+            if steps is not None:
+                dataset = dataset.take(steps)
+            cardinality = int(dataset.cardinality())
+            self.length = cardinality if cardinality >= 0 else None
+            if not default:
+                dataset = strategy.experimental_distribute_dataset(dataset)
+        elif not default:
+            raise ValueError(
+                "Argument `dataset` must be a `tf.data.Dataset` when a tf.distribute strategy is "
+                f"used; received an object of type {type(dataset).__name__}."
+            )
+        elif steps is None and hasattr(dataset, "__len__"):
+            self.length = len(dataset)
+        self.dataset, self.steps, self.strategy = dataset, steps, strategy
+
+    def __iter__(self):
+        batches = self.dataset
+        if self.steps is not None and not isinstance(batches, tf.data.Dataset):
+            batches = itertools.islice(batches, self.steps)
+        for batch in batches:
+            yield tuple(keras.tree.flatten(_features(batch)))
+
+    def examples(self, values) -> int:
+        """The number of examples in a batch of model inputs (over all replicas)."""
+        return sum(int(tf.shape(v)[0]) for v in self.strategy.experimental_local_results(values[0]))
+
+
+def _check_shapes(model: keras.Model, flat: graph.Graph, dataset) -> None:
+    """The dataset's inputs have the model's input shapes (where both are known)."""
     if isinstance(dataset, tf.data.Dataset):
-        if steps is not None:
-            dataset = dataset.take(steps)
-        length = int(dataset.cardinality())
-        length = length if length >= 0 else None
-        if default:
-            return dataset, length
-        return strategy.experimental_distribute_dataset(dataset), length
-    if not default:
-        raise ValueError(
-            "Argument `dataset` must be a `tf.data.Dataset` when a tf.distribute strategy is "
-            f"used; received an object of type {type(dataset).__name__}."
+        shapes = [tuple(s.shape) for s in keras.tree.flatten(_features(dataset.element_spec))]
+    elif isinstance(dataset, (list, tuple)) and dataset:
+        shapes = [tuple(np.shape(x)) for x in keras.tree.flatten(_features(dataset[0]))]
+    else:
+        return  # a one-shot iterable: its first batch meets the model's own checks
+    expected = [tuple(flat.tensors[key].shape) for key in flat.inputs]
+
+    def fits(shape, want) -> bool:
+        return len(shape) == len(want) and all(
+            a is None or b is None or a == b for a, b in zip(shape[1:], want[1:], strict=True)
         )
-    length = None
-    if steps is not None:
-        dataset = itertools.islice(dataset, steps)
-        length = steps
-    elif hasattr(dataset, "__len__"):
-        length = len(dataset)
-    return dataset, length
+
+    if len(shapes) != len(expected) or not all(map(fits, shapes, expected)):
+
+        def show(found):
+            return found[0] if len(found) == 1 else found
+
+        raise ValueError(
+            f"Argument `dataset`: its batches hold inputs of shape {show(shapes)}, but model "
+            f"'{model.name}' takes inputs of shape {show(expected)}."
+        )
 
 
-def _progress(total: int | None, description: str, enabled: bool):
-    # Keras's own progress bar: the core install needs nothing beyond TensorFlow and Keras.
-    if enabled:
-        print(description)
-    bar = keras.utils.Progbar(total, verbose=int(enabled), unit_name="batch")
-    return contextlib.nullcontext(bar)
+def _bytes_per_example(flat: graph.Graph, keys) -> float:
+    """The memory one example's tensors `keys` take (infinite if a size is unknown)."""
+    total = 0.0
+    for key in keys:
+        tensor = flat.tensors[key]
+        if any(d is None for d in tensor.shape[1:]):
+            return float("inf")
+        itemsize = np.dtype(keras.backend.standardize_dtype(tensor.dtype)).itemsize
+        total += float(np.prod(tensor.shape[1:])) * itemsize
+    return total
+
+
+class _Progress:
+    """A line per pass (`verbose` 1 or 2), and a progress bar over its batches (`verbose=1`)."""
+
+    def __init__(self, verbose: int, passes: int, length: int | None):
+        self.verbose, self.passes, self.length = verbose, passes, length
+        self.bar, self.started = None, 0.0
+
+    def start(self, number: int, steps) -> None:
+        self.started = time.perf_counter()
+        if self.verbose:
+            names = ", ".join(step.path for step in steps[:3]) + (", ..." if len(steps) > 3 else "")
+            layers = f"{len(steps)} layer{'s' if len(steps) > 1 else ''}"
+            print(f"Recalibration pass {number}/{self.passes}: {layers} ({names})", flush=True)
+        if self.verbose == 1:
+            self.bar = keras.utils.Progbar(self.length, unit_name="batch")
+
+    def update(self, batches: int) -> None:
+        if self.bar is not None:
+            self.bar.update(batches)
+
+    def end(self, batches: int) -> None:
+        if self.bar is not None and self.length is None:
+            self.bar.update(batches, finalize=True)
+        if self.verbose == 2:
+            print(f"  {batches} batches in {time.perf_counter() - self.started:.1f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------- the passes
+def _segment(steps, keys_in, keys_out):
+    """A replica function: the tensors `keys_in` through `steps` to the tensors `keys_out`."""
+
+    def replica(values):
+        computed = graph.run(steps, dict(zip(keys_in, values, strict=True)))
+        return tuple(computed[key] for key in keys_out)
+
+    return replica
+
+
+def _measurement(level, keys):
+    """A replica function: the moments of the inputs of the batch norms `level`, from `keys`."""
+
+    def replica(values):
+        values = dict(zip(keys, values, strict=True))
+        return tuple(_moments([values[step.inputs[0]] for step in level], level))
+
+    return replica
+
+
+def _exact_passes(plan: _Plan, batches: _Batches, max_cache_bytes: int, progress) -> dict:
+    """Level-by-level passes; returns the accumulator of each batch-norm step.
+
+    The latest frontier whose tensors for all examples fit in `max_cache_bytes` is kept in
+    memory (with the one being built, up to twice that), and each pass starts from it, or from
+    the inputs if none fits.
+    """
+    strategy = batches.strategy
+    keys_in = (plan.graph.inputs, *plan.frontiers[:-1])
+    advance = [
+        _distributed(strategy, _segment(steps, k_in, k_out))
+        for steps, k_in, k_out in zip(plan.segments, keys_in, plan.frontiers, strict=True)
+    ]
+    measure = [
+        _distributed(strategy, _measurement(level, keys))
+        for level, keys in zip(plan.levels, plan.frontiers, strict=True)
+    ]
+    sizes = [_bytes_per_example(plan.graph, keys) for keys in plan.frontiers]
+    examples, checkpoint, kept, results = None, -1, None, {}
+    for number, level in enumerate(plan.levels, start=1):
+        q = number - 1
+        if kept is None:  # from the inputs, through every segment up to q
+            sources = ((_through(advance[: q + 1], v), batches.examples(v)) for v in batches)
+        else:  # from the frontier kept in memory
+            sources = ((_through(advance[checkpoint + 1 : q + 1], v), 0) for v in kept)
+        fits = examples is None or examples * sizes[q] <= max_cache_bytes
+        keep = number < len(plan.levels) and fits
+        new, seen, accumulators = [], 0, [_Accumulator() for _ in level]
+        progress.start(number, level)
+        count = 0
+        for count, (values, size) in enumerate(sources, start=1):
+            for accumulator, packed in zip(
+                accumulators, _local(strategy, measure[q](values)), strict=True
+            ):
+                accumulator.add(packed.numpy())
+            seen += size
+            if keep:
+                new.append(values)
+                if seen * sizes[q] > max_cache_bytes:
+                    keep, new = False, []  # too large to keep: start from the one before
+            progress.update(count)
+        progress.end(count)
+        examples = seen if examples is None else examples
+        _finish_pass(level, accumulators, number)
+        results.update(zip(level, accumulators, strict=True))
+        if keep:
+            kept, checkpoint = new, q
+    return results
+
+
+def _through(pieces, values):
+    for piece in pieces:
+        values = piece(values)
+    return values
+
+
+def _normalized(layer, x, packed):
+    """`x` normalized with the batch statistics in `packed` (`[count, mean..., m2...]`)."""
+    dtype = (
+        "float32"
+        if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16")
+        else x.dtype
+    )
+    channels = (int(packed.shape[0]) - 1) // 2
+    mean = tf.cast(packed[1 : 1 + channels], dtype)
+    variance = tf.cast(tf.math.divide_no_nan(packed[1 + channels :], packed[0]), dtype)
+    gamma = tf.cast(layer.gamma, dtype) if layer.scale else None
+    beta = tf.cast(layer.beta, dtype) if layer.center else None
+    axis = ops.canonical_axis(int(layer.axis), len(x.shape))
+    y = keras.ops.batch_normalization(
+        tf.cast(x, dtype), mean, variance, axis, offset=beta, scale=gamma, epsilon=layer.epsilon
+    )
+    return tf.cast(y, x.dtype)
+
+
+def _sweep(plan: _Plan, normalize: bool):
+    """A replica function: one pass over the network measuring every batch norm's input, each
+    normalizing with those batch statistics (`normalize`) or in inference mode."""
+    steps = [step for segment in plan.segments for step in segment]
+
+    def replica(values):
+        measured = {}
+
+        def call(step, args, kwargs):
+            if not _is_batch_norm(step.layer):
+                return step.layer(*args, **kwargs)
+            (measured[step],) = _moments([args[0]], [step])
+            if normalize:
+                return _normalized(step.layer, args[0], measured[step])
+            return step.layer(*args, **kwargs)
+
+        computed = graph.run(steps, dict(zip(plan.graph.inputs, values, strict=True)), call=call)
+        last = plan.levels[-1]
+        measured.update(
+            zip(last, _moments([computed[s.inputs[0]] for s in last], last), strict=True)
+        )
+        return tuple(measured[step] for step in plan.steps)
+
+    return replica
+
+
+def _fast_passes(plan: _Plan, batches: _Batches, passes: int, progress) -> dict:
+    """`passes` sweeps over the whole network; returns the accumulator of each batch-norm step."""
+    strategy = batches.strategy
+    sweeps = [_distributed(strategy, _sweep(plan, normalize)) for normalize in (True, False)]
+    for number in range(1, passes + 1):
+        sweep = sweeps[0 if number == 1 else 1]
+        accumulators = [_Accumulator() for _ in plan.steps]
+        progress.start(number, plan.steps)
+        count = 0
+        for count, values in enumerate(batches, start=1):
+            for accumulator, packed in zip(
+                accumulators, _local(strategy, sweep(values)), strict=True
+            ):
+                accumulator.add(packed.numpy())
+            progress.update(count)
+        progress.end(count)
+        _finish_pass(plan.steps, accumulators, number)
+    return dict(zip(plan.steps, accumulators, strict=True))
+
+
+# ------------------------------------------------------------------------------------- the API
+def _check_arguments(model, mode, passes, steps, max_cache_bytes) -> int:
+    """Validates the arguments of `recalibrate`; returns the number of fast passes."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a keras.Model; received an object of type "
+            f"{type(model).__name__}."
+        )
+    if mode not in MODES:
+        raise ValueError(f"Argument `mode` must be one of {MODES}; received mode={mode!r}.")
+    for name, value in (("steps", steps), ("passes", passes), ("max_cache_bytes", max_cache_bytes)):
+        minimum = 0 if name == "max_cache_bytes" else 1
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+        ):
+            raise ValueError(
+                f"Argument `{name}` must be an integer >= {minimum} or None; received "
+                f"{name}={value!r}."
+            )
+    if passes is not None and mode == "exact":
+        raise ValueError(
+            "Argument `passes` applies to mode='fast' only: the exact mode makes one pass per "
+            f"level of batch-norm layers; received passes={passes!r} with mode='exact'."
+        )
+    return 1 if passes is None else int(passes)
 
 
 def recalibrate(
     model: keras.Model,
     dataset,
     *,
+    mode: str = "exact",
+    passes: int | None = None,
     steps: int | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    max_cache_bytes: int = 2**30,
     verbose: int = 1,
 ) -> dict[str, dict[str, np.ndarray | float]]:
     """Sets every batch-norm layer's moving statistics to the population statistics of `dataset`.
 
-    For each batch-norm layer, in network order, the layer's input is computed for every example
-    of `dataset` (the network in inference mode, earlier batch-norm layers already recalibrated),
-    and `moving_mean` / `moving_variance` are set to the exact mean and biased variance of that
-    input over all examples and all positions but the channel axis (`axis` of the layer).
-    Statistics are accumulated in float64.
+    `moving_mean` and `moving_variance` become the mean and biased variance of the layer's input
+    over all examples and all positions but the channel axis (see the module docstring for the
+    two modes). If a pass fails (non-finite inputs, an interrupt), every layer keeps the
+    statistics it had before the call.
 
     Args:
-        model: A Sequential or functional model with `tfbn.BatchNorm` and/or
-            `keras.layers.BatchNormalization` layers, built on its inputs.
+        model: A Sequential or functional model, built on its inputs, with batch-norm layers
+            (`keras.layers.BatchNormalization`, `tfbn.BatchNorm` included) anywhere in its graph.
         dataset: Batches of `x`, `(x, y)` or `(x, y, sample_weight)`: a `tf.data.Dataset`, or
-            (without a distribution strategy) any iterable of batches. Labels are ignored. It is
-            read once per batch-norm layer, so it must be re-iterable and give the same examples
-            each time (shuffling only changes the order, which does not matter).
+            (without a distribution strategy) any re-iterable of batches. Labels are ignored. It
+            must give the same examples at each pass (shuffling only changes the order).
+        mode: `"exact"` (level by level) or `"fast"` (`passes` sweeps of the whole network).
+        passes: Number of sweeps in fast mode (default 1); not used in exact mode.
         steps: Number of batches to use per pass; `None` means the whole dataset.
         strategy: The `tf.distribute` strategy whose replicas hold the model's variables;
-            `None` means the current strategy (`tf.distribute.get_strategy()`). Under several
-            replicas, per-replica sums are all-reduced at every batch and every replica's copy of
-            the variables receives the same statistics.
-        verbose: 1 (default) shows a progress bar per layer; 0 shows nothing.
+            `None` means the current strategy. Per-replica sums are all-reduced at every batch
+            and every replica's copy of the variables receives the same statistics.
+        max_cache_bytes: Exact mode keeps the activations a pass hands to the next one in memory
+            when all examples' take at most this many bytes; otherwise each pass recomputes them.
+        verbose: 0 prints nothing; 1 a line and a progress bar per pass; 2 a line per pass.
 
     Returns:
-        Per layer name, a dict with `count` (values per channel the statistics were taken over),
-        `old_mean`, `old_variance`, `new_mean` and `new_variance` (float64 NumPy arrays).
+        Per layer (`"outer/inner"` for one inside a nested model), a dict with `count` (values per
+        channel the statistics were taken over), `old_mean`, `old_variance`, `new_mean` and
+        `new_variance` (float64 NumPy arrays).
 
     Raises:
-        ValueError: if the model has no batch-norm layer, a batch-norm layer is nested or shared,
-            `steps` is not a positive integer, or the dataset is empty.
+        ValueError: if an argument is invalid, the model has no batch-norm layer or one that
+            cannot be reached (applied twice, hidden in a layer whose graph cannot be read), the
+            dataset's inputs do not have the model's shape, the dataset is empty, or a layer
+            receives non-finite inputs.
     """
-    if not isinstance(model, keras.Model):
+    passes = _check_arguments(model, mode, passes, steps, max_cache_bytes)
+    plan = _plan(model)
+    if not plan.steps:
         raise ValueError(
-            f"Argument `model` must be a keras.Model; received an object of type "
-            f"{type(model).__name__}."
+            f"Model '{model.name}' has no batch-norm layer (keras.layers.BatchNormalization or "
+            "tfbn.BatchNorm): there are no statistics to recalibrate."
         )
-    if steps is not None and (
-        isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0
-    ):
-        raise ValueError(
-            f"Argument `steps` must be a positive integer or None; received steps={steps!r}."
-        )
-    layers = batch_norm_layers(model)
-    if not layers:
-        raise ValueError(
-            f"Model '{model.name}' has no batch-norm layer (tfbn.BatchNorm or "
-            "keras.layers.BatchNormalization): there are no statistics to recalibrate."
-        )
-    extractors = [_input_extractor(model, layer) for layer in layers]
-    strategy = strategy if strategy is not None else tf.distribute.get_strategy()
-
-    report: dict[str, dict[str, np.ndarray | float]] = {}
-    for index, (layer, extractor) in enumerate(zip(layers, extractors, strict=True)):
-        rank = len(extractor.output.shape)
-        axis = ops.canonical_axis(int(layer.axis), rank)
-
-        @tf.function
-        def step(x, extractor=extractor, axis=axis):
-            def replica_fn(inputs):
-                return _replica_moments(extractor(inputs, training=False), axis)
-
-            results = strategy.run(replica_fn, args=(x,))
-            # All replicas hold the same all-reduced values; the first local one is enough.
-            return tf.nest.map_structure(
-                lambda value: strategy.experimental_local_results(value)[0], results
+    _check_shapes(model, plan.graph, dataset)
+    batches = _Batches(dataset, steps, strategy or tf.distribute.get_strategy())
+    before = {step: [v.numpy() for v in _statistics_variables(step.layer)] for step in plan.steps}
+    try:
+        if mode == "exact":
+            progress = _Progress(verbose, len(plan.levels), batches.length)
+            results = _exact_passes(plan, batches, max_cache_bytes, progress)
+        else:
+            results = _fast_passes(
+                plan, batches, passes, _Progress(verbose, passes, batches.length)
             )
-
-        accumulator = _Accumulator(int(layer.moving_mean.shape[0]))
-        batches, length = _batches(dataset, steps, strategy)
-        description = f"{layer.name} ({index + 1}/{len(layers)})"
-        with _progress(length, description, verbose == 1) as bar:
-            for batch in batches:
-                count, mean, m2 = step(_features(batch))
-                accumulator.add(float(count), mean.numpy(), m2.numpy())
-                bar.add(1)
-        if accumulator.count == 0:
-            raise ValueError(
-                "Argument `dataset` gave no examples: the statistics cannot be computed."
-            )
-
-        old_mean = np.asarray(layer.moving_mean.numpy(), np.float64)
-        old_variance = np.asarray(layer.moving_variance.numpy(), np.float64)
-        new_mean, new_variance = accumulator.mean, accumulator.variance
-        # In cross-replica context, assigning a distributed variable writes every replica's copy.
-        layer.moving_mean.assign(new_mean.astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign(new_variance.astype(layer.moving_variance.dtype))
-        if getattr(layer, "renorm", False) and hasattr(layer, "moving_stddev"):
-            # With batch renormalization the next training step rebuilds the moving variance
-            # from moving_stddev (variance = stddev^2 - epsilon): keep the two consistent.
-            stddev = np.sqrt(new_variance + layer.epsilon)
-            layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
-        report[layer.name] = {
-            "count": accumulator.count,
-            "old_mean": old_mean,
-            "old_variance": old_variance,
-            "new_mean": new_mean,
-            "new_variance": new_variance,
+    except BaseException:
+        for step, values in before.items():
+            for variable, value in zip(_statistics_variables(step.layer), values, strict=True):
+                variable.assign(value)
+        raise
+    return {
+        step.path: {
+            "count": results[step].count,
+            "old_mean": np.asarray(before[step][0], np.float64),
+            "old_variance": np.asarray(before[step][1], np.float64),
+            "new_mean": results[step].mean,
+            "new_variance": results[step].variance,
         }
-    return report
+        for step in plan.steps
+    }
 
 
 # ------------------------------------------------------------------------------ a saved model
@@ -307,6 +669,7 @@ def recalibrate_file(
     batch_size: int = 512,
     steps: int | None = None,
     strategy: str = "auto",
+    mode: str = "exact",
     verbose: int = 1,
 ) -> Path:
     """Recalibrates a saved `.keras` model on Fashion-MNIST's training split and saves it.
@@ -323,22 +686,32 @@ def recalibrate_file(
         batch_size: Batch size of the statistics passes.
         steps: Batches per pass; `None` means the whole training split.
         strategy: tf.distribute strategy name (see `tfbn.distribute`).
+        mode: `"exact"` or `"fast"` (see `recalibrate`).
         verbose: 0 prints nothing, 1 (default) also shows progress bars, 2 only the lines.
 
     Returns:
         The path of the saved model.
+
+    Raises:
+        UsageError: if an argument is invalid or the model file is not a valid `.keras` file.
+        OSError: if the model cannot be read or the output cannot be written, found before the
+            data are loaded (with the path concerned).
     """
     from tfbn import data
     from tfbn.distribute import get_strategy, resolve_strategy_name
+    from tfbn.errors import UsageError
+    from tfbn.saving import check_keras_file, load_model
+    from tfbn.versioned import check_writable
 
-    model_path = Path(model_path)
-    if model_path.suffix != ".keras":
-        raise ValueError(f"MODEL must be a .keras file; received '{model_path}'.")
-    if not model_path.is_file():
-        raise ValueError(f"MODEL '{model_path}' does not exist.")
+    model_path = check_keras_file(model_path)
     output = Path(output) if output else _default_output(model_path)
     if output.suffix != ".keras":
-        raise ValueError(f"--output must end in '.keras'; received '{output}'.")
+        raise UsageError(f"--output must end in '.keras'; received '{output}'.")
+    if output.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
+    check_writable(output.parent)  # before the data and the passes
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}; received '{mode}'.")
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be a positive integer; received {batch_size}.")
     if steps is not None and steps <= 0:
@@ -352,10 +725,10 @@ def recalibrate_file(
     )
     distribution = get_strategy(strategy)
     with distribution.scope():
-        model = keras.saving.load_model(model_path, compile=False)
+        model = load_model(model_path)
     before = _accuracy(model, fashion.test)
     report = recalibrate(
-        model, fashion.train, steps=steps, strategy=distribution, verbose=int(verbose == 1)
+        model, fashion.train, mode=mode, steps=steps, strategy=distribution, verbose=verbose
     )
     after = _accuracy(model, fashion.test)
 

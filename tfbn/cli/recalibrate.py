@@ -34,6 +34,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=None, help="batches per pass (default: the whole train split)"
     )
     parser.add_argument("--strategy", default="auto", choices=STRATEGIES, help="tf.distribute")
+    parser.add_argument(
+        "--mode",
+        default="exact",
+        choices=("exact", "fast"),
+        help="exact: layer by layer, a pass per level of batch-norm layers; fast: one pass for all",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         steps=args.steps,
         strategy=args.strategy,
+        mode=args.mode,
         verbose=args.verbose,
     )
     if args.verbose == 0:
