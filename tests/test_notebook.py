@@ -1,29 +1,34 @@
-"""The chapter notebook: committed clean, in sync with its build script, and running end to end.
+"""The chapter notebook: kept as a jupytext script, paired with the committed .ipynb, running end to
+end with clean outputs.
 
-The execution test runs notebooks/batch_norm.ipynb in quick mode (TFBN_NOTEBOOK_QUICK=1) in a
-fresh Jupyter kernel, then reads the results dictionary that the notebook's last cell prints and
-checks the figures it computed against the references the notebook itself compares with
-(float64 NumPy, Keras's layer, a float64 network, an exported SavedModel).
+notebooks/batch_norm.py (jupytext's percent format) is the source; notebooks/batch_norm.ipynb is
+its rendering, committed without outputs for `jupyter lab`. The execution test runs the notebook in
+quick mode (TFBN_NOTEBOOK_QUICK=1) in a fresh Jupyter kernel, reads the results dictionary that its
+last cell prints and checks the figures it computed against the references the notebook itself
+compares with (float64 NumPy, Keras's layer, a float64 network, an exported SavedModel), and checks
+that no cell shows TensorFlow's C++ log lines or progress-bar warnings.
 """
 
-import importlib.util
 import json
 import pathlib
+import re
 
+import jupytext
 import nbformat
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "notebooks" / "batch_norm.py"
 NOTEBOOK = ROOT / "notebooks" / "batch_norm.ipynb"
-BUILD_SCRIPT = ROOT / "notebooks" / "build_notebook.py"
+PAIRING = "ipynb,py:percent"
 CELL_TIMEOUT_S = 300
-
-
-def _load_build_script():
-    spec = importlib.util.spec_from_file_location("build_notebook", BUILD_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# What must not reach a cell's output: TensorFlow's C++ log lines (absl's prefix `I0000 00:00:...`,
+# the lines before absl is initialized, the CUDA probe) and tqdm's warning without ipywidgets.
+NOISE = re.compile(
+    r"^[IWEF]\d{4} \d\d:\d\d:\d\d|absl::InitializeLog|cuInit|cuda drivers|oneDNN custom operations"
+    r"|TqdmWarning|IProgress not found",
+    re.MULTILINE,
+)
 
 
 def _code_cells(notebook):
@@ -39,14 +44,18 @@ def test_committed_notebook_has_no_outputs():
         assert cell.outputs == [], f"cell {cell.id} has outputs"
         assert cell.execution_count is None, f"cell {cell.id} has an execution count"
     assert notebook.metadata["kernelspec"]["name"] == "python3"
-    assert set(notebook.metadata) <= {"kernelspec", "language_info"}
+    assert set(notebook.metadata) <= {"kernelspec", "language_info", "jupytext"}
 
 
-def test_committed_notebook_matches_build_script():
-    build = _load_build_script()
-    assert NOTEBOOK.read_text() == nbformat.writes(build.build()) + "\n", (
-        "notebooks/batch_norm.ipynb is out of date: run python notebooks/build_notebook.py"
-    )
+def test_notebook_is_the_jupytext_rendering_of_the_script():
+    script = jupytext.read(SCRIPT)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert [(c.cell_type, c.source) for c in notebook.cells] == [
+        (c.cell_type, c.source) for c in script.cells
+    ], "notebooks/batch_norm.ipynb differs from batch_norm.py: run jupytext --sync on it"
+    # Paired both ways: JupyterLab (with jupytext) saves both files, `jupytext --sync` too.
+    assert notebook.metadata["jupytext"]["formats"] == PAIRING
+    assert script.metadata["jupytext"]["formats"] == PAIRING
 
 
 def _printed_results(notebook) -> dict:
@@ -55,12 +64,22 @@ def _printed_results(notebook) -> dict:
     return json.loads(text)
 
 
+def _noise(notebook) -> list[str]:
+    """The lines of every cell's output that are log or warning noise."""
+    found = []
+    for index, cell in enumerate(_code_cells(notebook)):
+        for out in cell.outputs:
+            text = out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
+            found += [f"cell {index}: {m.group(0)}" for m in NOISE.finditer(text)]
+    return found
+
+
 @pytest.mark.slow
 def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("TFBN_NOTEBOOK_QUICK", "1")
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)  # the notebook quiets TensorFlow
     # The quick run's folders (tempfile.mkdtemp) and a freshly prepared dataset stay in tmp_path.
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
@@ -72,6 +91,7 @@ def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
+    assert _noise(notebook) == []
 
     results = _printed_results(notebook)
     assert results["quick"] is True and results["epochs"] == 1
