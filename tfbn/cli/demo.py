@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "show the batch-norm op and layer on a small tensor"
+HELP = "show the batch-norm layer on a small tensor, in training and inference mode, explained"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -13,12 +13,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Prints what `demo` returns."""
+    """Prints what `demo` shows, each array after a sentence saying what it is."""
     import numpy as np
 
-    from tfbn.demo import demo
+    from tfbn.demo import demo, describe
 
     np.set_printoptions(precision=4, suppress=True)
-    for key, value in demo(args.seed).items():
-        print(f"{key}:\n{value}\n")
+    print(describe(demo(args.seed)))
     return 0
