@@ -15,6 +15,7 @@ import math
 import os
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -407,6 +408,24 @@ def test_read_only_output_dir_is_refused_before_any_work(tmp_path):
     result = run_on_tmpfs(python_code(_READ_ONLY_RUN), mount, fault="read-only")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [str(errno.EROFS), str(mount)]
+
+
+def test_full_disk_at_the_end_is_one_line_and_keeps_the_old_results(tmp_path):
+    mount = tmp_path / "full"
+    out = mount / "out"
+    command = [sys.executable, "-m", "tfbn", "bench", "--quick", "--cases", "lenet", "--repeats",
+               "1", "--verbose", "0", "--output-dir", str(out)]  # fmt: skip
+    prepare = 'mkdir "$M/out" && echo old > "$M/out/results.json"'
+    # After the run, still inside the mount's process: what the folder holds.
+    then_list = '"$@"; rc=$?; ls -A "$M/out"; cat "$M/out/results.json"; exit $rc'
+    result = run_on_tmpfs(
+        ["sh", "-c", then_list, "sh", *command], mount, fault="full", prepare=prepare
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"tfbn bench: {out / 'results.json'}: No space left on device"
+    # The old results intact, no temporary file left beside them.
+    assert result.stdout.split() == ["results.json", "old"]
 
 
 def test_missing_fashion_mnist_is_refused_before_any_work(tmp_path, monkeypatch):
