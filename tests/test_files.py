@@ -79,13 +79,18 @@ print(json.dumps(out))
 """
 
 
-def test_read_only_file_system_is_named_before_writing(tmp_path):
-    mount = tmp_path / "ro"
+def _probe(mount, fault: str) -> dict:
+    """What `_PROBE` saw on a tmpfs at `mount` that holds an old result.json, then `fault`."""
     result = run_on_tmpfs(
-        python_code(_PROBE), mount, fault="read-only", prepare='echo old > "$M/result.json"'
+        python_code(_PROBE), mount, fault=fault, prepare='echo old > "$M/result.json"'
     )
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_read_only_file_system_is_named_before_writing(tmp_path):
+    mount = tmp_path / "ro"
+    out = _probe(mount, "read-only")
     assert out["check"][:2] == [errno.EROFS, str(mount)]
     assert out["write"][0] == errno.EROFS
     assert out["left"] == ["result.json"] and out["content"] == "old\n"
@@ -93,11 +98,7 @@ def test_read_only_file_system_is_named_before_writing(tmp_path):
 
 def test_full_disk_names_the_file_and_keeps_the_old_one(tmp_path):
     mount = tmp_path / "full"
-    result = run_on_tmpfs(
-        python_code(_PROBE), mount, fault="full", prepare='echo old > "$M/result.json"'
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = _probe(mount, "full")
     # Creating a file still works on a full disk; writing its content does not.
     assert out["check"] is None
     assert out["write"][:2] == [errno.ENOSPC, str(mount / "result.json")]

@@ -7,6 +7,7 @@ stand-in virtual environment whose `python` and `ruff` forward to this environme
 their arguments), so nothing is installed.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,14 +31,21 @@ time.sleep(float(sys.argv[2]))
 """
 
 
-def _lock_holder(path, seconds):
+@contextlib.contextmanager
+def _lock_held(path, seconds):
+    """A process holding the lock on `path` for `seconds` (killed on leaving, if still there)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD_LOCK, str(path), str(seconds)],
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 def _wait_for_lock(lock, wait_s):
@@ -56,12 +64,8 @@ def _wait_for_lock(lock, wait_s):
 
 def test_waits_for_the_package_manager_lock_then_gives_up_with_what_to_do(tmp_path):
     lock = tmp_path / "lock-frontend"
-    holder = _lock_holder(lock, 60)
-    try:
+    with _lock_held(lock, 60) as holder:
         result, elapsed = _wait_for_lock(lock, 3)
-    finally:
-        holder.kill()
-        holder.wait()
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith(f"[run.sh] waiting for {lock}, held by process {holder.pid} (")
@@ -72,12 +76,8 @@ def test_waits_for_the_package_manager_lock_then_gives_up_with_what_to_do(tmp_pa
 
 def test_waits_for_the_package_manager_lock_until_it_is_free(tmp_path):
     lock = tmp_path / "lock"
-    holder = _lock_holder(lock, 2)
-    try:
+    with _lock_held(lock, 2):
         result, elapsed = _wait_for_lock(lock, 60)
-    finally:
-        holder.kill()
-        holder.wait()
     assert result.returncode == 0, result.stderr
     assert "waiting for" in result.stderr and "lock is free after" in result.stderr
     assert elapsed < 30
