@@ -7,7 +7,6 @@ stand-in virtual environment whose `python` and `ruff` forward to this environme
 their arguments), so nothing is installed.
 """
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from holders import lock_held
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "run.sh"
@@ -29,23 +29,6 @@ fcntl.lockf(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
 """
-
-
-@contextlib.contextmanager
-def _lock_held(path, seconds):
-    """A process holding the lock on `path` for `seconds` (killed on leaving, if still there)."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, str(path), str(seconds)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield holder
-    finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
 
 
 def _wait_for_lock(lock, wait_s):
@@ -64,7 +47,7 @@ def _wait_for_lock(lock, wait_s):
 
 def test_waits_for_the_package_manager_lock_then_gives_up_with_what_to_do(tmp_path):
     lock = tmp_path / "lock-frontend"
-    with _lock_held(lock, 60) as holder:
+    with lock_held(_HOLD_LOCK, lock, 60) as holder:
         result, elapsed = _wait_for_lock(lock, 3)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -76,7 +59,7 @@ def test_waits_for_the_package_manager_lock_then_gives_up_with_what_to_do(tmp_pa
 
 def test_waits_for_the_package_manager_lock_until_it_is_free(tmp_path):
     lock = tmp_path / "lock"
-    with _lock_held(lock, 2):
+    with lock_held(_HOLD_LOCK, lock, 2):
         result, elapsed = _wait_for_lock(lock, 60)
     assert result.returncode == 0, result.stderr
     assert "waiting for" in result.stderr and "lock is free after" in result.stderr
