@@ -2,14 +2,19 @@
 
 The reference is always the original Keras model: the converted copy must compute its outputs
 and moving statistics, keep its names, flags and variables, and leave it untouched. The three
-`keras.applications` models are in test_applications.py.
+`keras.applications` models are in test_applications.py. `tfbn convert in.keras out.keras` is
+run on real files, once in a subprocess.
 """
+
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 
 import tfbn
+from tfbn import cli
 from tfbn.conversion import convert
 
 
@@ -189,3 +194,88 @@ def test_a_layer_that_cannot_be_rebuilt_is_named():
 def test_not_a_model_is_refused():
     with pytest.raises(ValueError, match="`model`"):
         convert(keras.layers.Dense(3))
+
+
+# ------------------------------------------------------------------------------ tfbn convert
+def _saved(model, path):
+    model.save(path)
+    return path
+
+
+def test_tfbn_convert_writes_a_model_that_reloads_and_computes_the_original(rng, tmp_path):
+    model = _model()
+    _randomize(model, rng)
+    source = _saved(model, tmp_path / "in.keras")
+    target = tmp_path / "out" / "converted.keras"
+    done = subprocess.run(
+        [sys.executable, "-m", "tfbn", "convert", str(source), str(target)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(target) in done.stdout and "Replaced 4 " in done.stdout
+    reloaded = keras.saving.load_model(target)  # no custom_objects
+    for name in ("bn_frozen", "bn_axis1", "bn_renorm", "bn_tfbn"):
+        assert type(reloaded.get_layer(name)) is tfbn.BatchNorm, name
+    assert type(reloaded.get_layer("block").get_layer("block_bn")) is tfbn.BatchNorm
+    assert reloaded.get_layer("bn_frozen").trainable is False
+    x = rng.normal(1.0, 2.0, (8, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(reloaded(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [p.name for p in target.parent.iterdir()] == ["converted.keras"]  # no temporary left
+
+
+def _convert_cli(*argv, capsys):
+    code = cli.main(["convert", "--verbose", "0", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.splitlines()
+
+
+def test_tfbn_convert_may_replace_its_input(rng, tmp_path, capsys):
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn")]
+    )
+    _randomize(model, rng)
+    path = _saved(model, tmp_path / "model.keras")
+    code, out, err = _convert_cli(path, path, capsys=capsys)
+    assert (code, out.strip(), err) == (0, str(path), [])
+    reloaded = keras.saving.load_model(path)
+    assert type(reloaded.get_layer("bn")) is tfbn.BatchNorm
+    x = rng.normal(size=(5, 3)).astype("float32")
+    np.testing.assert_allclose(reloaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_tfbn_convert_bad_output_is_one_line_before_loading(rng, tmp_path, capsys):
+    source = _saved(_model(), tmp_path / "in.keras")
+    code, out, err = _convert_cli(source, tmp_path / "out.h5", capsys=capsys)
+    assert code == 2 and err == [
+        f"tfbn convert: error: Argument `output` must end in '.keras'; received "
+        f"output='{tmp_path / 'out.h5'}'."
+    ]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, out, err = _convert_cli(source, blocker / "out.keras", capsys=capsys)
+    assert (code, err) == (2, [f"tfbn convert: {blocker}: Not a directory"])
+    missing = tmp_path / "missing.keras"
+    code, out, err = _convert_cli(missing, tmp_path / "o.keras", capsys=capsys)
+    assert (code, err) == (2, [f"tfbn convert: {missing}: No such file or directory"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in.keras"]
+
+
+def test_tfbn_convert_refusal_names_the_layer_and_keeps_the_old_output(tmp_path, capsys):
+    @keras.saving.register_keras_serializable(package="test_convert_cli")
+    class Hidden(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.norm = keras.layers.BatchNormalization()
+
+        def call(self, x):
+            return self.norm(x)
+
+    inputs = keras.Input((3,))
+    source = _saved(keras.Model(inputs, Hidden(name="hidden_block")(inputs)), tmp_path / "in.keras")
+    target = tmp_path / "out.keras"
+    target.write_bytes(b"previous")
+    code, out, err = _convert_cli(source, target, capsys=capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("tfbn convert: error: Cannot convert layer 'hidden_block' (Hidden)")
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.keras", "out.keras"]

@@ -7,16 +7,22 @@ and the same variables (`gamma`, `beta`, the moving statistics and, with batch r
 with its variables copied: names, `trainable` flags (frozen parts for fine-tuning stay frozen),
 dtype policies and random-generator states are those of the original, so the copy computes
 what the original computes, in inference and in training mode.
+
+`convert_file(in.keras, out.keras)` does the same for a saved model (`tfbn convert`).
 """
 
 from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
 
 import keras
 import numpy as np
 
 from tfbn.layers import BatchNorm
 
-__all__ = ["convert"]
+__all__ = ["convert", "convert_file"]
 
 
 def _is_keras_batch_norm(layer) -> bool:
@@ -146,3 +152,55 @@ def convert(model: keras.Model) -> keras.Model:
     if not model.trainable:
         converted.trainable = False
     return converted
+
+
+def convert_file(
+    model_path: str | os.PathLike, output: str | os.PathLike, *, verbose: int = 1
+) -> Path:
+    """Converts a saved `.keras` model with `convert` and saves the copy atomically.
+
+    The model is loaded in Keras's safe mode (`tfbn.saving.load_model`) without its compile
+    configuration; the converted copy is saved uncompiled and reloads without `custom_objects`.
+    `output` may be `model_path` itself: the file is replaced only once the copy is complete.
+
+    Args:
+        model_path: The model to convert, a `.keras` file.
+        output: Where to save the converted model, a path ending in `.keras`.
+        verbose: 1 (default) prints how many batch-norm layers were replaced and where the
+            model went; 0 prints nothing.
+
+    Returns:
+        The path of the saved model.
+
+    Raises:
+        UsageError: (a `ValueError`) if `output` does not end in `.keras`, or the input is not a
+            valid `.keras` file or cannot be rebuilt in safe mode.
+        ValueError: if the model cannot be converted (see `convert`; the message names the layer).
+        OSError: if the input cannot be read or the output folder cannot be written (checked
+            before the model is loaded), or writing fails; with the path concerned.
+    """
+    from tfbn.errors import UsageError
+    from tfbn.files import check_writable_dir, save_model_atomically
+    from tfbn.saving import check_keras_file, load_model
+
+    model_path = check_keras_file(model_path)
+    output = Path(output)
+    if output.suffix != ".keras":
+        raise UsageError(f"Argument `output` must end in '.keras'; received output='{output}'.")
+    if output.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
+    check_writable_dir(output.parent)  # before the model is loaded
+    model = load_model(model_path)
+    converted = convert(model)
+    replaced = [
+        layer.name
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if _is_keras_batch_norm(layer)
+    ]
+    save_model_atomically(converted, output)
+    if verbose:
+        print(
+            f"Replaced {len(replaced)} keras.layers.BatchNormalization layers by tfbn.BatchNorm; "
+            f"saved {output}"
+        )
+    return output

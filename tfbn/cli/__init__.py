@@ -28,6 +28,7 @@ from tfbn.errors import Terminated
 
 # Command name -> module of this package (in the order `tfbn --help` lists them).
 COMMANDS: dict[str, str] = {
+    "convert": "tfbn.cli.convert",
     "train": "tfbn.cli.train",
     "recalibrate": "tfbn.cli.recalibrate",
     "export": "tfbn.cli.export",
