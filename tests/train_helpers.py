@@ -21,7 +21,7 @@ import tensorflow as tf
 
 @dataclasses.dataclass
 class SyntheticData:
-    """A FashionMNIST-like object: 28x28x1 images whose mean pattern depends on the label."""
+    """A `tfbn.training.TrainData`: 28x28x1 images whose mean pattern depends on the label."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -44,6 +44,10 @@ class SyntheticData:
     @property
     def steps_per_epoch(self) -> int:
         return -(-self.num_train // self.batch_size)
+
+    @property
+    def examples_per_epoch(self) -> int:
+        return self.num_train
 
     def order(self, epoch: int) -> np.ndarray:
         """The example order of an epoch: a function of (seed, epoch) only."""
@@ -74,7 +78,7 @@ class SyntheticData:
         return dataset
 
     @property
-    def train(self) -> tf.data.Dataset:
+    def train_examples(self) -> tf.data.Dataset:
         return tf.data.Dataset.from_tensor_slices((self.images, self.labels)).batch(self.batch_size)
 
     @property

@@ -8,6 +8,10 @@ from here before it decides whether TensorFlow is needed at all.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from pathlib import Path
+from typing import Any
 
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -61,3 +65,130 @@ class Recipe:
 
 
 RECIPE = Recipe()
+
+
+def _is_int(value) -> bool:
+    # NumPy integers count (a seed read from an array); bools do not.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _refuse(name: str, value, expected: str) -> None:
+    raise ValueError(f"Argument `{name}` must be {expected}; received {name}={value!r}.")
+
+
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which `keras.utils.set_random_seed` uses
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The settings of one `tfbn.train` run, each checked when the object is made.
+
+    Creating it touches nothing on disk and imports nothing heavy (a `tf.distribute.Strategy`
+    passed as `strategy` is the exception: it implies TensorFlow). The folders are only named
+    here; `tfbn.train` checks they can be written before any work. See `tfbn.train` for what
+    each setting does.
+
+    Attributes:
+        norm: One of `NORMS`.
+        epochs: Total epochs of the run, a positive integer.
+        batch_size: Global batch size, a positive integer.
+        learning_rate: SGD learning rate, positive and finite; `None` becomes
+            `RECIPE.lr_for(norm)`.
+        seed: An integer in `[0, 2**32 - 1]`, or `None` (drawn once and recorded in the run dir).
+        strategy: One of `STRATEGIES`, or a `tf.distribute.Strategy`.
+        loop: One of `LOOPS`.
+        run_dir: The run folder, a `pathlib.Path`; `None` becomes `runs/lenet_<norm>`.
+        data_dir: Folder of the Fashion-MNIST IDX files, or `None` (see `tfbn.data`).
+        train_fraction: Fraction of the training set, in `(0, 1]`.
+        drop_remainder: Whether each training epoch has full batches only.
+        recalibrate: Whether to recompute the population statistics after training.
+        export: Whether to export a SavedModel.
+        export_dir: Parent folder of the export, a `pathlib.Path`.
+        export_name: Model name of the export.
+        jit_compile: Whether to compile the training step with XLA.
+        verbose: 0, 1 or 2, as in Keras.
+
+    Raises:
+        ValueError: naming the first argument that is out of range or of the wrong type.
+    """
+
+    norm: str = "tfbn"
+    epochs: int = RECIPE.epochs
+    batch_size: int = RECIPE.batch_size
+    learning_rate: float | None = None
+    seed: int | None = None
+    strategy: Any = "auto"
+    loop: str = "auto"
+    run_dir: Path | None = None
+    data_dir: Path | None = None
+    train_fraction: float = 1.0
+    drop_remainder: bool = RECIPE.drop_remainder
+    recalibrate: bool = True
+    export: bool = True
+    export_dir: Path = Path("saved_models")
+    export_name: str = "lenet"
+    jit_compile: bool = False
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._check_numbers()
+        for name in ("drop_remainder", "recalibrate", "export", "jit_compile"):
+            if not isinstance(getattr(self, name), bool):
+                _refuse(name, getattr(self, name), "True or False")
+        if not isinstance(self.export_name, str) or not self.export_name:
+            _refuse("export_name", self.export_name, "a non-empty string")
+        run_dir = Path("runs") / f"lenet_{self.norm}" if self.run_dir is None else self.run_dir
+        # Frozen: the normalized values are set once, here.
+        object.__setattr__(self, "run_dir", Path(run_dir))
+        object.__setattr__(self, "export_dir", Path(self.export_dir))
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+    def _check_choices(self) -> None:
+        if self.verbose not in (0, 1, 2) or isinstance(self.verbose, bool):
+            _refuse("verbose", self.verbose, "0, 1 or 2")
+        if self.norm not in NORMS:
+            _refuse("norm", self.norm, f"one of {NORMS}")
+        if self.loop not in LOOPS:
+            _refuse("loop", self.loop, f"one of {LOOPS}")
+        if isinstance(self.strategy, str):
+            if self.strategy not in STRATEGIES:
+                _refuse(
+                    "strategy", self.strategy, f"one of {STRATEGIES} or a tf.distribute.Strategy"
+                )
+        else:
+            import tensorflow as tf
+
+            if not isinstance(self.strategy, tf.distribute.Strategy):
+                _refuse(
+                    "strategy", self.strategy, f"one of {STRATEGIES} or a tf.distribute.Strategy"
+                )
+        if self.loop == "fit" and self.strategy == "multi_worker":
+            raise ValueError(
+                "Argument `loop`: loop='fit' does not work with strategy='multi_worker' in Keras 3 "
+                "(keras-team/keras#20585); use loop='custom' or 'auto'."
+            )
+
+    def _check_numbers(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                _refuse(name, value, "a positive integer")
+            object.__setattr__(self, name, int(value))
+        rate = RECIPE.lr_for(self.norm) if self.learning_rate is None else self.learning_rate
+        if not _is_real(rate) or not math.isfinite(rate) or rate <= 0:
+            _refuse("learning_rate", self.learning_rate, "a positive finite number")
+        object.__setattr__(self, "learning_rate", float(rate))
+        if self.seed is not None:
+            if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+                _refuse("seed", self.seed, f"an integer in [0, {MAX_SEED}] or None")
+            object.__setattr__(self, "seed", int(self.seed))
+        fraction = self.train_fraction
+        if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
+            _refuse("train_fraction", fraction, "in (0, 1]")
+        object.__setattr__(self, "train_fraction", float(fraction))

@@ -3,7 +3,15 @@
 One call runs the chapter's experiment end to end: build the model under a `tf.distribute`
 strategy, train it with Keras's `fit` or a custom loop, evaluate on the test set every epoch,
 recompute the BatchNorm population statistics, save everything in a run folder and export a
-SavedModel.
+SavedModel. The steps, in the order `train` takes them:
+
+1. `TrainConfig` (tfbn/config.py) checks every setting; `_check_locations` checks that the data
+   can be read and the output folders written. Nothing is created on disk before both pass.
+2. `RunDir` is the run folder: the run's identity (the settings it was started with), where it
+   resumes, and the files only the chief process writes.
+3. `_set_up` makes the strategy, loads the data (a `TrainData`) and builds the model.
+4. `_train_epochs` is the loop: one epoch, one evaluation, one checkpoint at a time.
+5. `_finish` recalibrates, writes the output files and exports.
 
 A run folder is resumable: every finished epoch is saved atomically (weights with the BatchNorm
 moving statistics, optimizer state, history, the data seed), and the same call with the same
@@ -13,7 +21,7 @@ have used. Layout of a run folder:
     checkpoints/epoch-0003/   weights.npz, optimizer.npz, state.json (one folder per epoch)
     logs/                     TensorBoard event files
     history.json              per-epoch loss, train accuracy, test accuracy, speed
-    history.png               the three curves per epoch
+    history.png               the curves per epoch (tfbn.plots.training_curves)
     model.keras               the trained model (after recalibration)
     result.json               final metrics, seed, strategy, wall time, examples/sec
 """
@@ -22,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import secrets
@@ -31,20 +38,58 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tfbn import distribute
-from tfbn.config import CLASS_NAMES, LOOPS, NORMS, RECIPE
-from tfbn.files import atomic_write, fsync_dir, save_model_atomically
+from tfbn.config import CLASS_NAMES, LOOPS, RECIPE, TrainConfig
+from tfbn.errors import UsageError
+from tfbn.files import atomic_write, check_writable_dir, fsync_dir, save_model_atomically
 
-__all__ = ["LOOPS", "TrainResult", "train", "format_summary"]
+__all__ = ["LOOPS", "RunDir", "TrainConfig", "TrainData", "TrainResult", "format_summary", "train"]
 
 _CHECKPOINTS = "checkpoints"
 _KEEP_CHECKPOINTS = 2
+
+
+@runtime_checkable
+class TrainData(Protocol):
+    """The data a run trains on; `tfbn.data.FashionMNIST` is one.
+
+    Every dataset yields batches of `(images, labels)`: float32 images, integer labels.
+    """
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch."""
+
+    @property
+    def examples_per_epoch(self) -> int:
+        """Training examples per epoch (for the speed)."""
+
+    @property
+    def train_examples(self) -> tf.data.Dataset:
+        """Every training example once (for the population statistics)."""
+
+    @property
+    def test(self) -> tf.data.Dataset:
+        """The test batches, evaluated after every epoch."""
+
+    def train_for_epoch(self, epoch: int) -> tf.data.Dataset:
+        """The training batches of epoch `epoch` (0-based), a function of the run's seed and
+        `epoch` only, so that a resumed run sees the data an uninterrupted one would."""
+
+
+_DATA_MEMBERS = (
+    "steps_per_epoch",
+    "examples_per_epoch",
+    "train_examples",
+    "test",
+    "train_for_epoch",
+)
 
 
 @dataclasses.dataclass
@@ -118,23 +163,19 @@ def format_summary(
 
 
 # ------------------------------------------------------------------------------------ checks
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer; received {name}={value!r}."
-        )
-    return int(value)
+def _os_reason(error: OSError) -> str:
+    where = "" if error.filename is None else f"{os.fsdecode(error.filename)}: "
+    return where + (error.strerror or str(error))
 
 
 def _check_writable(name: str, path: pathlib.Path) -> None:
-    """Creates `path` if needed and proves a file can be written there (cheap, before training)."""
+    """Proves a file can be created in `path` (or where it would be created), creating nothing."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
+        check_writable_dir(path)
     except OSError as error:
-        raise ValueError(
-            f"Argument `{name}` must be a writable folder; received {name}='{path}' ({error})."
+        raise UsageError(
+            f"Argument `{name}` must be a writable folder; received {name}='{path}' "
+            f"({_os_reason(error)})."
         ) from None
 
 
@@ -143,10 +184,28 @@ def _check_data_dir(data_dir) -> None:
 
     try:
         data_module.check_data_dir(data_dir)
-    except ValueError:
-        raise
-    except getattr(data_module, "DataError", ValueError) as error:
-        raise ValueError(f"Argument `data_dir`: {error}") from None
+    except data_module.DataError as error:
+        raise UsageError(f"Argument `data_dir`: {error}") from None
+
+
+def _check_dataset(dataset) -> None:
+    missing = [name for name in _DATA_MEMBERS if not hasattr(dataset, name)]
+    if missing:
+        raise UsageError(
+            f"Argument `dataset` must provide {', '.join(_DATA_MEMBERS)} (tfbn.training.TrainData);"
+            f" received a {type(dataset).__name__} without {', '.join(missing)}."
+        )
+
+
+def _check_locations(config: TrainConfig, dataset) -> None:
+    """The data can be read and the outputs written: checked before any work, creating nothing."""
+    if dataset is None:
+        _check_data_dir(config.data_dir)
+    else:
+        _check_dataset(dataset)
+    _check_writable("run_dir", config.run_dir)
+    if config.export:
+        _check_writable("export_dir", config.export_dir)
 
 
 def _strategy_name(strategy) -> str:
@@ -163,19 +222,19 @@ def _strategy_name(strategy) -> str:
     return distribute.resolve_strategy_name(strategy)
 
 
-# ------------------------------------------------------------------------------- atomic files
-class _RunProgbar(keras.callbacks.ProgbarLogger):
-    """Keras's progress bar, headed with the epoch of the whole run (`fit` sees one epoch)."""
+def _resolve_loop(loop: str, strategy_name: str) -> str:
+    if loop == "auto":
+        return "custom" if strategy_name == "multi_worker" else "fit"
+    if loop == "fit" and strategy_name == "multi_worker":
+        # Keras 3's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+        raise UsageError(
+            "Argument `loop`: loop='fit' does not work with strategy='multi_worker' in Keras 3; "
+            "use loop='custom' or 'auto'."
+        )
+    return loop
 
-    def __init__(self, epochs: int):
-        super().__init__()
-        self._run_epochs = epochs
 
-    def set_params(self, params):
-        super().set_params(params)
-        self.epochs = self._run_epochs
-
-
+# ------------------------------------------------------------------------------ small files
 def _write_json(path: pathlib.Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
@@ -190,40 +249,12 @@ def _load_npz(path: pathlib.Path) -> list[np.ndarray]:
         return [data[f"a{i:04d}"] for i in range(len(data.files))]
 
 
-def _plot_history(history: list[dict[str, float]], path: pathlib.Path, title: str) -> None:
-    # A Figure without pyplot: no global backend switch (a notebook keeps showing its plots).
-    from matplotlib.figure import Figure
-
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(4.5, 3.2), dpi=120)
-    ax = fig.subplots()
-    ax.plot(epochs, [h["loss"] for h in history], "-", label="train loss")
-    ax.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
-    ax.plot(epochs, [h["test_acc"] for h in history], "g-.", label="test acc")
-    ax.set_xlabel("epoch")
-    ax.set_xlim(1, max(epochs[-1], 2))
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-
-    def write(file):
-        fig.savefig(file, format="png")
-
-    atomic_write(path, write)
-
-
 # -------------------------------------------------------------------------------- checkpoints
 class _Checkpoints:
     """One folder per finished epoch, made visible by a single rename (nothing half-written)."""
 
-    def __init__(self, run_dir: pathlib.Path, write: bool):
-        self.root = run_dir / _CHECKPOINTS
-        self.write = write
-        if write:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+    def __init__(self, root: pathlib.Path):
+        self.root = root
 
     def finished(self) -> list[tuple[int, pathlib.Path]]:
         found = []
@@ -237,27 +268,35 @@ class _Checkpoints:
                     found.append((epoch, path))
         return sorted(found)
 
-    def latest_state(self) -> tuple[pathlib.Path, dict] | None:
+    def latest(self) -> tuple[pathlib.Path, dict] | None:
+        """The newest checkpoint and its state, or `None` when there is none."""
         finished = self.finished()
         if not finished:
             return None
         path = finished[-1][1]
         return path, json.loads((path / "state.json").read_text())
 
+    def remove_temporaries(self) -> None:
+        # Folders of a process killed while writing: never read, safe to drop.
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     def save(self, epoch: int, model, optimizer, state: dict) -> None:
-        if not self.write:
-            return
         final = self.root / f"epoch-{epoch:04d}"
         tmp = pathlib.Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-epoch-{epoch:04d}-"))
-        weights = model.get_weights()
-        opt_vars = [np.asarray(v.numpy()) for v in optimizer.variables]
-        atomic_write(tmp / "weights.npz", lambda f: _save_npz(f, weights))
-        atomic_write(tmp / "optimizer.npz", lambda f: _save_npz(f, opt_vars))
-        # state.json last: a folder without it is never read back.
-        _write_json(tmp / "state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            weights = model.get_weights()
+            opt_vars = [np.asarray(v.numpy()) for v in optimizer.variables]
+            atomic_write(tmp / "weights.npz", lambda f: _save_npz(f, weights))
+            atomic_write(tmp / "optimizer.npz", lambda f: _save_npz(f, opt_vars))
+            # state.json last: a folder without it is never read back.
+            _write_json(tmp / "state.json", state)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         fsync_dir(self.root)
         for _, old in self.finished()[:-_KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
@@ -267,12 +306,120 @@ class _Checkpoints:
         model.set_weights(_load_npz(path / "weights.npz"))
         values = _load_npz(path / "optimizer.npz")
         if len(values) != len(optimizer.variables):
-            raise ValueError(
+            raise UsageError(
                 f"The checkpoint '{path}' holds {len(values)} optimizer variables; the optimizer "
                 f"has {len(optimizer.variables)}."
             )
         for variable, value in zip(optimizer.variables, values, strict=True):
             variable.assign(value)
+
+
+# ------------------------------------------------------------------------------- the run dir
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """Where a run starts: epoch 0, or after the checkpoint `checkpoint`."""
+
+    epoch: int
+    seed: int
+    identity: dict
+    history: list[dict[str, float]]
+    checkpoint: pathlib.Path | None = None
+
+
+def _identity(config: TrainConfig, seed: int | None, own_data: bool) -> dict:
+    """The settings that define a run: resuming a folder with other values would mix two
+    experiments. Data given by the caller is theirs to keep the same."""
+    return {
+        "norm": config.norm,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "seed": seed,
+        "train_fraction": config.train_fraction if own_data else None,
+        "drop_remainder": config.drop_remainder if own_data else None,
+    }
+
+
+class RunDir:
+    """A run folder: the run's identity and checkpoints, and the files of its outputs.
+
+    Every process of a run reads it (to resume); only the chief (`tfbn.distribute.is_chief`)
+    creates, writes or removes anything in it, so the methods that write do nothing elsewhere.
+
+    Args:
+        path: The folder.
+        chief: Whether this process writes.
+    """
+
+    def __init__(self, path: pathlib.Path, chief: bool):
+        self.path = pathlib.Path(path)
+        self.chief = chief
+        self.checkpoints = _Checkpoints(self.path / _CHECKPOINTS)
+        self._writer = None
+
+    def open(self) -> None:
+        """Creates the folder (chief) and drops the temporary files of killed processes."""
+        if not self.chief:
+            return
+        self.checkpoints.root.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.remove_temporaries()
+        for stale in [*self.path.glob(".*.tmp"), *self.path.glob(".model.*.keras")]:
+            stale.unlink(missing_ok=True)
+
+    def start(self, config: TrainConfig, own_data: bool) -> _Start:
+        """Where the run starts: after the newest checkpoint, or at epoch 0 with a seed.
+
+        Raises:
+            UsageError: if the folder holds a run with other settings, or more epochs than
+                `config.epochs`.
+        """
+        found = self.checkpoints.latest()
+        if found is None:
+            seed = secrets.randbelow(2**31) if config.seed is None else config.seed
+            return _Start(0, seed, _identity(config, seed, own_data), [])
+        path, state = found
+        recorded = state["config"]
+        seed = recorded["seed"] if config.seed is None else config.seed
+        wanted = _identity(config, seed, own_data)
+        for key, value in wanted.items():
+            if recorded.get(key) != value:
+                raise UsageError(
+                    f"Argument `run_dir`: '{self.path}' holds a run with {key}="
+                    f"{recorded.get(key)!r}; received {key}={value!r}. Use another run_dir to "
+                    "start a new run, or the same settings to resume it."
+                )
+        epoch = int(state["epoch"])
+        if epoch > config.epochs:
+            raise UsageError(
+                f"Argument `epochs`: '{self.path}' already holds {epoch} finished epochs; "
+                f"received epochs={config.epochs}. Use epochs >= {epoch} or another run_dir."
+            )
+        return _Start(epoch, int(seed), wanted, list(state["history"]), path)
+
+    def save_epoch(self, epoch: int, model, optimizer, state: dict) -> None:
+        """Saves the checkpoint after `epoch` (1-based) and the history so far."""
+        if self.chief:
+            self.checkpoints.save(epoch, model, optimizer, state)
+            self.write_json("history.json", state["history"])
+
+    def write_json(self, name: str, data: Any) -> None:
+        if self.chief:
+            _write_json(self.path / name, data)
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        """Writes TensorBoard scalars to `logs/` (chief)."""
+        if not self.chief:
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.path / "logs"))
+        with self._writer.as_default(step=step):
+            for tag, value in values.items():
+                tf.summary.scalar(tag, value)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 # ---------------------------------------------------------------------------------- the loops
@@ -284,16 +431,29 @@ def _steps(dataset) -> int | None:
     return n if n >= 0 else None
 
 
+class _RunProgbar(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar, headed with the epoch of the whole run (`fit` sees one epoch)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self._run_epochs = epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self._run_epochs
+
+
 class _FitLoop:
-    """Keras `Model.fit`, one call per epoch so each epoch can get its own data order."""
+    """Keras `Model.fit` on the compiled `model`, one call per epoch so each epoch can get its
+    own data order."""
 
     name = "fit"
 
-    def __init__(self, model, optimizer, strategy, jit_compile: bool):
+    def __init__(self, model: keras.Model):
         self.model = model
-        self._examples = None
 
-    def train_epoch(self, dataset, epoch: int, epochs: int, progress: bool, num_train=None):
+    def train_epoch(self, dataset, epoch: int, epochs: int, verbose: int, examples: int):
+        """Trains one epoch; returns its mean loss, accuracy, examples and seconds."""
         start = time.perf_counter()
         history = self.model.fit(
             dataset,
@@ -301,20 +461,53 @@ class _FitLoop:
             epochs=epoch + 1,
             steps_per_epoch=_steps(dataset),
             shuffle=False,
-            verbose=1 if progress else 0,
+            verbose=1 if verbose == 1 else 0,
             callbacks=[_RunProgbar(epochs)],
         )
         seconds = time.perf_counter() - start
-        # Keras reports the epoch's mean over examples; the count is only needed for the speed.
-        if num_train is None and self._examples is None:
-            self._examples = int(
-                dataset.map(lambda x, y: tf.shape(y)[0]).reduce(0, lambda a, b: a + b)
-            )
-        examples = int(num_train) if num_train is not None else self._examples
+        # Keras reports the epoch's means over examples.
         return history.history["loss"][-1], history.history["accuracy"][-1], examples, seconds
 
     def evaluate(self, dataset) -> float:
         return float(self.model.evaluate(dataset, verbose=0, return_dict=True)["accuracy"])
+
+
+_SUM = tf.distribute.ReduceOp.SUM
+
+
+def _replica_steps(model, optimizer):
+    """The per-replica train and eval steps of the custom loop (for `strategy.run`)."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    def replica_train_step(x, y):
+        context = tf.distribute.get_replica_context()
+        y = tf.cast(y, tf.int32)
+        local_count = tf.cast(tf.shape(y)[0], tf.float32)
+        # Dividing by the global batch (not the replica's) makes the summed gradients equal
+        # those of the mean loss on one device, for uneven last batches too.
+        global_count = context.all_reduce(_SUM, local_count)
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            per_example = loss_fn(y, logits)
+            loss = tf.reduce_sum(per_example) / global_count
+            if model.losses:
+                loss += tf.add_n(model.losses) / context.num_replicas_in_sync
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+        return (
+            tf.reduce_sum(per_example),
+            tf.reduce_sum(tf.cast(correct, tf.float32)),
+            local_count,
+        )
+
+    def replica_eval_step(x, y):
+        y = tf.cast(y, tf.int32)
+        logits = model(x, training=False)
+        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+        return tf.reduce_sum(tf.cast(correct, tf.float32)), tf.cast(tf.shape(y)[0], tf.float32)
+
+    return replica_train_step, replica_eval_step
 
 
 class _CustomLoop:
@@ -324,45 +517,14 @@ class _CustomLoop:
 
     def __init__(self, model, optimizer, strategy, jit_compile: bool):
         self.model = model
-        self.optimizer = optimizer
         self.strategy = strategy
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        sum_ = tf.distribute.ReduceOp.SUM
-
-        def replica_train_step(x, y):
-            context = tf.distribute.get_replica_context()
-            y = tf.cast(y, tf.int32)
-            local_count = tf.cast(tf.shape(y)[0], tf.float32)
-            # Dividing by the global batch (not the replica's) makes the summed gradients equal
-            # those of the mean loss on one device, for uneven last batches too.
-            global_count = context.all_reduce(sum_, local_count)
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                per_example = loss_fn(y, logits)
-                loss = tf.reduce_sum(per_example) / global_count
-                if model.losses:
-                    loss += tf.add_n(model.losses) / context.num_replicas_in_sync
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-            correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
-            return (
-                tf.reduce_sum(per_example),
-                tf.reduce_sum(tf.cast(correct, tf.float32)),
-                local_count,
-            )
-
-        def replica_eval_step(x, y):
-            y = tf.cast(y, tf.int32)
-            logits = model(x, training=False)
-            correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
-            return tf.reduce_sum(tf.cast(correct, tf.float32)), tf.cast(tf.shape(y)[0], tf.float32)
-
+        replica_train_step, replica_eval_step = _replica_steps(model, optimizer)
         if jit_compile:
             replica_train_step = tf.function(replica_train_step, jit_compile=True)
             replica_eval_step = tf.function(replica_eval_step, jit_compile=True)
 
         def reduce(values):
-            return tuple(strategy.reduce(sum_, v, axis=None) for v in values)
+            return tuple(strategy.reduce(_SUM, v, axis=None) for v in values)
 
         @tf.function(reduce_retracing=True)
         def train_step(x, y):
@@ -383,10 +545,12 @@ class _CustomLoop:
         )
         return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
 
-    def train_epoch(self, dataset, epoch: int, epochs: int, progress: bool, num_train=None):
+    def train_epoch(self, dataset, epoch: int, epochs: int, verbose: int, examples: int):
+        """Trains one epoch; returns its mean loss, accuracy, examples and seconds."""
+        del examples  # counted here, over the replicas
         steps = _steps(dataset)
         bar = None
-        if progress:
+        if verbose == 1:
             print(f"Epoch {epoch + 1}/{epochs}")
             bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
         loss_sum = correct = count = 0.0
@@ -412,26 +576,265 @@ class _CustomLoop:
         return correct / count
 
 
-# ------------------------------------------------------------------------------------- train
+# ---------------------------------------------------------------------------------- set-up
+@dataclasses.dataclass
+class _Trainer:
+    """What set-up made: the strategy, the data, the model and the loop that trains it."""
+
+    strategy: tf.distribute.Strategy
+    strategy_name: str
+    device: str
+    data: TrainData
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    loop: _FitLoop | _CustomLoop
+
+
+def _make_strategy(config: TrainConfig) -> tuple[tf.distribute.Strategy, str, str]:
+    """The strategy, its name and the loop's name (checked against the strategy)."""
+    name = _strategy_name(config.strategy)
+    loop = _resolve_loop(config.loop, name)
+    strategy = config.strategy
+    if isinstance(strategy, str):
+        # First: MultiWorkerMirroredStrategy must exist before the runtime runs any op.
+        strategy = distribute.get_strategy(strategy)
+    return strategy, name, loop
+
+
+def _load_data(config: TrainConfig, seed: int, dataset, initial_epoch: int, say) -> TrainData:
+    if dataset is None:
+        from tfbn.data import load_fashion_mnist
+
+        dataset = load_fashion_mnist(
+            config.batch_size,
+            data_dir=config.data_dir,
+            train_fraction=config.train_fraction,
+            seed=seed,
+            shuffle=True,
+            drop_remainder=config.drop_remainder,
+        )
+    start = time.perf_counter()
+    # The first batch of each split fills the in-memory caches: done here, so that the training
+    # speed counts training, as the chapter's timer does.
+    for split in (_epoch_dataset(dataset, initial_epoch), dataset.test):
+        next(iter(split))
+    say(f"data ready in {time.perf_counter() - start:.1f} s")
+    return dataset
+
+
+def _build_model(config: TrainConfig, strategy, seed: int, model_fn):
+    """The model and its SGD optimizer, made in the strategy's scope and compiled."""
+    keras.utils.set_random_seed(seed)
+    with strategy.scope():
+        from tfbn.models import lenet
+
+        model = lenet(config.norm) if model_fn is None else model_fn()
+        if not isinstance(model, keras.Model):
+            raise UsageError(
+                f"Argument `model_fn` must return a keras.Model; it returned {type(model)!r}."
+            )
+        optimizer = keras.optimizers.SGD(learning_rate=config.learning_rate)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=config.jit_compile,
+        )
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def _set_up(
+    config: TrainConfig, start: _Start, strategy, names, dataset, model_fn, say
+) -> _Trainer:
+    """Loads the data, builds the model and restores the checkpoint `start` names."""
+    strategy_name, loop_name = names
+    data = _load_data(config, start.seed, dataset, start.epoch, say)
+    model, optimizer = _build_model(config, strategy, start.seed, model_fn)
+    if loop_name == "fit":
+        loop = _FitLoop(model)
+    else:
+        loop = _CustomLoop(model, optimizer, strategy, config.jit_compile)
+    if start.checkpoint is not None:
+        with strategy.scope():
+            _Checkpoints.restore(start.checkpoint, model, optimizer)
+    device = distribute.device_description(strategy)
+    return _Trainer(strategy, strategy_name, device, data, model, optimizer, loop)
+
+
+# ---------------------------------------------------------------------------------- the loop
 def _silent(*args, **kwargs) -> None:
     pass
 
 
-def _default_run_dir(norm: str) -> pathlib.Path:
-    # A fixed name, so that the same command after a crash finds and resumes the run.
-    return pathlib.Path("runs") / f"lenet_{norm}"
-
-
-def _epoch_dataset(data, epoch: int):
-    per_epoch = getattr(data, "train_for_epoch", None)
-    dataset = per_epoch(epoch) if per_epoch is not None else data.train
-    steps = getattr(data, "steps_per_epoch", None)
-    if steps is not None and int(dataset.cardinality()) < 0:
+def _epoch_dataset(data: TrainData, epoch: int) -> tf.data.Dataset:
+    dataset = data.train_for_epoch(epoch)
+    if int(dataset.cardinality()) < 0:
         # A known length gives Keras a bounded progress bar and an epoch that ends on time.
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(int(steps)))
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(int(data.steps_per_epoch)))
     return dataset
 
 
+def _epoch_record(epoch: int, loss, train_acc, test_acc, examples, seconds) -> dict[str, float]:
+    return {
+        "epoch": epoch,
+        "loss": float(loss),
+        "train_acc": float(train_acc),
+        "test_acc": float(test_acc),
+        "examples": int(examples),
+        "seconds": float(seconds),
+        "examples_per_sec": float(examples / seconds) if seconds > 0 else 0.0,
+    }
+
+
+def _train_epochs(
+    config: TrainConfig, trainer: _Trainer, run_dir: RunDir, start: _Start, say
+) -> list:
+    """Trains epochs `start.epoch + 1 .. config.epochs`, a checkpoint after each; returns the
+    history of the whole run."""
+    history = list(start.history)
+    for epoch in range(start.epoch, config.epochs):
+        loss, train_acc, examples, seconds = trainer.loop.train_epoch(
+            _epoch_dataset(trainer.data, epoch),
+            epoch,
+            config.epochs,
+            config.verbose,
+            int(trainer.data.examples_per_epoch),
+        )
+        test_acc = trainer.loop.evaluate(trainer.data.test)
+        record = _epoch_record(epoch + 1, loss, train_acc, test_acc, examples, seconds)
+        history.append(record)
+        say(
+            f"epoch {epoch + 1}/{config.epochs}: loss {loss:.3f}, train acc {train_acc:.3f}, "
+            f"test acc {test_acc:.3f} ({record['examples_per_sec']:.1f} examples/sec)"
+        )
+        state = {
+            "epoch": epoch + 1,
+            "config": start.identity,
+            "history": history,
+            "loop": trainer.loop.name,
+        }
+        run_dir.save_epoch(epoch + 1, trainer.model, trainer.optimizer, state)
+        run_dir.log_scalars(
+            epoch + 1,
+            {
+                "train/loss": record["loss"],
+                "train/accuracy": record["train_acc"],
+                "test/accuracy": record["test_acc"],
+                "train/examples_per_sec": record["examples_per_sec"],
+            },
+        )
+    return history
+
+
+# -------------------------------------------------------------------------------- the finish
+def _recalibrate(config: TrainConfig, trainer: _Trainer, run_dir: RunDir, test_acc: float, say):
+    """Population statistics over every training example; returns the test accuracy after and
+    before (`None` when there is nothing to recalibrate)."""
+    from tfbn.recalibration import batch_norm_layers
+    from tfbn.recalibration import recalibrate as recalibrate_fn
+
+    if not config.recalibrate or not batch_norm_layers(trainer.model):
+        return test_acc, None
+    # Every training example once (the epochs may have left some out).
+    recalibrate_fn(
+        trainer.model,
+        trainer.data.train_examples,
+        strategy=trainer.strategy,
+        verbose=1 if config.verbose == 1 else 0,
+    )
+    after = trainer.loop.evaluate(trainer.data.test)
+    say(f"test acc {test_acc:.3f} before recalibration, {after:.3f} after")
+    run_dir.log_scalars(config.epochs, {"test/accuracy_recalibrated": after})
+    return after, test_acc
+
+
+def _write_outputs(config: TrainConfig, trainer: _Trainer, run_dir: RunDir, history, recalibrated):
+    """history.json, history.png and model.keras (chief)."""
+    if not run_dir.chief:
+        return
+    from tfbn.plots import training_curves
+
+    run_dir.write_json("history.json", history)
+    training_curves(
+        history,
+        run_dir.path / "history.png",
+        title=f"LeNet, norm={config.norm}, lr {config.learning_rate:g}, batch {config.batch_size}",
+        recalibrated_test_acc=recalibrated,
+    )
+    save_model_atomically(trainer.model, run_dir.path / "model.keras")
+
+
+def _export(config: TrainConfig, trainer: _Trainer, run_dir: RunDir, say) -> pathlib.Path | None:
+    if not (config.export and run_dir.chief):
+        return None
+    from tfbn.export import export_saved_model
+
+    # Real test images for the export's check that folding kept the predictions.
+    check_images = next(iter(trainer.data.test))[0]
+    path = export_saved_model(
+        trainer.model,
+        config.export_dir,
+        name=config.export_name,
+        check_data=np.asarray(check_images),
+        class_names=CLASS_NAMES,
+    )
+    say(f"exported SavedModel to {path}")
+    return pathlib.Path(path)
+
+
+def _finish(config, trainer: _Trainer, run_dir: RunDir, start: _Start, history, wall_start, say):
+    """Recalibration, the output files and the export; returns the `TrainResult`."""
+    test_acc, before = _recalibrate(config, trainer, run_dir, history[-1]["test_acc"], say)
+    _write_outputs(config, trainer, run_dir, history, test_acc if before is not None else None)
+    export_path = _export(config, trainer, run_dir, say)
+    seconds = sum(h["seconds"] for h in history)
+    result = TrainResult(
+        model=trainer.model,
+        history=history,
+        run_dir=run_dir.path,
+        loss=history[-1]["loss"],
+        train_acc=history[-1]["train_acc"],
+        test_acc=float(test_acc),
+        test_acc_before_recalibration=before,
+        examples_per_sec=sum(h["examples"] for h in history) / seconds if seconds else 0.0,
+        wall_time=time.perf_counter() - wall_start,
+        device=trainer.device,
+        strategy=trainer.strategy_name,
+        loop=trainer.loop.name,
+        seed=start.seed,
+        initial_epoch=start.epoch,
+        export_path=export_path,
+    )
+    run_dir.write_json("result.json", _result_record(config, trainer, start, result))
+    say(f"wall time {result.wall_time:.1f} s, run folder {run_dir.path}")
+    say(result.summary())
+    return result
+
+
+def _result_record(
+    config: TrainConfig, trainer: _Trainer, start: _Start, result: TrainResult
+) -> dict:
+    return {
+        **start.identity,
+        "epochs": config.epochs,
+        "loop": result.loop,
+        "strategy": result.strategy,
+        "device": result.device,
+        "replicas": int(trainer.strategy.num_replicas_in_sync),
+        "loss": result.loss,
+        "train_acc": result.train_acc,
+        "test_acc": result.test_acc,
+        "test_acc_before_recalibration": result.test_acc_before_recalibration,
+        "examples_per_sec": result.examples_per_sec,
+        "wall_time": result.wall_time,
+        "initial_epoch": result.initial_epoch,
+        "export_path": None if result.export_path is None else str(result.export_path),
+        "summary": result.summary(),
+    }
+
+
+# ------------------------------------------------------------------------------------- train
 def train(
     norm: str = "tfbn",
     *,
@@ -450,7 +853,7 @@ def train(
     export_name: str = "lenet",
     jit_compile: bool = False,
     verbose: int = 1,
-    dataset=None,
+    dataset: TrainData | None = None,
     model_fn: Callable[[], keras.Model] | None = None,
     drop_remainder: bool = RECIPE.drop_remainder,
 ) -> TrainResult:
@@ -472,8 +875,8 @@ def train(
         batch_size: Global batch size, split across the replicas.
         learning_rate: SGD learning rate; default `RECIPE.lr_for(norm)` (1.0 with BatchNorm,
             0.9 without).
-        seed: Seed for the weights and the data order. `None` draws one and records it in the
-            run folder (so that a resumed run keeps it).
+        seed: Seed for the weights and the data order, in `[0, 2**32 - 1]`. `None` draws one and
+            records it in the run folder (so that a resumed run keeps it).
         strategy: `"auto"`, `"default"`, `"one_device"`, `"mirrored"`, `"multi_worker"` (see
             `tfbn.distribute.get_strategy`) or a `tf.distribute.Strategy` instance.
         loop: `"fit"` (Keras `Model.fit`), `"custom"` (a `strategy.run` loop) or `"auto"`
@@ -490,9 +893,8 @@ def train(
         jit_compile: If `True`, compile the training step with XLA.
         verbose: 0 prints nothing; 1 (default) a progress bar per epoch, a line per epoch and
             the summary; 2 the same without progress bars (for logs).
-        dataset: Optional prebuilt data with `train`, `test` (batched `tf.data` datasets of
-            `(images, labels)`) and optionally `train_for_epoch(epoch)`; replaces loading
-            Fashion-MNIST (`data_dir`, `train_fraction` are then unused).
+        dataset: Optional data to train on instead of Fashion-MNIST, a `TrainData` (`data_dir`,
+            `train_fraction` and `drop_remainder` are then unused).
         model_fn: Optional function building the model to train instead of
             `tfbn.models.lenet(norm)` (called inside the strategy's scope, so its variables are
             distributed); it must return an uncompiled `keras.Model` that outputs logits. `norm`
@@ -505,296 +907,73 @@ def train(
         A `TrainResult`.
 
     Raises:
-        ValueError: for an unknown `norm`, `strategy` or `loop`; `epochs`, `batch_size` or
-            `learning_rate` not positive; `train_fraction` outside `(0, 1]`; an output folder
-            that cannot be written; a data folder without the Fashion-MNIST files; a `run_dir`
-            holding a run with other settings. All raised before any data is loaded.
+        ValueError: (`tfbn.errors.UsageError`) for a setting `TrainConfig` refuses; an output
+            folder that cannot be written; a data folder without the Fashion-MNIST files; a
+            `dataset` that is not a `TrainData`; a `run_dir` holding a run with other settings.
+            All raised before anything is created on disk or any data is loaded.
     """
     wall_start = time.perf_counter()
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"Argument `verbose` must be 0, 1 or 2; received verbose={verbose!r}.")
-    progress = verbose == 1
-    say = print if verbose else _silent
-    # ---- arguments, before anything expensive
-    if norm not in NORMS:
-        raise ValueError(f"Argument `norm` must be one of {NORMS}; received norm={norm!r}.")
-    epochs = _positive_int("epochs", epochs)
-    batch_size = _positive_int("batch_size", batch_size)
-    if learning_rate is None:
-        learning_rate = RECIPE.lr_for(norm)
-    if (
-        isinstance(learning_rate, bool)
-        or not isinstance(learning_rate, (int, float, np.floating, np.integer))
-        or not math.isfinite(learning_rate)
-        or learning_rate <= 0
-    ):
-        raise ValueError(
-            "Argument `learning_rate` must be a positive finite number; received "
-            f"learning_rate={learning_rate!r}."
-        )
-    learning_rate = float(learning_rate)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ValueError(f"Argument `seed` must be an integer or None; received seed={seed!r}.")
-    if loop not in LOOPS:
-        raise ValueError(f"Argument `loop` must be one of {LOOPS}; received loop={loop!r}.")
-    if not isinstance(strategy, tf.distribute.Strategy) and strategy not in distribute.STRATEGIES:
-        raise ValueError(
-            f"Argument `strategy` must be one of {distribute.STRATEGIES} or a "
-            f"tf.distribute.Strategy; received strategy={strategy!r}."
-        )
-    if isinstance(train_fraction, bool) or not (
-        isinstance(train_fraction, (int, float)) and 0.0 < train_fraction <= 1.0
-    ):
-        raise ValueError(
-            "Argument `train_fraction` must be in (0, 1]; received "
-            f"train_fraction={train_fraction!r}."
-        )
-    strategy_name = _strategy_name(strategy)
-    if loop == "auto":
-        loop = "custom" if strategy_name == "multi_worker" else "fit"
-    elif loop == "fit" and strategy_name == "multi_worker":
-        # Keras 3's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
-        raise ValueError(
-            "Argument `loop`: loop='fit' does not work with strategy='multi_worker' in Keras 3; "
-            "use loop='custom' or 'auto'."
-        )
-    if dataset is None:
-        _check_data_dir(data_dir)
-    run_dir = pathlib.Path(run_dir) if run_dir is not None else _default_run_dir(norm)
-    _check_writable("run_dir", run_dir)
-    if export:
-        _check_writable("export_dir", pathlib.Path(export_dir))
-
-    # ---- the run's identity: new, or the one recorded in run_dir
-    def identity(seed) -> dict:
-        """The settings that define a run: resuming a folder with other values would mix two
-        experiments."""
-        own_data = dataset is None
-        return {
-            "norm": norm,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "seed": seed,
-            "train_fraction": float(train_fraction) if own_data else None,
-            "drop_remainder": bool(drop_remainder) if own_data else None,
-        }
-
-    found = _Checkpoints(run_dir, write=False).latest_state()
-    initial_epoch = 0
-    if found is not None:
-        recorded = found[1]["config"]
-        if seed is None:
-            seed = recorded["seed"]
-        wanted = identity(seed)
-        for key in wanted:
-            if recorded.get(key) != wanted[key]:
-                raise ValueError(
-                    f"Argument `run_dir`: '{run_dir}' holds a run with {key}="
-                    f"{recorded.get(key)!r}; received {key}={wanted[key]!r}. Use another "
-                    "run_dir to start a new run, or the same settings to resume it."
-                )
-        initial_epoch = int(found[1]["epoch"])
-        if initial_epoch > epochs:
-            raise ValueError(
-                f"Argument `epochs`: '{run_dir}' already holds {initial_epoch} finished epochs; "
-                f"received epochs={epochs}. Use epochs >= {initial_epoch} or another run_dir."
-            )
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    seed = int(seed)
-    config = identity(seed)
-
-    # ---- strategy, data, model
-    if isinstance(strategy, str):
-        # First: MultiWorkerMirroredStrategy must exist before the runtime runs any op.
-        strategy = distribute.get_strategy(strategy)
-    if dataset is None:
-        from tfbn.data import load_fashion_mnist
-
-        dataset = load_fashion_mnist(
-            batch_size,
-            data_dir=data_dir,
-            train_fraction=train_fraction,
-            seed=seed,
-            shuffle=True,
-            drop_remainder=drop_remainder,
-        )
-    load_start = time.perf_counter()
-    # The first batch of each split fills the in-memory caches: done here, so that the training
-    # speed counts training, as the chapter's timer does.
-    for split in (_epoch_dataset(dataset, initial_epoch), dataset.test):
-        next(iter(split))
-    say(f"data ready in {time.perf_counter() - load_start:.1f} s")
-    device = distribute.device_description(strategy)
-    chief = distribute.is_chief(strategy)
-    checkpoints = _Checkpoints(run_dir, write=chief)
-    if chief:
-        # Temporary files of a process killed while writing: never read, safe to drop.
-        for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".model.*.keras")]:
-            stale.unlink(missing_ok=True)
-
-    keras.utils.set_random_seed(seed)
-    with strategy.scope():
-        from tfbn.models import lenet
-
-        model = lenet(norm) if model_fn is None else model_fn()
-        if not isinstance(model, keras.Model):
-            raise ValueError(
-                f"Argument `model_fn` must return a keras.Model; it returned {type(model)!r}."
-            )
-        optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            jit_compile=jit_compile,
-        )
-        optimizer.build(model.trainable_variables)
-    runner = (_FitLoop if loop == "fit" else _CustomLoop)(model, optimizer, strategy, jit_compile)
-
-    history: list[dict[str, float]] = []
-    if found is not None:
-        with strategy.scope():
-            _Checkpoints.restore(found[0], model, optimizer)
-        history = list(found[1]["history"])
-        say(f"Resuming {run_dir} after epoch {initial_epoch} of {epochs}.")
-
-    writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
-    say(
-        f"Training LeNet (norm={norm}) for {epochs} epochs, batch {batch_size}, "
-        f"lr {learning_rate:g}, seed {seed}, {strategy_name} strategy on {device}, {loop} loop."
-    )
-
-    # ---- epochs
-    for epoch in range(initial_epoch, epochs):
-        loss, train_acc, examples, seconds = runner.train_epoch(
-            _epoch_dataset(dataset, epoch),
-            epoch,
-            epochs,
-            progress,
-            num_train=getattr(dataset, "examples_per_epoch", getattr(dataset, "num_train", None)),
-        )
-        test_acc = runner.evaluate(dataset.test)
-        record = {
-            "epoch": epoch + 1,
-            "loss": float(loss),
-            "train_acc": float(train_acc),
-            "test_acc": float(test_acc),
-            "examples": int(examples),
-            "seconds": float(seconds),
-            "examples_per_sec": float(examples / seconds) if seconds > 0 else 0.0,
-        }
-        history.append(record)
-        say(
-            f"epoch {epoch + 1}/{epochs}: loss {loss:.3f}, train acc {train_acc:.3f}, "
-            f"test acc {test_acc:.3f} ({record['examples_per_sec']:.1f} examples/sec)"
-        )
-        checkpoints.save(
-            epoch + 1,
-            model,
-            optimizer,
-            {"epoch": epoch + 1, "config": config, "history": history, "loop": loop},
-        )
-        if chief:
-            _write_json(run_dir / "history.json", history)
-            with writer.as_default(step=epoch + 1):
-                tf.summary.scalar("train/loss", record["loss"])
-                tf.summary.scalar("train/accuracy", record["train_acc"])
-                tf.summary.scalar("test/accuracy", record["test_acc"])
-                tf.summary.scalar("train/examples_per_sec", record["examples_per_sec"])
-            writer.flush()
-
-    last = history[-1]
-    train_seconds = sum(h["seconds"] for h in history)
-    examples_per_sec = sum(h["examples"] for h in history) / train_seconds if train_seconds else 0.0
-
-    # ---- population statistics
-    test_acc = last["test_acc"]
-    test_acc_before = None
-    from tfbn.recalibration import batch_norm_layers
-
-    if recalibrate and batch_norm_layers(model):
-        from tfbn.recalibration import recalibrate as recalibrate_fn
-
-        test_acc_before = test_acc
-        # Every training example once (the epochs may have left some out).
-        examples = getattr(dataset, "train_examples", None)
-        examples = dataset.train if examples is None else examples
-        recalibrate_fn(model, examples, strategy=strategy, verbose=int(progress))
-        test_acc = runner.evaluate(dataset.test)
-        say(f"test acc {test_acc_before:.3f} before recalibration, {test_acc:.3f} after")
-        if writer is not None:
-            with writer.as_default(step=epochs):
-                tf.summary.scalar("test/accuracy_recalibrated", test_acc)
-            writer.flush()
-
-    # ---- outputs
-    export_path = None
-    if chief:
-        _write_json(run_dir / "history.json", history)
-        _plot_history(
-            history,
-            run_dir / "history.png",
-            f"LeNet, norm={norm}, lr {learning_rate:g}, batch {batch_size}",
-        )
-        save_model_atomically(model, run_dir / "model.keras")
-        if export:
-            from tfbn.export import export_saved_model
-
-            # Real test images for the export's check that folding kept the predictions.
-            check_images = next(iter(dataset.test))[0]
-            export_path = pathlib.Path(
-                export_saved_model(
-                    model,
-                    export_dir,
-                    name=export_name,
-                    check_data=np.asarray(check_images),
-                    class_names=CLASS_NAMES,
-                )
-            )
-            say(f"exported SavedModel to {export_path}")
-    wall_time = time.perf_counter() - wall_start
-    result = TrainResult(
-        model=model,
-        history=history,
-        run_dir=run_dir,
-        loss=last["loss"],
-        train_acc=last["train_acc"],
-        test_acc=float(test_acc),
-        test_acc_before_recalibration=test_acc_before,
-        examples_per_sec=float(examples_per_sec),
-        wall_time=wall_time,
-        device=device,
-        strategy=strategy_name,
-        loop=loop,
+    config = TrainConfig(
+        norm=norm,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
         seed=seed,
-        initial_epoch=initial_epoch,
-        export_path=export_path,
+        strategy=strategy,
+        loop=loop,
+        run_dir=run_dir,
+        data_dir=data_dir,
+        train_fraction=train_fraction,
+        drop_remainder=drop_remainder,
+        recalibrate=recalibrate,
+        export=export,
+        export_dir=export_dir,
+        export_name=export_name,
+        jit_compile=jit_compile,
+        verbose=verbose,
     )
-    if chief:
-        _write_json(
-            run_dir / "result.json",
-            {
-                **config,
-                "epochs": epochs,
-                "loop": loop,
-                "strategy": strategy_name,
-                "device": device,
-                "replicas": int(strategy.num_replicas_in_sync),
-                "loss": result.loss,
-                "train_acc": result.train_acc,
-                "test_acc": result.test_acc,
-                "test_acc_before_recalibration": test_acc_before,
-                "examples_per_sec": result.examples_per_sec,
-                "wall_time": wall_time,
-                "initial_epoch": initial_epoch,
-                "export_path": None if export_path is None else str(export_path),
-                "summary": result.summary(),
-            },
+    return _run(config, dataset=dataset, model_fn=model_fn, wall_start=wall_start)
+
+
+def _run(
+    config: TrainConfig,
+    *,
+    dataset: TrainData | None = None,
+    model_fn: Callable[[], keras.Model] | None = None,
+    wall_start: float | None = None,
+) -> TrainResult:
+    """Runs training with a checked `TrainConfig` (what `train` does after building it).
+
+    Args:
+        config: The settings.
+        dataset: As in `train`.
+        model_fn: As in `train`.
+        wall_start: `time.perf_counter()` when the call began (default: now).
+
+    Returns:
+        A `TrainResult`.
+    """
+    wall_start = time.perf_counter() if wall_start is None else wall_start
+    say = print if config.verbose else _silent
+    _check_locations(config, dataset)
+    strategy, strategy_name, loop_name = _make_strategy(config)
+    run_dir = RunDir(config.run_dir, chief=distribute.is_chief(strategy))
+    start = run_dir.start(config, own_data=dataset is None)
+    run_dir.open()
+    try:
+        trainer = _set_up(
+            config, start, strategy, (strategy_name, loop_name), dataset, model_fn, say
         )
-    if writer is not None:
-        writer.close()
-    say(f"wall time {wall_time:.1f} s, run folder {run_dir}")
-    say(result.summary())
+        if start.checkpoint is not None:
+            say(f"Resuming {run_dir.path} after epoch {start.epoch} of {config.epochs}.")
+        say(
+            f"Training LeNet (norm={config.norm}) for {config.epochs} epochs, batch "
+            f"{config.batch_size}, lr {config.learning_rate:g}, seed {start.seed}, "
+            f"{strategy_name} strategy on {trainer.device}, {loop_name} loop."
+        )
+        history = _train_epochs(config, trainer, run_dir, start, say)
+        result = _finish(config, trainer, run_dir, start, history, wall_start, say)
+    finally:
+        run_dir.close()
     sys.stdout.flush()
     return result

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, LOOPS, NORMS, RECIPE, STRATEGIES
+from tfbn.config import (
+    DATA_DIR_ENV,
+    DEFAULT_DATA_DIR,
+    LOOPS,
+    NORMS,
+    RECIPE,
+    STRATEGIES,
+    TrainConfig,
+)
+
+# The defaults of `tfbn.train`, from the one place that holds them.
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
 
 HELP = "train LeNet with BatchNorm on Fashion-MNIST and export it"
 DESCRIPTION = (
@@ -17,10 +29,12 @@ DESCRIPTION = (
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds the `tfbn train` arguments."""
-    parser.add_argument("--norm", default="tfbn", choices=NORMS, help="batch normalization")
-    parser.add_argument("--epochs", type=int, default=RECIPE.epochs, help="number of epochs")
     parser.add_argument(
-        "--batch-size", type=int, default=RECIPE.batch_size, help="global batch size"
+        "--norm", default=_DEFAULTS["norm"], choices=NORMS, help="batch normalization"
+    )
+    parser.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="number of epochs")
+    parser.add_argument(
+        "--batch-size", type=int, default=_DEFAULTS["batch_size"], help="global batch size"
     )
     parser.add_argument(
         "--learning-rate",
@@ -36,10 +50,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="seed of the weights and the data order (default: drawn at random and recorded "
         "in the run folder)",
     )
-    parser.add_argument("--strategy", default="auto", choices=STRATEGIES, help="tf.distribute")
+    parser.add_argument(
+        "--strategy", default=_DEFAULTS["strategy"], choices=STRATEGIES, help="tf.distribute"
+    )
     parser.add_argument(
         "--loop",
-        default="auto",
+        default=_DEFAULTS["loop"],
         choices=LOOPS,
         help="Keras fit or a custom strategy.run loop; auto: custom under multi_worker, else fit",
     )
@@ -55,33 +71,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_DATA_DIR})",
     )
     parser.add_argument(
-        "--train-fraction", type=float, default=1.0, help="fraction of the training set"
+        "--train-fraction",
+        type=float,
+        default=_DEFAULTS["train_fraction"],
+        help="fraction of the training set",
     )
     parser.add_argument(
         "--drop-remainder",
         action=argparse.BooleanOptionalAction,
-        default=RECIPE.drop_remainder,
+        default=_DEFAULTS["drop_remainder"],
         help="leave the short last batch out of every training epoch",
     )
     parser.add_argument(
         "--recalibrate",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=_DEFAULTS["recalibrate"],
         help="recompute the BatchNorm population statistics after training",
     )
     parser.add_argument(
         "--export",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=_DEFAULTS["export"],
         help="export an inference SavedModel",
     )
     parser.add_argument(
-        "--export-dir", default="saved_models", help="parent folder of the SavedModel export"
+        "--export-dir",
+        default=str(_DEFAULTS["export_dir"]),
+        help="parent folder of the SavedModel export",
     )
     parser.add_argument(
         "--jit-compile",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=_DEFAULTS["jit_compile"],
         help="compile the training step with XLA",
     )
 
