@@ -75,10 +75,7 @@ def test_every_keras_batch_norm_is_replaced_and_the_rest_kept(rng):
             assert type(twin) is tfbn.BatchNorm, name
             config = twin.get_config()
             for key, value in layer.get_config().items():
-                if key == "renorm_clipping":  # no clipping: {} in Keras's config, None in tfbn's
-                    assert (config[key] or {}) == (value or {}), name
-                else:
-                    assert config[key] == value, (name, key)
+                assert config[key] == value, (name, key)
         else:
             assert type(twin) is type(layer), name
         twin_values = {v.path.split("/", 1)[-1]: v for v in twin.variables}
@@ -125,6 +122,26 @@ def test_a_sequential_model_stays_sequential_and_a_frozen_model_frozen(rng):
     assert isinstance(converted, keras.Sequential)
     assert isinstance(converted.get_layer("bn"), tfbn.BatchNorm)
     assert converted.trainable is False and not converted.trainable_weights
+
+
+def test_tfbn_batch_norms_and_user_subclasses_are_copied_as_they_are(rng):
+    class MyNorm(keras.layers.BatchNormalization):
+        pass
+
+    inputs = keras.Input((4, 3))
+    x = tfbn.BatchNorm(virtual_batch_size=2, fused=False, renorm=True, name="bn_tfbn")(inputs)
+    x = MyNorm(name="bn_user")(x)
+    model = keras.Model(inputs, x)
+    _randomize(model, rng)
+    converted = convert(model)
+    for name in ("bn_tfbn", "bn_user"):
+        layer, twin = model.get_layer(name), converted.get_layer(name)
+        assert type(twin) is type(layer) and twin is not layer, name
+        assert twin.get_config() == layer.get_config(), name
+        for a, b in zip(twin.weights, layer.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x = rng.normal(size=(4, 4, 3)).astype("float32")
+    np.testing.assert_array_equal(converted(x, training=True), model(x, training=True))
 
 
 def test_the_converted_model_reloads_without_custom_objects(rng, tmp_path):

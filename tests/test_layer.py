@@ -300,6 +300,42 @@ def test_mixed_precision_lenet_trains_with_finite_loss(rng):
 # --------------------------------------------------------------------------- serialization
 
 
+def _variable_facts(layer):
+    return [
+        (v.path.split("/", 1)[-1], tuple(v.shape), v.dtype, v.trainable)
+        + (v.synchronization, v.aggregation)
+        for v in layer.weights
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape",
+    [
+        ({}, (None, 5)),
+        ({"center": False, "axis": 1}, (None, 3, 4, 4)),
+        ({"scale": False, "renorm": True}, (None, 6, 2)),
+        ({"dtype": "float64"}, (None, 4)),
+        ({"dtype": "mixed_float16"}, (None, 4, 4, 3)),
+    ],
+)
+def test_is_keras_batch_normalization_with_the_same_variables_and_config(kwargs, shape):
+    ours = tfbn.BatchNorm(name="bn", **kwargs)
+    theirs = keras.layers.BatchNormalization(name="bn", **kwargs)
+    assert isinstance(ours, keras.layers.BatchNormalization)
+    ours.build(shape)
+    theirs.build(shape)
+    assert _variable_facts(ours) == _variable_facts(theirs)
+    assert [v.name for v in ours.trainable_weights] == [v.name for v in theirs.trainable_weights]
+    config = ours.get_config()
+    extras = {"fused": None, "virtual_batch_size": None}
+    assert config == {**theirs.get_config(), **extras}
+    # Keras's class rebuilds a tfbn layer from its config once the extras are left out.
+    keras_twin = keras.layers.BatchNormalization.from_config(
+        {k: v for k, v in config.items() if k not in extras}
+    )
+    assert keras_twin.get_config() == theirs.get_config()
+
+
 def test_config_round_trip_and_keras_file_reload_without_custom_objects(tmp_path, rng):
     layer = tfbn.BatchNorm(
         axis=1,
@@ -316,19 +352,27 @@ def test_config_round_trip_and_keras_file_reload_without_custom_objects(tmp_path
     clone = tfbn.BatchNorm.from_config(config)
     assert clone.get_config() == config
 
+    renorm = {"renorm": True, "renorm_clipping": {"rmax": 3.0}, "renorm_momentum": 0.9}
     model = keras.Sequential(
-        [keras.Input((3, 4, 4)), tfbn.BatchNorm(axis=1, momentum=0.5), keras.layers.Flatten()]
+        [
+            keras.Input((3, 4, 4)),
+            tfbn.BatchNorm(axis=1, momentum=0.5),
+            tfbn.BatchNorm(momentum=0.5, virtual_batch_size=4, **renorm),
+            keras.layers.Flatten(),
+        ]
     )
     x = (rng.normal(size=(8, 3, 4, 4)) * 2 + 1).astype("float32")
     model(x, training=True)  # move the statistics away from their initial values
     path = tmp_path / "model.keras"
     model.save(path)
     reloaded = keras.saving.load_model(path)  # no custom_objects: the layer is registered
-    assert isinstance(reloaded.layers[0], tfbn.BatchNorm)
+    for ours, theirs in zip(reloaded.layers[:2], model.layers[:2], strict=True):
+        assert type(ours) is tfbn.BatchNorm
+        assert ours.get_config() == theirs.get_config()
+        assert [v.name for v in ours.weights] == [v.name for v in theirs.weights]
+        for a, b in zip(ours.weights, theirs.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
-    np.testing.assert_array_equal(
-        reloaded.layers[0].moving_variance.numpy(), model.layers[0].moving_variance.numpy()
-    )
 
 
 # --------------------------------------------------------------------------- bad input

@@ -11,7 +11,7 @@ so after a linear layer `x = W u + b` it can be merged into that layer's weights
     b' = (b - moving_mean) * s + beta
 
 `fold_batch_norm` does this for every batch-norm layer (the class `keras.layers.BatchNormalization`,
-`tfbn.BatchNorm` included) that directly follows a Conv1D/2D/3D, Conv1D/2D/3DTranspose,
+which `tfbn.BatchNorm` subclasses) that directly follows a Conv1D/2D/3D, Conv1D/2D/3DTranspose,
 DepthwiseConv1D/2D, SeparableConv1D/2D (into the pointwise kernel) or Dense layer, when
 
 - that layer has no activation (it would sit between the two maps),
@@ -30,8 +30,6 @@ from typing import NamedTuple
 
 import keras
 import numpy as np
-
-from tfbn.layers import BatchNorm
 
 __all__ = ["ChannelAffine", "FoldStep", "fold_batch_norm", "fold_plan"]
 
@@ -74,10 +72,6 @@ def batch_norm_affine(layer) -> tuple[np.ndarray, np.ndarray]:
     beta = value(layer.beta if layer.center else None, np.zeros_like(mean))
     scale = gamma / np.sqrt(variance + float(layer.epsilon))
     return scale, beta - mean * scale
-
-
-def _is_batch_norm(layer) -> bool:
-    return isinstance(layer, (keras.layers.BatchNormalization, BatchNorm))
 
 
 def _is_graph_model(model) -> bool:
@@ -161,7 +155,7 @@ def fold_plan(model: keras.Model) -> dict[str, FoldStep]:
         if _is_graph_model(layer):
             for name, step in fold_plan(layer).items():
                 plan[f"{layer.name}/{name}"] = step
-        elif _is_batch_norm(layer):
+        elif isinstance(layer, keras.layers.BatchNormalization):
             producer, reason = _producer_of(layer, model, counts)
             plan[layer.name] = FoldStep(None if producer is None else producer.name, reason)
     return plan
@@ -305,7 +299,7 @@ def _fold(model: keras.Model, plan: dict[str, FoldStep], prefix: str) -> keras.M
         if _is_graph_model(layer):
             return _fold(layer, plan, prefix=f"{prefix}{layer.name}/")
         step = own.get(layer.name)
-        if step is not None and _is_batch_norm(layer):
+        if step is not None and isinstance(layer, keras.layers.BatchNormalization):
             clone = (
                 FoldedAway(name=layer.name)
                 if step.into

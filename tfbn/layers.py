@@ -6,7 +6,6 @@ import warnings
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 
 from tfbn import fast, ops
 
@@ -14,8 +13,12 @@ __all__ = ["BatchNorm"]
 
 
 @keras.saving.register_keras_serializable(package="tfbn")
-class BatchNorm(keras.layers.Layer):
+class BatchNorm(keras.layers.BatchNormalization):
     """Batch normalization (Ioffe and Szegedy, 2015): a drop-in for Keras's BatchNormalization.
+
+    A subclass of `keras.layers.BatchNormalization` (`isinstance` holds) with its arguments, its
+    variables (names, shapes, order, dtypes) and its config keys, plus `fused` and
+    `virtual_batch_size`; tools that find batch-norm layers by Keras's class find this one.
 
     In training mode (`fit`, or a call with `training=True`) the layer normalizes each channel with
     the mean and (biased) variance of the current batch and updates its moving statistics:
@@ -143,7 +146,6 @@ class BatchNorm(keras.layers.Layer):
         adjustment=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"Argument `axis` must be an integer; received axis={axis!r}.")
         if not 0.0 <= float(momentum) < 1.0:
@@ -152,20 +154,11 @@ class BatchNorm(keras.layers.Layer):
             )
         if not float(epsilon) > 0.0:
             raise ValueError(f"Argument `epsilon` must be positive; received epsilon={epsilon}.")
-        self.axis = axis
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.center = bool(center)
-        self.scale = bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
-        self.synchronized = bool(synchronized)
+        if not 0.0 <= float(renorm_momentum) < 1.0:
+            raise ValueError(
+                "Argument `renorm_momentum` must be in [0, 1); received "
+                f"renorm_momentum={renorm_momentum}."
+            )
         if fused not in (None, True, False):
             raise ValueError(
                 f"Argument `fused` must be None, True or False; received fused={fused!r}."
@@ -175,33 +168,46 @@ class BatchNorm(keras.layers.Layer):
                 "Argument `fused=True` cannot be combined with `synchronized=True`: the fused "
                 "kernel computes per-replica statistics. Use fused=None or fused=False."
             )
-        self.fused = fused
-        self.renorm = bool(renorm)
-        self.renorm_clipping = ops.check_renorm_clipping(renorm_clipping)
-        if not 0.0 <= float(renorm_momentum) < 1.0:
-            raise ValueError(
-                "Argument `renorm_momentum` must be in [0, 1); received "
-                f"renorm_momentum={renorm_momentum}."
-            )
-        self.renorm_momentum = float(renorm_momentum)
-        self.virtual_batch_size = ops.check_virtual_batch_size(
-            virtual_batch_size, self.synchronized
-        )
-        self.adjustment = ops.check_adjustment(adjustment)
+        clipping = ops.check_renorm_clipping(renorm_clipping)
+        virtual_batch_size = ops.check_virtual_batch_size(virtual_batch_size, bool(synchronized))
+        adjustment = ops.check_adjustment(adjustment)
         if fused:
-            for name in ("renorm", "virtual_batch_size", "adjustment"):
-                if getattr(self, name):
+            for name, value in (
+                ("renorm", renorm),
+                ("virtual_batch_size", virtual_batch_size),
+                ("adjustment", adjustment),
+            ):
+                if value:
                     raise ValueError(
                         f"Argument `fused=True` cannot be combined with `{name}`: the fused kernel "
-                        f"has no such option; received fused=True, {name}={getattr(self, name)!r}. "
+                        f"has no such option; received fused=True, {name}={value!r}. "
                         "Use fused=None (the default) or fused=False."
                     )
-        self.supports_masking = True
-
-        self.gamma = None
-        self.beta = None
-        self.moving_mean = None
-        self.moving_variance = None
+        super().__init__(
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            center=bool(center),
+            scale=bool(scale),
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            renorm=bool(renorm),
+            renorm_clipping=clipping,
+            renorm_momentum=float(renorm_momentum),
+            synchronized=bool(synchronized),
+            **kwargs,
+        )
+        self.renorm_clipping = clipping
+        self.fused = fused
+        self.virtual_batch_size = virtual_batch_size
+        self.adjustment = adjustment
+        # Keras creates these three only with renorm; `_update_moving_statistics` reads them.
         self.moving_stddev = None
         self.renorm_mean = None
         self.renorm_stddev = None
@@ -209,76 +215,26 @@ class BatchNorm(keras.layers.Layer):
 
     # ----------------------------------------------------------------------------- state
     def build(self, input_shape):
+        """Keras's build (the same variables, in the same order), after tfbn's checks."""
         input_shape = tuple(input_shape)
         rank = len(input_shape)
         axis = ops.canonical_axis(self.axis, rank)
-        channels = input_shape[axis]
-        if channels is None:
+        if input_shape[axis] is None:
             raise ValueError(
                 f"The channel axis {self.axis} of the input to layer '{self.name}' must have a "
                 f"known size when the layer is built; received input_shape={input_shape}."
             )
-        self._channel_axis = axis
-        self._rank = rank
         if self.fused and fast.fused_data_format(rank, axis, "float32") is None:
             raise ValueError(
                 f"Argument `fused=True` needs a rank-4 or rank-5 input with the channel axis 1 or "
                 f"last; layer '{self.name}' received input_shape={input_shape} with "
                 f"axis={self.axis}."
             )
-        shape = (int(channels),)
-        if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        if self.renorm:
-            # Keras's names and order, so that weights transfer between the two layers.
-            def stddev_initializer(shape, dtype=None):
-                return tf.sqrt(_fresh(self.moving_variance_initializer)(shape, dtype=dtype))
-
-            for name, initializer in (
-                ("moving_stddev", stddev_initializer),
-                ("renorm_mean", _fresh(self.moving_mean_initializer)),
-                ("renorm_stddev", stddev_initializer),
-            ):
-                variable = self.add_weight(
-                    shape=shape,
-                    name=name,
-                    initializer=initializer,
-                    trainable=False,
-                    autocast=False,
-                )
-                setattr(self, name, variable)
+        self._channel_axis = axis
+        self._rank = rank
+        super().build(input_shape)
+        # `_check_input` reports a wrong rank or channel count in tfbn's words.
+        self.input_spec = None
 
     @property
     def channels(self) -> int | None:
@@ -423,38 +379,17 @@ class BatchNorm(keras.layers.Layer):
 
     # ----------------------------------------------------------------------------- config
     def get_config(self):
-        config = {
-            "axis": self.axis,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
-            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
-            "renorm": self.renorm,
-            "renorm_clipping": self.renorm_clipping or None,
-            "renorm_momentum": self.renorm_momentum,
-            "synchronized": self.synchronized,
-            "fused": self.fused,
-            "virtual_batch_size": self.virtual_batch_size,
-        }
+        """Keras's config, plus `fused` and `virtual_batch_size` (`adjustment` is a callable)."""
+        config = super().get_config()
+        # As Keras's: `{}` with renorm and no clipping, `None` without either.
+        if not (self.renorm or self.renorm_clipping):
+            config["renorm_clipping"] = None
+        config["fused"] = self.fused
+        config["virtual_batch_size"] = self.virtual_batch_size
         if self.adjustment is not None:
             warnings.warn(
                 f"Layer '{self.name}': its `adjustment` callable cannot be serialized and is left "
                 "out of the config; a layer rebuilt from it has no adjustment.",
                 stacklevel=2,
             )
-        return {**super().get_config(), **config}
-
-
-def _fresh(initializer):
-    """A new instance of a Keras initializer object (so a seeded one draws anew), else itself."""
-    if isinstance(initializer, initializers.Initializer):
-        return initializer.__class__.from_config(initializer.get_config())
-    return initializer
+        return config

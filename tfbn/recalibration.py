@@ -27,8 +27,8 @@ In both modes the statistics are exact for the inputs seen: per batch the mean a
 squared deviations from it are taken in float64 (never `E[x^2] - E[x]^2`), merged across batches
 with Chan et al.'s pairwise update; under a `tf.distribute` strategy they are all-reduced at every
 batch and assigned to every replica's copy of the variables. Batch-norm layers are found by their
-class, `keras.layers.BatchNormalization` (`tfbn.BatchNorm` included), anywhere in a Sequential or
-functional model, nested Sequential and functional models included.
+class, `keras.layers.BatchNormalization` (which `tfbn.BatchNorm` subclasses), anywhere in a
+Sequential or functional model, nested Sequential and functional models included.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import tensorflow as tf
 
 from tfbn import graph, ops
 from tfbn.files import save_model_atomically
-from tfbn.layers import BatchNorm
 
 __all__ = ["batch_norm_layers", "recalibrate", "recalibrate_file"]
 
@@ -55,7 +54,7 @@ MODES = ("exact", "fast")
 
 
 def _is_batch_norm(layer) -> bool:
-    return isinstance(layer, (keras.layers.BatchNormalization, BatchNorm))
+    return isinstance(layer, keras.layers.BatchNormalization)
 
 
 # ------------------------------------------------------------------------------------ the plan
