@@ -28,6 +28,8 @@ from tfbn import bench, cli
 LAYER_SHAPES = {"4d": (8, 4, 4, 8), "4d-nchw": (8, 8, 4, 4), "2d": (16, 32)}
 LAYER_AXES = {"4d": -1, "4d-nchw": 1, "2d": -1}
 QUICK_REPEATS = 3
+# The real-model cases' architectures (not in the default cases, so not in `quick_run`).
+MODELS = ("ResNet50", "MobileNetV2", "EfficientNetB0")
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +234,7 @@ def test_targets_pass_fail_follow_values(quick_run):
         "lenet_overhead_ratio": cases["lenet"]["overhead_ratio"],
         "pipeline_ratio": cases["pipeline"].get("ratio"),
         "export_folded_ratio": cases["export"].get("batches", {}).get("256", {}).get("ratio"),
+        **{f"{name.lower()}_{kind}_ratio": None for name in MODELS for kind in ("train", "export")},
     }
     thresholds = {
         "layer_4d_train_ratio": ("<=", 0.5),
@@ -242,6 +245,8 @@ def test_targets_pass_fail_follow_values(quick_run):
         "lenet_overhead_ratio": ("<=", 0.5),
         "pipeline_ratio": (">=", 5),
         "export_folded_ratio": (">=", 1.2),
+        **{f"{name.lower()}_train_ratio": ("<=", 0.9) for name in MODELS},
+        **{f"{name.lower()}_export_ratio": (">=", 1.2) for name in MODELS},
     }
     for target in results["targets"]:
         value = sources[target["key"]]
@@ -464,3 +469,70 @@ def test_cli_bad_option_is_one_error_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cases" in err[0] and "bogus" in err[0]
+
+
+# ----------------------------------------------------------------------------- real models
+@pytest.fixture(scope="module")
+def models_run(tmp_path_factory):
+    """The two real-model cases, quick, on MobileNetV2 alone at 32x32 (batch 2)."""
+    out = tmp_path_factory.mktemp("bench_models")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench._QUICK, "models", {"MobileNetV2": 32})
+        results = bench.run_benchmarks(
+            cases="models,models_export", quick=True, repeats=2, output_dir=out, verbose=0
+        )
+    return results, (out / "results.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_real_model_cases_run_on_request_only(models_run):
+    results, _ = models_run
+    assert list(results["cases"]) == ["models", "models_export"]
+    assert [c.name for c in bench.BENCH_CASES if not c.default] == ["models", "models_export"]
+    assert bench._check_cases(None) == ("layer", "lenet", "pipeline", "export")
+    assert bench._check_cases("all") == tuple(c.name for c in bench.BENCH_CASES)
+    assert bench.MODEL_SIZES == {"ResNet50": 64, "MobileNetV2": 96, "EfficientNetB0": 96}
+
+
+@pytest.mark.slow
+def test_real_model_train_step_ratio_and_same_first_loss(models_run):
+    import keras
+
+    row = models_run[0]["cases"]["models"]["models"]["MobileNetV2"]
+    assert (row["input_size"], row["batch_size"]) == (32, 2)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+    expected_bns = sum(type(layer) is keras.layers.BatchNormalization for layer in model.layers)
+    assert row["batch_norm_layers"] == expected_bns == 52
+    medians = {}
+    for variant in ("keras", "tfbn"):
+        samples = row["variants"][variant]["samples_s"]
+        assert len(samples) == 2
+        medians[variant] = statistics.median(samples)
+        assert _close(row["variants"][variant]["median_s"], medians[variant])
+    assert _close(row["ratio"], medians["tfbn"] / medians["keras"])
+    # The converted model computes the original's loss on the first step (float32 rounding
+    # grows through ~50 layers normalizing 2 examples per channel in the last stage).
+    loss = row["first_loss"]
+    assert math.isfinite(loss["keras"])
+    assert abs(loss["tfbn"] - loss["keras"]) <= 1e-3 * abs(loss["keras"])
+
+
+@pytest.mark.slow
+def test_real_model_export_ratio_and_targets(models_run):
+    results, markdown = models_run
+    row = results["cases"]["models_export"]["models"]["MobileNetV2"]
+    assert (row["batch_size"], row["folded_layers"]) == (2, 52)
+    folded = statistics.median(row["folded"]["samples_examples_per_s"])
+    unfolded = statistics.median(row["unfolded"]["samples_examples_per_s"])
+    assert _close(row["ratio"], folded / unfolded)
+    targets = {t["key"]: t for t in results["targets"]}
+    train_ratio = results["cases"]["models"]["models"]["MobileNetV2"]["ratio"]
+    assert targets["mobilenetv2_train_ratio"]["value"] == train_ratio
+    assert targets["mobilenetv2_train_ratio"]["pass"] == (train_ratio <= 0.9)
+    assert targets["mobilenetv2_export_ratio"]["pass"] == (row["ratio"] >= 1.2)
+    assert targets["resnet50_train_ratio"]["pass"] is None  # not measured in this run
+    (train_line,) = _table(markdown, "| model | input | batch | BN layers")
+    assert train_line[:4] == ["MobileNetV2", "32x32", "2", "52"]
+    assert train_line[6] == f"{train_ratio:.2f}"
+    (export_line,) = _table(markdown, "| model | input | batch | folded BN")
+    assert export_line[3] == "52" and export_line[6] == f"{row['ratio']:.2f}"

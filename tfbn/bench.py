@@ -24,6 +24,11 @@ Cases (`BENCH_CASES`, one `Case` each: a function that measures, one that render
   second, against the LeNet (tfbn) training rate.
 - `export`: inference throughput of an exported SavedModel with BatchNorm folded into the previous
   layer against one without folding, at batch 1 and 256 (`tfbn.export`, `tfbn.serving`).
+- `models` (not run by default): a training step (SGD, batch 32, synthetic data) of ResNet50 at
+  64x64, MobileNetV2 and EfficientNetB0 at 96x96 (`keras.applications`, `weights=None`, 10
+  classes) with Keras's layer against the same model converted by `tfbn.convert`.
+- `models_export` (not run by default): the converted models exported folded and unfolded, their
+  `serving_float` throughput at batch 64.
 """
 
 from __future__ import annotations
@@ -64,6 +69,17 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("export_folded_ratio", "export, batch 256: folded / unfolded throughput", ">=", 1.2),
 )
 
+# keras.applications architectures of the `models` cases and their input sizes (full runs).
+MODEL_SIZES = {"ResNet50": 64, "MobileNetV2": 96, "EfficientNetB0": 96}
+TARGETS += tuple(
+    target
+    for name in MODEL_SIZES
+    for target in (
+        (f"{name.lower()}_train_ratio", f"{name} train step: converted / keras time", "<=", 0.9),
+        (f"{name.lower()}_export_ratio", f"{name} export: folded / unfolded throughput", ">=", 1.2),
+    )
+)
+
 _FULL = {
     "shapes": {"4d": (128, 32, 32, 64), "4d-nchw": (128, 64, 32, 32), "2d": (4096, 1024)},
     "repeats": 15,
@@ -73,6 +89,9 @@ _FULL = {
     "export_batches": (1, 256),
     "export_seconds": 1.0,
     "export_repeats": 5,
+    "models": MODEL_SIZES,
+    "models_batch": 32,
+    "models_export_batch": 64,
 }
 _QUICK = {
     "shapes": {"4d": (8, 4, 4, 8), "4d-nchw": (8, 8, 4, 4), "2d": (16, 32)},
@@ -83,6 +102,9 @@ _QUICK = {
     "export_batches": (1, 256),
     "export_seconds": 0.05,
     "export_repeats": 2,
+    "models": dict.fromkeys(MODEL_SIZES, 32),
+    "models_batch": 2,
+    "models_export_batch": 2,
 }
 # The channel axis of each layer shape (default: last): "4d-nchw" is channels-first, the layout
 # cuDNN prefers.
@@ -287,22 +309,18 @@ def _add_passes(rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- LeNet case
-def _lenet_step(norm: str, batch_size: int):
+def _train_step(model, optimizer, batch_size: int):
+    """A `tf.function` SGD step of `model` on one fixed synthetic batch; returns a call of it."""
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from tfbn.config import RECIPE
-    from tfbn.models import lenet
-
-    keras.utils.set_random_seed(0)
-    model = lenet(norm)
-    optimizer = keras.optimizers.SGD(RECIPE.lr_for(norm))
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     variables = model.trainable_variables
     optimizer.build(variables)
     rng = np.random.default_rng(0)
-    images = tf.constant(rng.uniform(size=(batch_size, 28, 28, 1)).astype("float32"))
+    shape = (batch_size, *model.input_shape[1:])
+    images = tf.constant(rng.uniform(size=shape).astype("float32"))
     labels = tf.constant(rng.integers(0, 10, size=(batch_size,)).astype("int32"))
 
     @tf.function
@@ -314,6 +332,16 @@ def _lenet_step(norm: str, batch_size: int):
         return loss
 
     return lambda: step(images, labels)
+
+
+def _lenet_step(norm: str, batch_size: int):
+    import keras
+
+    from tfbn.config import RECIPE
+    from tfbn.models import lenet
+
+    keras.utils.set_random_seed(0)
+    return _train_step(lenet(norm), keras.optimizers.SGD(RECIPE.lr_for(norm)), batch_size)
 
 
 def _lenet_case(settings, norms: Sequence[str] = ("tfbn", "keras", "none")) -> dict:
@@ -388,14 +416,19 @@ def _export_pair(work_dir: Path) -> dict[str, Path]:
     }
 
 
-def _throughput_samples(paths: dict[str, Path], batch: int, settings: dict) -> dict:
+def _throughput_samples(
+    paths: dict[str, Path], batch: int, settings: dict, signature: str = "serving_default"
+) -> dict:
     """Folded and unfolded throughput at one batch size, interleaved, with their ratio."""
     from tfbn.serving import inference_throughput
 
     def rate(name):
         # One timed run per call: the repeats and their median are taken here, interleaved.
+        seconds = settings["export_seconds"]
         return float(
-            inference_throughput(paths[name], batch, seconds=settings["export_seconds"], repeats=1)
+            inference_throughput(
+                paths[name], batch, signature=signature, seconds=seconds, repeats=1
+            )
         )
 
     names = list(paths)
@@ -428,6 +461,83 @@ def _export_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> di
         "seconds_per_sample": settings["export_seconds"],
         "repeats": settings["export_repeats"],
         "batches": batches,
+    }
+
+
+# ----------------------------------------------------------------------------- real models
+def _application(name: str, size: int):
+    """A `keras.applications` architecture with Keras's batch norm, random weights, 10 classes."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
+    )
+
+
+def _model_train_row(name: str, size: int, settings: dict) -> dict:
+    """Keras's model and its `tfbn.convert` copy: one training step each, interleaved."""
+    import keras
+
+    from tfbn.conversion import convert
+
+    original = _application(name, size)
+    converted = convert(original)
+    batch = settings["models_batch"]
+    functions = {
+        variant: _train_step(model, keras.optimizers.SGD(0.01), batch)
+        for variant, model in (("keras", original), ("tfbn", converted))
+    }
+    # The two start from the same weights on the same batch: their first losses agree.
+    first = {variant: float(fn()) for variant, fn in functions.items()}
+    timings = _interleaved(functions, settings["repeats"], settings["min_sample_s"])
+    return {
+        "input_size": size,
+        "batch_size": batch,
+        "batch_norm_layers": sum(
+            type(layer) is keras.layers.BatchNormalization for layer in original.layers
+        ),
+        "variants": timings,
+        "ratio": timings["tfbn"]["median_s"] / timings["keras"]["median_s"],
+        "first_loss": first,
+    }
+
+
+def _models_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
+    rows = {}
+    for name, size in settings["models"].items():
+        tick(f"{name} train")
+        rows[name] = _model_train_row(name, size, settings)
+    return {"id": "models", "repeats": settings["repeats"], "models": rows}
+
+
+def _model_export_row(name: str, size: int, settings: dict, work_dir: Path) -> dict:
+    from tfbn.conversion import convert
+    from tfbn.export import export_saved_model
+    from tfbn.folding import fold_plan
+
+    model = convert(_application(name, size))
+    folds = sum(step.into is not None for step in fold_plan(model).values())
+    paths = {
+        kind: Path(export_saved_model(model, work_dir, name=f"{name}_{kind}", fold=fold))
+        for kind, fold in (("folded", True), ("unfolded", False))
+    }
+    batch = settings["models_export_batch"]
+    row = _throughput_samples(paths, batch, settings, signature="serving_float")
+    return {**row, "input_size": size, "batch_size": batch, "folded_layers": folds}
+
+
+def _models_export_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="tfbn-bench-models-") as work_dir:
+        for name, size in settings["models"].items():
+            tick(f"{name} export")
+            rows[name] = _model_export_row(name, size, settings, Path(work_dir))
+    return {
+        "id": "models_export",
+        "seconds_per_sample": settings["export_seconds"],
+        "repeats": settings["export_repeats"],
+        "models": rows,
     }
 
 
@@ -511,6 +621,10 @@ def _targets(cases: dict) -> list[dict]:
     values["pipeline_ratio"] = cases.get("pipeline", {}).get("ratio")
     export = cases.get("export", {}).get("batches", {})
     values["export_folded_ratio"] = export.get("256", {}).get("ratio")
+    for name in MODEL_SIZES:
+        for case, suffix in (("models", "train"), ("models_export", "export")):
+            row = cases.get(case, {}).get("models", {}).get(name, {})
+            values[f"{name.lower()}_{suffix}_ratio"] = row.get("ratio")
     targets = []
     for key, description, op, threshold in TARGETS:
         value = values.get(key)
@@ -728,6 +842,44 @@ def _export_markdown(e: dict) -> list[str]:
     ]
 
 
+def _models_markdown(result: dict) -> list[str]:
+    return [
+        "## Real models: a training step (keras.applications, weights=None, SGD, synthetic data)",
+        "",
+        "The same model with Keras's layer and converted by `tfbn.convert`; both start from the "
+        "same weights on the same batch (their first losses are shown).",
+        "",
+        *_table(
+            ("model", "input", "batch", "BN layers", "keras ms", "tfbn ms", "tfbn / keras",
+             "first loss keras", "first loss tfbn"),
+            (
+                (name, f"{r['input_size']}x{r['input_size']}", r["batch_size"],
+                 r["batch_norm_layers"], _ms(r["variants"]["keras"]["median_s"]),
+                 _ms(r["variants"]["tfbn"]["median_s"]), _fmt(r["ratio"]),
+                 _fmt(r["first_loss"]["keras"], 5), _fmt(r["first_loss"]["tfbn"], 5))
+                for name, r in result["models"].items()
+            ),
+        ),
+    ]  # fmt: skip
+
+
+def _models_export_markdown(result: dict) -> list[str]:
+    return [
+        "## Real models: exported SavedModel inference (`serving_float`), folded vs unfolded",
+        "",
+        *_table(
+            ("model", "input", "batch", "folded BN", "folded examples/s", "unfolded examples/s",
+             "folded / unfolded"),
+            (
+                (name, f"{r['input_size']}x{r['input_size']}", r["batch_size"], r["folded_layers"],
+                 _fmt(r["folded"]["median_examples_per_s"], 0),
+                 _fmt(r["unfolded"]["median_examples_per_s"], 0), _fmt(r["ratio"]))
+                for name, r in result["models"].items()
+            ),
+        ),
+    ]  # fmt: skip
+
+
 def render_markdown(results: dict) -> str:
     """Renders benchmark results (the dict `run_benchmarks` returns) as a Markdown report.
 
@@ -756,12 +908,14 @@ class Case:
             `tick(label)` is called once per step, before the step.
         render: `render(result) -> list[str]`: the case's Markdown section.
         steps: `steps(settings) -> int`: how many times `run` calls `tick` (for the progress bar).
+        default: Whether the case runs when no cases are named (slow cases only on request).
     """
 
     name: str
     run: Callable[[dict, dict, Callable[[str], None]], dict]
     render: Callable[[dict], list[str]]
     steps: Callable[[dict], int] = lambda settings: 1
+    default: bool = True
 
 
 def _layer_steps(settings: dict) -> list[tuple[str, tuple, str, bool]]:
@@ -793,6 +947,14 @@ BENCH_CASES: tuple[Case, ...] = (
     Case("lenet", _lenet_cases, _lenet_markdown),
     Case("pipeline", _pipeline_case, _pipeline_markdown),
     Case("export", _export_case, _export_markdown),
+    Case("models", _models_case, _models_markdown, lambda s: len(s["models"]), default=False),
+    Case(
+        "models_export",
+        _models_export_case,
+        _models_export_markdown,
+        lambda s: len(s["models"]),
+        default=False,
+    ),
 )
 CASES: tuple[str, ...] = tuple(case.name for case in BENCH_CASES)
 
@@ -801,15 +963,18 @@ CASES: tuple[str, ...] = tuple(case.name for case in BENCH_CASES)
 def _check_cases(cases) -> tuple[str, ...]:
     names = tuple(case.name for case in BENCH_CASES)
     if cases is None:
-        cases = names
+        cases = tuple(case.name for case in BENCH_CASES if case.default)
     elif isinstance(cases, str):
         cases = tuple(c.strip() for c in cases.split(",") if c.strip())
     else:
         cases = tuple(cases)
+    if cases == ("all",):
+        cases = names
     unknown = [c for c in cases if c not in names]
     if not cases or unknown:
         raise UsageError(
-            f"Argument `cases` must be a non-empty selection of {names}; received cases={cases!r}."
+            f"Argument `cases` must be 'all' or a non-empty selection of {names}; received "
+            f"cases={cases!r}."
         )
     # Keep the registry's order whatever order they were given in.
     return tuple(c for c in names if c in cases)
@@ -895,7 +1060,9 @@ def run_benchmarks(
 
     Args:
         cases: The cases to run, names from `BENCH_CASES` (`"layer"`, `"lenet"`, `"pipeline"`,
-            `"export"`), as an iterable or a comma-separated string; `None` runs all.
+            `"export"`, `"models"`, `"models_export"`), as an iterable or a comma-separated
+            string; `"all"` runs every case; `None` runs the default ones (all but the two
+            real-model cases, which take minutes).
         quick: Tiny shapes and few repeats: checks that the suite runs, measures nothing useful.
         repeats: Interleaved repeats per comparison (default 15, or 3 with `quick`).
         xla: Also time the layer cases under `tf.function(jit_compile=True)`.
