@@ -343,6 +343,8 @@ BAD = [
     ({"validation_fraction": 1.0}, "validation_fraction"),
     ({"strategy": "tpu"}, "strategy"),
     ({"strategy": "multi_worker"}, "strategy"),
+    ({"seed": -1}, "seed"),
+    ({"project_name": "a/b"}, "project_name"),
 ]
 
 

@@ -1,7 +1,8 @@
 """Distributed learning-rate search on Keras Tuner's own mechanism: a chief and two workers.
 
 Three processes on 127.0.0.1 (tests/tuner_process.py) share one trial budget per variant through
-the chief's oracles; the chief's records on disk are the reference for "every trial ran once".
+the chief's oracles, served one variant after the other on one port; the chief's records on disk are
+the reference for "every trial ran once" and "no trial reached another variant's oracle".
 """
 
 import json
@@ -20,24 +21,17 @@ VARIANTS = ("none", "keras")
 TIMEOUT_S = 300
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 free on 127.0.0.1 (one oracle server per variant)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
+def _free_port() -> int:
+    """A free port on 127.0.0.1 (the chief serves every variant's oracle on it, one after the
+    other)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_chief_and_two_workers_share_the_trial_budget(tmp_path):
-    port = _free_port_pair()
+    port = _free_port()
     procs: dict[str, subprocess.Popen] = {}
     logs = {}
     try:

@@ -192,3 +192,143 @@ class TrainConfig:
         if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
             _refuse("train_fraction", fraction, "in (0, 1]")
         object.__setattr__(self, "train_fraction", float(fraction))
+
+
+CONVERGED_ACCURACY = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """The settings of one `tfbn.tune` search, each checked when the object is made.
+
+    Creating it touches nothing on disk and imports nothing heavy; `tfbn.tune` checks that
+    `directory` can be written before any work. See `tfbn.tune` for what each setting does.
+
+    Attributes:
+        variants: LeNet variants to search, a tuple of distinct `NORMS` (a comma-separated
+            string is split).
+        tuner: One of `TUNERS`.
+        lr_min: Lower end of the learning-rate range, positive and finite.
+        lr_max: Upper end of the learning-rate range, finite and above `lr_min`.
+        trials: Trials per variant, a positive integer.
+        epochs: Epochs per trial, a positive integer.
+        executions_per_trial: Trainings per trial, a positive integer.
+        train_fraction: Fraction of the training set to use, in `(0, 1]`.
+        validation_fraction: Fraction of the training set held out for the objective, in `(0, 1)`.
+        tune_momentum: Whether the SGD momentum is searched too.
+        batch_size: Global batch size, a positive integer.
+        directory: Folder of the tuner projects, tables, plot and logs, a `pathlib.Path`.
+        project_name: Prefix of the project and file names, a non-empty name without `/`.
+        overwrite: Whether every project starts afresh.
+        strategy: One of `STRATEGIES` except `"multi_worker"`.
+        seed: Seed of the oracles and weights, an integer in `[0, 2**32 - 1]`.
+        data_dir: Folder of the Fashion-MNIST IDX files, or `None` (see `tfbn.data`).
+        verbose: 0, 1 or 2, as in Keras.
+        converged_accuracy: Validation accuracy from which a trial counts as converged, in
+            `[0, 1]`.
+
+    Raises:
+        ValueError: naming the first argument that is out of range or of the wrong type.
+    """
+
+    variants: tuple[str, ...] = NORMS
+    tuner: str = "random"
+    lr_min: float = 0.01
+    lr_max: float = 10.0
+    trials: int = 10
+    epochs: int = 2
+    executions_per_trial: int = 1
+    train_fraction: float = 1.0
+    validation_fraction: float = 0.1
+    tune_momentum: bool = False
+    batch_size: int = 256
+    directory: Path = Path("runs/tune")
+    project_name: str = "lenet_lr"
+    overwrite: bool = False
+    strategy: str = "auto"
+    seed: int = 0
+    data_dir: Path | None = None
+    verbose: int = 1
+    converged_accuracy: float = CONVERGED_ACCURACY
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variants", _tune_variants(self.variants))
+        self._check_choices()
+        self._check_learning_rates()
+        for name in ("trials", "epochs", "executions_per_trial", "batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                _refuse(name, value, "a positive integer")
+            object.__setattr__(self, name, int(value))
+        self._check_fractions()
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            _refuse("seed", self.seed, f"an integer in [0, {MAX_SEED}]")
+        name = self.project_name
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            _refuse("project_name", name, "a non-empty name without '/'")
+        for flag in ("tune_momentum", "overwrite"):
+            if not isinstance(getattr(self, flag), bool):
+                _refuse(flag, getattr(self, flag), "True or False")
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "directory", Path(self.directory))
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+    def _check_choices(self) -> None:
+        if self.verbose not in (0, 1, 2) or isinstance(self.verbose, bool):
+            _refuse("verbose", self.verbose, "0, 1 or 2")
+        if self.tuner not in TUNERS:
+            _refuse("tuner", self.tuner, f"one of {TUNERS}")
+        if self.strategy not in STRATEGIES:
+            _refuse("strategy", self.strategy, f"one of {STRATEGIES}")
+        if self.strategy == "multi_worker":
+            raise ValueError(
+                "Argument `strategy='multi_worker'` is not supported for tuning (Keras's fit fails "
+                "under MultiWorkerMirroredStrategy); spread trials over machines with distributed "
+                "tuning instead (KERASTUNER_* variables, see tfbn.tuning)."
+            )
+
+    def _check_learning_rates(self) -> None:
+        for name in ("lr_min", "lr_max"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                _refuse(name, value, "a finite number")
+            object.__setattr__(self, name, float(value))
+        if self.lr_min <= 0:
+            _refuse("lr_min", self.lr_min, "positive (the range is searched on a log scale)")
+        if self.lr_max <= self.lr_min:
+            raise ValueError(
+                f"Arguments `lr_min` < `lr_max` must give a non-empty range; received "
+                f"lr_min={self.lr_min}, lr_max={self.lr_max}."
+            )
+
+    def _check_fractions(self) -> None:
+        ranges = (
+            ("train_fraction", "in (0, 1]", lambda v: 0.0 < v <= 1.0),
+            ("validation_fraction", "in (0, 1) (a validation split of the training set is the "
+             "objective)", lambda v: 0.0 < v < 1.0),
+            ("converged_accuracy", "in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+        )  # fmt: skip
+        for name, expected, inside in ranges:
+            value = getattr(self, name)
+            if not _is_real(value) or not inside(value):
+                _refuse(name, value, expected)
+            object.__setattr__(self, name, float(value))
+
+
+def _tune_variants(variants) -> tuple[str, ...]:
+    """`variants` as a tuple of distinct `NORMS` (a comma-separated string is split)."""
+    if isinstance(variants, str):
+        variants = [v for v in variants.split(",") if v]
+    variants = tuple(variants)
+    if not variants:
+        _refuse("variants", variants, f"one or more of {NORMS}")
+    for variant in variants:
+        if variant not in NORMS:
+            raise ValueError(
+                f"Argument `variants` must contain only {NORMS}; received {variant!r} in "
+                f"variants={variants!r}."
+            )
+    if len(set(variants)) != len(variants):
+        _refuse("variants", variants, "without duplicates")
+    return variants

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -118,8 +119,9 @@ class FolderLock:
     Raises (from `acquire` and `with`):
         tfbn.errors.UsageError: the folder is held by a live process, or its lock file was
             written on another host.
-        OSError: the lock file cannot be created (read-only folder, not a folder, ...); the
-            error names the path.
+        OSError: the lock file cannot be created or written (read-only folder, not a folder,
+            no space, ...); the error names the path, and the folders this call created are
+            removed again.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -138,15 +140,22 @@ class FolderLock:
             raise RuntimeError(f"{self.path} is already held by this FolderLock.")
         if fcntl is None:
             return self
-        self.folder.mkdir(parents=True, exist_ok=True)
-        while self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if self._lock_or_refuse(fd):
-                    self._fd, fd = fd, None
-            finally:
-                if fd is not None:
-                    os.close(fd)
+        created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            while self._fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    if self._lock_or_refuse(fd):
+                        self._fd, fd = fd, None
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+        except OSError:
+            for folder in created:  # innermost first; only folders this call made, if empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
         return self
 
     def _lock_or_refuse(self, fd: int) -> bool:
@@ -176,8 +185,13 @@ class FolderLock:
                 flush=True,
             )
         record = json.dumps(dataclasses.asdict(here)).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
+        try:
+            os.ftruncate(fd, 0)
+            if os.pwrite(fd, record, 0) != len(record):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:  # a full disk: the write names no file
+            os.unlink(self.path)
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
         return True
 
     def _live_holder(self, fd: int) -> str:

@@ -12,6 +12,12 @@ result gives the best learning rate and the largest learning rate at which train
 converged: validation accuracy of at least `converged_accuracy` (0.8) after the last epoch, no
 NaN loss.
 
+The search in steps: `TuneConfig` checks the settings (nothing touched yet), `tuner_role` reads
+the distributed role, the output folder is checked and locked, the data are loaded, each variant
+is searched by a Keras Tuner tuner (`LeNetHyperModel` builds and fits; the tuner classes below
+only record what this process ran, through Keras Tuner's public `run_trial` and `on_trial_end`),
+and the reports are written.
+
 Files, under `directory`:
 - `<project_name>_<variant>/`: the Keras Tuner project of one variant (oracle, trials,
   checkpoints). Running the same command again continues it (Keras Tuner's reload);
@@ -22,10 +28,12 @@ Files, under `directory`:
   series per variant, diverged trials marked with crosses.
 - `<project_name>_logs/<variant>/<trial>/execution<k>/`: TensorBoard scalars and HParams
   (`tensorboard --logdir <directory>/<project_name>_logs`, tab HPARAMS).
+- `.tfbn.lock` while a search runs (`tfbn.locks.FolderLock`): a second search on the same
+  directory is refused at once, naming the process that holds it.
 
-Distributed tuning uses Keras Tuner's own mechanism: one chief process holds the oracles and
+Distributed tuning uses Keras Tuner's own mechanism: one chief process holds the oracle and
 hands out trials over gRPC; workers run them. Every process runs the same command, with
-environment variables:
+environment variables (10.0.0.1 standing for the chief's address on a private network):
 
     # machine A (chief; runs no trials, writes the tables and the plot at the end)
     KERASTUNER_TUNER_ID=chief KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000 \\
@@ -36,18 +44,24 @@ environment variables:
     KERASTUNER_TUNER_ID=tuner1 KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000 \\
         tfbn tune --trials 30
 
-The chief listens on `KERASTUNER_ORACLE_IP` (use an address the workers can reach, or 0.0.0.0)
-and the variants are searched one after the other, variant number `i` on port
-`KERASTUNER_ORACLE_PORT + i` (open that many ports), so a worker can never report to another
-variant's oracle. Start the workers together with the chief: a worker that connects after a
-variant's search has ended waits for a server that is gone. Every worker must pass the same
-variants, range and budget as the chief. The Hyperband tuner resumes trials from earlier
-checkpoints, so with `tuner="hyperband"` all processes need a shared `directory`. Each worker
-trains under its own tf.distribute strategy (`strategy`), e.g. mirrored over its GPUs.
+The chief listens on `KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT`. That port speaks
+unauthenticated, unencrypted gRPC: whoever reaches it can read the search and report trials. Give
+the chief's address on a private network that only the tuning machines reach (127.0.0.1 when all
+processes run on one machine), never 0.0.0.0 or a public interface.
+
+The variants are searched one after the other on that one port: the chief serves one variant's
+oracle until its budget is spent, then the next. A worker asks the oracle it reaches which
+variant it serves (the fixed hyperparameter `variant`) and runs trials only for its own, so it
+never reports to another variant's oracle. Start the workers together with the chief; every
+worker must pass the same variants, range and budget as the chief. The chief holds the lock on
+its `directory`; workers take none. The Hyperband tuner resumes trials from earlier checkpoints,
+so with `tuner="hyperband"` all processes need a shared `directory`. Each worker trains under its
+own tf.distribute strategy (`strategy`), e.g. mirrored over its GPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -55,17 +69,38 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-from tfbn.config import NORMS, STRATEGIES, TUNERS
-from tfbn.files import atomic_write, atomic_write_text
+import keras
+import keras_tuner
+import numpy as np
+
+from tfbn import data as tfbn_data
+from tfbn import models
+from tfbn.config import CONVERGED_ACCURACY, NORMS, TuneConfig
+from tfbn.files import atomic_write, atomic_write_text, check_writable_dir
+from tfbn.locks import FolderLock
 
 VARIANTS: tuple[str, ...] = NORMS
-CONVERGED_ACCURACY = 0.8
 MOMENTUM_CHOICES: tuple[float, ...] = (0.0, 0.5, 0.9)
 OBJECTIVE = "val_accuracy"
+# How often a worker asks the chief which variant it serves, while it waits for its own.
+_ORACLE_POLL_S = 0.5
+
+
+@runtime_checkable
+class TrialData(Protocol):
+    """The data a search trains on: `tf.data` splits of `(images, labels)` batches.
+
+    `tfbn.data.load_fashion_mnist` returns one; the search never touches a `test` split.
+    """
+
+    train: Any
+    validation: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,117 +249,19 @@ def _fmt_acc(value: float | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks: everything here runs before any data is loaded or any folder is created.
+# Distributed role.
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer; received {name}={value!r}."
-        )
+def tuner_role() -> str:
+    """`"single"`, or `"chief"` or `"worker"` in distributed tuning (KERASTUNER_* variables).
 
+    The same test Keras Tuner uses (`keras_tuner/src/distribute/utils.py`), with the missing or
+    malformed variable named.
 
-def _check_variants(variants: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(variants, str):
-        variants = [v for v in variants.split(",") if v]
-    variants = tuple(variants)
-    if not variants:
-        raise ValueError(
-            f"Argument `variants` must name at least one of {VARIANTS}; received variants=()."
-        )
-    for variant in variants:
-        if variant not in VARIANTS:
-            raise ValueError(
-                f"Argument `variants` must contain only {VARIANTS}; received {variant!r} in "
-                f"variants={variants!r}."
-            )
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"Argument `variants` has duplicates; received variants={variants!r}.")
-    return variants
-
-
-def _check_arguments(
-    *,
-    variants,
-    tuner,
-    lr_min,
-    lr_max,
-    trials,
-    epochs,
-    executions_per_trial,
-    train_fraction,
-    validation_fraction,
-    batch_size,
-    project_name,
-    strategy,
-    converged_accuracy,
-    dataset,
-) -> tuple[str, ...]:
-    variants = _check_variants(variants)
-    if tuner not in TUNERS:
-        raise ValueError(f"Argument `tuner` must be one of {TUNERS}; received tuner={tuner!r}.")
-    for name, value in (("lr_min", lr_min), ("lr_max", lr_max)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            raise ValueError(
-                f"Argument `{name}` must be a finite number; received {name}={value!r}."
-            )
-    if lr_min <= 0:
-        raise ValueError(
-            f"Argument `lr_min` must be positive (the learning rate is searched on a log scale); "
-            f"received lr_min={lr_min}."
-        )
-    if lr_max <= lr_min:
-        raise ValueError(
-            f"Arguments `lr_min` < `lr_max` must give a non-empty range; received lr_min={lr_min}, "
-            f"lr_max={lr_max}."
-        )
-    _check_positive_int("trials", trials)
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("executions_per_trial", executions_per_trial)
-    _check_positive_int("batch_size", batch_size)
-    if not (isinstance(train_fraction, (int, float)) and 0.0 < train_fraction <= 1.0):
-        raise ValueError(
-            "Argument `train_fraction` must be in (0, 1]; received "
-            f"train_fraction={train_fraction!r}."
-        )
-    if not (isinstance(validation_fraction, (int, float)) and 0.0 < validation_fraction < 1.0):
-        raise ValueError(
-            "Argument `validation_fraction` must be in (0, 1): the objective is the accuracy on "
-            f"a validation split of the training set; received validation_fraction="
-            f"{validation_fraction!r}."
-        )
-    if not (isinstance(converged_accuracy, (int, float)) and 0.0 <= converged_accuracy <= 1.0):
-        raise ValueError(
-            "Argument `converged_accuracy` must be in [0, 1]; received "
-            f"converged_accuracy={converged_accuracy!r}."
-        )
-    if not project_name or not isinstance(project_name, str) or os.sep in project_name:
-        raise ValueError(
-            f"Argument `project_name` must be a non-empty name without {os.sep!r}; received "
-            f"project_name={project_name!r}."
-        )
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Argument `strategy` must be one of {STRATEGIES}; received {strategy!r}.")
-    if strategy == "multi_worker":
-        raise ValueError(
-            "Argument `strategy='multi_worker'` is not supported for tuning (Keras's fit fails "
-            "under MultiWorkerMirroredStrategy); spread trials over machines with distributed "
-            "tuning instead (KERASTUNER_* variables, see tfbn.tuning)."
-        )
-    if dataset is not None and getattr(dataset, "validation", None) is None:
-        raise ValueError(
-            "Argument `dataset` must have a `validation` split (and a `train` split); received "
-            f"{type(dataset).__name__} without one."
-        )
-    return variants
-
-
-def _tuner_role() -> str:
-    # The same test Keras Tuner uses (keras_tuner/src/distribute/utils.py).
+    Raises:
+        ValueError: if `KERASTUNER_ORACLE_IP` is set without the other two variables, or the port
+            is not a number.
+    """
     if "KERASTUNER_ORACLE_IP" not in os.environ:
         return "single"
     for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
@@ -345,153 +282,167 @@ def _tuner_role() -> str:
 # The hypermodel and the tuners.
 
 
-def _make_hypermodel(variant: str, lr_min: float, lr_max: float, tune_momentum: bool, seed: int):
-    import keras
-    import keras_tuner
-    import numpy as np
+class DivergenceMonitor(keras.callbacks.TerminateOnNaN):
+    """Stops training at the first NaN/inf loss, and remembers the epoch it happened in."""
 
-    from tfbn.models import lenet
+    def __init__(self):
+        super().__init__()
+        self.diverged_epoch: int | None = None
+        self._epoch = 0
 
-    class DivergenceMonitor(keras.callbacks.TerminateOnNaN):
-        """Stops training at the first NaN/inf loss, and remembers the epoch it happened in."""
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
-        def __init__(self):
-            super().__init__()
-            self.diverged_epoch: int | None = None
-            self._epoch = 0
+    def on_batch_end(self, batch, logs=None):
+        super().on_batch_end(batch, logs)
+        if self.model.stop_training and self.diverged_epoch is None:
+            self.diverged_epoch = self._epoch + 1
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self._epoch = epoch
 
-        def on_batch_end(self, batch, logs=None):
-            super().on_batch_end(batch, logs)
-            if self.model.stop_training and self.diverged_epoch is None:
-                self.diverged_epoch = self._epoch + 1
+class LeNetHyperModel(keras_tuner.HyperModel):
+    """LeNet of one variant, SGD with a tuned learning rate (and optionally momentum).
 
-    class LeNetLearningRate(keras_tuner.HyperModel):
-        """LeNet of one variant, SGD with a tuned learning rate (and optionally momentum)."""
+    Executions of a trial differ in their initialization (seed `seed + 1000 * execution`);
+    trials share it, so that within one execution index only the learning rate differs between
+    trials. `execution` counts the fits since the tuner last set it to 0 (at each trial).
 
-        def __init__(self):
-            super().__init__(name=f"lenet_{variant}")
-            self.build_seed = seed
+    Args:
+        variant: LeNet variant, one of `VARIANTS`.
+        config: The search settings (range, momentum, seed).
+    """
 
-        def build(self, hp):
-            # The variant is a fixed hyperparameter so that the trial itself says which model
-            # it is for: a worker builds whatever the chief's oracle hands out.
-            name = hp.Fixed("variant", variant)
-            learning_rate = hp.Float("learning_rate", lr_min, lr_max, sampling="log")
-            momentum = hp.Choice("sgd_momentum", list(MOMENTUM_CHOICES)) if tune_momentum else 0.0
-            keras.utils.set_random_seed(self.build_seed)
-            model = lenet(name)
-            model.compile(
-                optimizer=keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"],
-            )
-            return model
+    def __init__(self, variant: str, config: TuneConfig):
+        super().__init__(name=f"lenet_{variant}")
+        self.variant = variant
+        self.config = config
+        self.execution = 0
 
-        def fit(self, hp, model, *args, callbacks=None, **kwargs):
-            monitor = DivergenceMonitor()
-            # The data are tf.data pipelines that shuffle themselves.
-            kwargs.setdefault("shuffle", False)
+    def build(self, hp):
+        # The variant is a fixed hyperparameter so that the trial itself says which model it is
+        # for, and a worker can tell which variant the chief's oracle serves.
+        name = hp.Fixed("variant", self.variant)
+        learning_rate = hp.Float(
+            "learning_rate", self.config.lr_min, self.config.lr_max, sampling="log"
+        )
+        momentum = 0.0
+        if self.config.tune_momentum:
+            momentum = hp.Choice("sgd_momentum", list(MOMENTUM_CHOICES))
+        keras.utils.set_random_seed(self.config.seed + 1000 * self.execution)
+        model = models.lenet(name)
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        return model
+
+    def fit(self, hp, model, *args, callbacks=None, **kwargs):
+        """Trains `model`; returns the last epoch's metrics, a diverged run scoring 0."""
+        monitor = DivergenceMonitor()
+        # The data are tf.data pipelines that shuffle themselves.
+        kwargs.setdefault("shuffle", False)
+        try:
             history = model.fit(*args, callbacks=[*(callbacks or []), monitor], **kwargs)
-            logs = {k: v[-1] for k, v in history.history.items() if v}
-            losses = [logs.get("loss"), logs.get("val_loss")]
-            diverged = monitor.diverged_epoch is not None or not all(
-                v is not None and np.isfinite(v) for v in losses
-            )
-            results = {"diverged": float(diverged), "epochs": float(kwargs.get("epochs", 1))}
-            if diverged:
-                # A diverged network predicts nothing useful: it scores 0, whatever argmax of
-                # NaN logits happens to match.
-                results[OBJECTIVE] = 0.0
-                results["diverged_epoch"] = float(monitor.diverged_epoch or len(history.epoch))
-            else:
-                results[OBJECTIVE] = float(logs[OBJECTIVE])
-                results["val_loss"] = float(logs["val_loss"])
-                results["loss"] = float(logs["loss"])
-                results["accuracy"] = float(logs["accuracy"])
-            return results
-
-    return LeNetLearningRate()
+        finally:
+            self.execution += 1
+        return _fit_metrics(history, monitor, kwargs.get("epochs", 1))
 
 
-def _tuner_classes():
-    import keras_tuner
-    import numpy as np
-
-    class _Hooks:
-        """Per-execution seeds, and the list of trials this process ran."""
-
-        def run_trial(self, trial, *args, **kwargs):
-            self._execution = 0
-            results = super().run_trial(trial, *args, **kwargs)
-            executions = results if isinstance(results, list) else [results]
-            if all(isinstance(r, dict) for r in executions):
-                metrics = {
-                    name: float(np.mean([r[name] for r in executions if name in r]))
-                    for name in set().union(*executions)
-                }
-                self.local_results[trial.trial_id] = (dict(trial.hyperparameters.values), metrics)
-            return results
-
-        def _build_and_fit_model(self, trial, *args, **kwargs):
-            # Executions of a trial differ in their initialization; trials share it, so that
-            # within one execution index only the learning rate differs between trials.
-            self.hypermodel.build_seed = self._base_seed + 1000 * self._execution
-            self._execution += 1
-            return super()._build_and_fit_model(trial, *args, **kwargs)
-
-        def on_trial_end(self, trial):
-            self.trials_run.append(trial.trial_id)
-            super().on_trial_end(trial)
-
-    class RandomSearch(_Hooks, keras_tuner.RandomSearch):
-        pass
-
-    class BayesianOptimization(_Hooks, keras_tuner.BayesianOptimization):
-        pass
-
-    class Hyperband(_Hooks, keras_tuner.Hyperband):
-        pass
-
-    return {"random": RandomSearch, "bayesian": BayesianOptimization, "hyperband": Hyperband}
+def _fit_metrics(history, monitor: DivergenceMonitor, epochs: int) -> dict[str, float]:
+    logs = {k: v[-1] for k, v in history.history.items() if v}
+    losses = [logs.get("loss"), logs.get("val_loss")]
+    diverged = monitor.diverged_epoch is not None or not all(
+        v is not None and np.isfinite(v) for v in losses
+    )
+    results = {"diverged": float(diverged), "epochs": float(epochs)}
+    if diverged:
+        # A diverged network predicts nothing useful: it scores 0, whatever argmax of NaN
+        # logits happens to match.
+        results[OBJECTIVE] = 0.0
+        results["diverged_epoch"] = float(monitor.diverged_epoch or len(history.epoch))
+        return results
+    for name in (OBJECTIVE, "val_loss", "loss", "accuracy"):
+        results[name] = float(logs[name])
+    return results
 
 
-def _make_tuner(
-    kind,
-    hypermodel,
-    *,
-    trials,
-    epochs,
-    executions_per_trial,
-    seed,
-    strategy,
-    directory,
-    project,
-    overwrite,
-):
-    cls = _tuner_classes()[kind]
+class _RecordingTuner:
+    """Mixin for a Keras Tuner tuner: resets the hypermodel's execution count at each trial,
+    keeps the mean metrics of the trials this process ran (`local_results`: a worker's only
+    view of its trials) and their ids in order (`trials_run`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trials_run: list[str] = []
+        self.local_results: dict[str, tuple[dict, dict[str, float]]] = {}
+
+    def run_trial(self, trial, *args, **kwargs):
+        self.hypermodel.execution = 0
+        results = super().run_trial(trial, *args, **kwargs)
+        executions = results if isinstance(results, list) else [results]
+        if all(isinstance(r, dict) for r in executions):
+            metrics = {
+                name: float(np.mean([r[name] for r in executions if name in r]))
+                for name in set().union(*executions)
+            }
+            self.local_results[trial.trial_id] = (dict(trial.hyperparameters.values), metrics)
+        return results
+
+    def on_trial_end(self, trial):
+        self.trials_run.append(trial.trial_id)
+        super().on_trial_end(trial)
+
+
+class RandomSearch(_RecordingTuner, keras_tuner.RandomSearch):
+    """`keras_tuner.RandomSearch` that records the trials this process ran."""
+
+
+class BayesianOptimization(_RecordingTuner, keras_tuner.BayesianOptimization):
+    """`keras_tuner.BayesianOptimization` that records the trials this process ran."""
+
+
+class Hyperband(_RecordingTuner, keras_tuner.Hyperband):
+    """`keras_tuner.Hyperband` that records the trials this process ran."""
+
+
+TUNER_CLASSES = {"random": RandomSearch, "bayesian": BayesianOptimization, "hyperband": Hyperband}
+
+
+def _make_tuner(config: TuneConfig, hypermodel: LeNetHyperModel, strategy, *, overwrite: bool):
+    """The tuner of one variant's project, `<directory>/<project_name>_<variant>`."""
+    cls = TUNER_CLASSES[config.tuner]
     # Keras Tuner treats seed 0 as "no seed"; shift by one so every seed is reproducible.
     common = dict(
         objective=OBJECTIVE,
-        seed=seed + 1,
-        executions_per_trial=executions_per_trial,
+        seed=config.seed + 1,
+        executions_per_trial=config.executions_per_trial,
         distribution_strategy=strategy,
-        directory=directory,
-        project_name=project,
+        directory=str(config.directory),
+        project_name=f"{config.project_name}_{hypermodel.variant}",
         overwrite=overwrite,
     )
-    if kind == "hyperband":
-        tuner = cls(hypermodel, max_epochs=epochs, factor=3, hyperband_iterations=1, **common)
+    if config.tuner == "hyperband":
+        tuner = cls(
+            hypermodel, max_epochs=config.epochs, factor=3, hyperband_iterations=1, **common
+        )
         # Hyperband sizes its own brackets; `trials` caps the total.
-        tuner.oracle.max_trials = trials
-    else:
-        tuner = cls(hypermodel, max_trials=trials, **common)
-    tuner._base_seed = seed
-    tuner.trials_run = []
-    tuner.local_results = {}
-    return tuner
+        tuner.oracle.max_trials = config.trials
+        return tuner
+    return cls(hypermodel, max_trials=config.trials, **common)
+
+
+def _await_own_oracle(tuner, variant: str, variants: Sequence[str]) -> bool:
+    """On a worker: waits until the chief serves `variant`'s oracle.
+
+    Returns False if the chief already serves a later variant (this one's search is over).
+    """
+    while True:
+        served = tuner.oracle.get_space().values.get("variant")
+        if served == variant:
+            return True
+        if served in variants and variants.index(served) > variants.index(variant):
+            return False
+        time.sleep(_ORACLE_POLL_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,26 +644,26 @@ def _machine() -> str:
 
 
 def tune(
-    variants: Sequence[str] | str = VARIANTS,
+    variants: Sequence[str] | str = TuneConfig.variants,
     *,
-    tuner: str = "random",
-    lr_min: float = 0.01,
-    lr_max: float = 10.0,
-    trials: int = 10,
-    epochs: int = 2,
-    executions_per_trial: int = 1,
-    train_fraction: float = 1.0,
-    validation_fraction: float = 0.1,
-    tune_momentum: bool = False,
-    batch_size: int = 256,
-    directory: str = "runs/tune",
-    project_name: str = "lenet_lr",
-    overwrite: bool = False,
-    strategy: str = "auto",
-    seed: int = 0,
-    data_dir: str | None = None,
-    dataset: Any = None,
-    verbose: int = 1,
+    tuner: str = TuneConfig.tuner,
+    lr_min: float = TuneConfig.lr_min,
+    lr_max: float = TuneConfig.lr_max,
+    trials: int = TuneConfig.trials,
+    epochs: int = TuneConfig.epochs,
+    executions_per_trial: int = TuneConfig.executions_per_trial,
+    train_fraction: float = TuneConfig.train_fraction,
+    validation_fraction: float = TuneConfig.validation_fraction,
+    tune_momentum: bool = TuneConfig.tune_momentum,
+    batch_size: int = TuneConfig.batch_size,
+    directory: str | os.PathLike = TuneConfig.directory,
+    project_name: str = TuneConfig.project_name,
+    overwrite: bool = TuneConfig.overwrite,
+    strategy: str = TuneConfig.strategy,
+    seed: int = TuneConfig.seed,
+    data_dir: str | os.PathLike | None = None,
+    dataset: TrialData | None = None,
+    verbose: int = TuneConfig.verbose,
     converged_accuracy: float = CONVERGED_ACCURACY,
 ) -> TuneResult:
     """Searches the SGD learning rate of LeNet per batch-norm variant with Keras Tuner.
@@ -734,7 +685,8 @@ def tune(
         validation_fraction: Fraction of the training set held out for the objective, in (0, 1).
         tune_momentum: Also search the SGD momentum among (0, 0.5, 0.9); otherwise plain SGD.
         batch_size: Global batch size.
-        directory: Folder of the tuner projects, tables, plot and logs.
+        directory: Folder of the tuner projects, tables, plot and logs; locked while the search
+            runs (on the chief in distributed tuning).
         project_name: Prefix of the project names (`<project_name>_<variant>`) and output files.
         overwrite: Start every project afresh instead of continuing it (on the chief; workers
             never delete anything).
@@ -742,8 +694,8 @@ def tune(
             `"default"`, `"one_device"` or `"mirrored"`.
         seed: Seed of the oracles and of the model initialization.
         data_dir: Folder of the Fashion-MNIST IDX files (default: the data module's search).
-        dataset: A prebuilt dataset with `.train` and `.validation` tf.data splits of (images,
-            labels) batches, used instead of loading Fashion-MNIST (its `.test` is never
+        dataset: A prebuilt `TrialData` (`.train` and `.validation` tf.data splits of (images,
+            labels) batches), used instead of loading Fashion-MNIST (its `.test` is never
             touched); the fractions and `batch_size` then only get checked.
         verbose: 0 prints nothing; 1 (default) Keras Tuner's trial reports, Keras's progress
             bars (one line per epoch when not on a terminal) and the table; 2 the same with one
@@ -759,184 +711,199 @@ def tune(
         ValueError: for an empty, inverted or non-positive learning-rate range, non-positive
             `trials`, `epochs`, `executions_per_trial` or `batch_size`, an unknown variant, tuner
             or strategy, or fractions out of range; before any data is loaded or folder created.
+        tfbn.errors.UsageError: (a `ValueError`) if another live process holds `directory`.
+        OSError: if `directory` or an output file cannot be written (read-only, not a folder,
+            no space), naming the path; before any data is loaded.
         ImportError: for `tuner="bayesian"` without SciPy and scikit-learn installed.
     """
-    variants = _check_arguments(
-        variants=variants,
-        tuner=tuner,
-        lr_min=lr_min,
-        lr_max=lr_max,
-        trials=trials,
-        epochs=epochs,
-        executions_per_trial=executions_per_trial,
-        train_fraction=train_fraction,
-        validation_fraction=validation_fraction,
-        batch_size=batch_size,
-        project_name=project_name,
-        strategy=strategy,
-        converged_accuracy=converged_accuracy,
-        dataset=dataset,
-    )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Argument `seed` must be a non-negative integer; received seed={seed!r}.")
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"Argument `verbose` must be 0, 1 or 2; received verbose={verbose!r}.")
-    if tuner == "bayesian" and not all(importlib.util.find_spec(m) for m in ("scipy", "sklearn")):
+    # Every argument but `dataset` is a setting of the search.
+    settings = dict(locals())
+    dataset = settings.pop("dataset")
+    return search(TuneConfig(**settings), dataset)
+
+
+def search(config: TuneConfig, dataset: TrialData | None = None) -> TuneResult:
+    """Runs the search that `config` describes (see `tune`, which checks its arguments so)."""
+    if dataset is not None and (not isinstance(dataset, TrialData) or dataset.validation is None):
+        raise ValueError(
+            "Argument `dataset` must have a `validation` split (and a `train` split); received "
+            f"{type(dataset).__name__} without one."
+        )
+    _check_tuner_installed(config.tuner)
+    role = tuner_role()
+    strategy_name = _strategy_name(config.strategy)
+    paths = _check_outputs(config, role)
+    lock = contextlib.nullcontext() if role == "worker" else FolderLock(config.directory)
+    with lock:
+        data, description = _trial_data(config, role, dataset)
+        distribution = None
+        if role != "chief" and strategy_name != "default":
+            from tfbn.distribute import get_strategy
+
+            distribution = get_strategy(strategy_name)
+        started = time.perf_counter()
+        searched = {
+            variant: _search_variant(config, variant, role, data, distribution)
+            for variant in config.variants
+        }
+        settings = _settings(config, strategy_name, description)
+        # Time of this call only: a resumed search does not count the trials of earlier calls.
+        settings["elapsed_seconds_this_call"] = round(time.perf_counter() - started, 1)
+        result = TuneResult(
+            variants={variant: found for variant, (found, _) in searched.items()},
+            settings=settings,
+            role=role,
+            trials_run={variant: ran for variant, (_, ran) in searched.items()},
+            log_dir=None if role == "chief" else str(paths["logs"]),
+        )
+        if role != "worker":
+            _write_reports(result, paths, config.verbose)
+    return result
+
+
+def _check_tuner_installed(kind: str) -> None:
+    if kind == "bayesian" and not all(importlib.util.find_spec(m) for m in ("scipy", "sklearn")):
         raise ImportError(
             "tuner='bayesian' needs SciPy and scikit-learn (Keras Tuner's BayesianOptimization): "
             "pip install 'keras-tuner[bayesian]'."
         )
-    role = _tuner_role()
 
-    from tfbn.distribute import get_strategy, resolve_strategy_name
 
-    strategy_name = resolve_strategy_name(strategy)
-    if strategy_name == "multi_worker":
+def _strategy_name(strategy: str) -> str:
+    from tfbn.distribute import resolve_strategy_name
+
+    name = resolve_strategy_name(strategy)
+    if name == "multi_worker":
         raise ValueError(
             "Argument `strategy='auto'` resolves to 'multi_worker' here (TF_CONFIG names several "
             "workers), which tuning does not support; pass another strategy."
         )
+    return name
 
-    train_data = validation_data = None
-    if role != "chief":
-        if dataset is None:
-            from tfbn.data import load_fashion_mnist
 
-            dataset = load_fashion_mnist(
-                batch_size,
-                data_dir=data_dir,
-                validation_fraction=validation_fraction,
-                train_fraction=train_fraction,
-                seed=seed,
-            )
-            data = _describe_data(dataset, train_fraction, validation_fraction)
-        else:
-            data = "prebuilt dataset"
-        train_data, validation_data = dataset.train, dataset.validation
-        if validation_data is None:
-            raise ValueError("The dataset has no validation split; set `validation_fraction`.")
-    else:
-        data = (
-            _describe_data(None, train_fraction, validation_fraction)
-            if dataset is None
-            else "prebuilt dataset"
-        )
-
-    distribution = None
-    if role != "chief" and strategy_name != "default":
-        distribution = get_strategy(strategy_name)
-
-    settings = {
-        "variants": list(variants),
-        "tuner": tuner,
-        "lr_min": float(lr_min),
-        "lr_max": float(lr_max),
-        "trials": trials,
-        "epochs": epochs,
-        "executions_per_trial": executions_per_trial,
-        "train_fraction": float(train_fraction),
-        "validation_fraction": float(validation_fraction),
-        "tune_momentum": bool(tune_momentum),
-        "batch_size": batch_size,
-        "strategy": strategy_name,
-        "seed": seed,
-        "converged_accuracy": float(converged_accuracy),
-        "data": data,
-        "machine": _machine(),
-        "objective": f"{OBJECTIVE} (last epoch; validation split of the training set)",
+def _output_paths(config: TuneConfig) -> dict[str, Path]:
+    stem = config.directory / config.project_name
+    return {
+        "json": Path(f"{stem}_results.json"),
+        "markdown": Path(f"{stem}_results.md"),
+        "plot": Path(f"{stem}_val_accuracy.png"),
+        "logs": Path(f"{stem}_logs"),
     }
 
-    log_root = os.path.join(directory, f"{project_name}_logs")
-    base_port = int(os.environ.get("KERASTUNER_ORACLE_PORT", "0") or 0)
-    fit_verbose = 0 if verbose == 0 else (1 if verbose == 1 and _isatty() else 2)
-    results: dict[str, VariantResult] = {}
-    trials_run: dict[str, list[str]] = {}
-    started = time.perf_counter()
-    import keras
 
-    for index, variant in enumerate(variants):
-        if role != "single":
-            # One oracle server per variant, each on its own port, so a worker can never report
-            # to another variant's oracle.
-            os.environ["KERASTUNER_ORACLE_PORT"] = str(base_port + index)
-        try:
-            hypermodel = _make_hypermodel(variant, lr_min, lr_max, tune_momentum, seed)
-            variant_logs = os.path.join(log_root, variant)
-            # The chief owns the projects: a worker never deletes anything, since with a shared
-            # directory it would delete the chief's records or another worker's logs.
-            if overwrite and role == "single" and os.path.isdir(variant_logs):
-                shutil.rmtree(variant_logs)
-            kt_tuner = _make_tuner(
-                tuner,
-                hypermodel,
-                trials=trials,
-                epochs=epochs,
-                executions_per_trial=executions_per_trial,
-                seed=seed,
-                strategy=distribution,
-                directory=directory,
-                project=f"{project_name}_{variant}",
-                overwrite=overwrite and role != "worker",
-            )
-            if role == "chief":
-                # Serves trials to the workers until the budget is spent.
-                kt_tuner.search(verbose=fit_verbose)
-            else:
-                callbacks = [
-                    keras.callbacks.TensorBoard(
-                        log_dir=variant_logs, write_graph=False, update_freq="epoch"
-                    )
-                ]
-                kt_tuner.search(
-                    train_data,
-                    validation_data=validation_data,
-                    epochs=epochs,
-                    callbacks=callbacks,
-                    verbose=fit_verbose,
-                )
-        finally:
-            if role != "single":
-                os.environ["KERASTUNER_ORACLE_PORT"] = str(base_port)
-        trials_run[variant] = list(kt_tuner.trials_run)
-        if role == "worker":
-            # A worker sees only its own trials: the chief's oracle holds the others.
-            records = [
-                _record(tid, variant, hp, metrics, "COMPLETED", converged_accuracy, epochs)
-                for tid, (hp, metrics) in kt_tuner.local_results.items()
-            ]
-            best = max(records, key=lambda t: t.val_accuracy or 0.0, default=None)
-            results[variant] = _variant_result(
-                variant, kt_tuner.project_dir, records, best.trial_id if best else None
-            )
-        else:
-            results[variant] = _oracle_result(kt_tuner, variant, converged_accuracy, epochs)
-    # Time of this call only: a resumed search does not count the trials of earlier calls.
-    settings["elapsed_seconds_this_call"] = round(time.perf_counter() - started, 1)
+def _check_outputs(config: TuneConfig, role: str) -> dict[str, Path]:
+    """The output paths, once `directory` can be written and no report path is a folder.
 
-    result = TuneResult(
-        variants=results,
-        settings=settings,
-        role=role,
-        trials_run=trials_run,
-        log_dir=None if role == "chief" else log_root,
-    )
+    Raises the `OSError` (naming the path) that writing there would raise; creates nothing.
+    """
+    check_writable_dir(config.directory)
+    paths = _output_paths(config)
     if role != "worker":
-        stem = os.path.join(directory, project_name)
-        result.json_path = f"{stem}_results.json"
-        result.markdown_path = f"{stem}_results.md"
-        result.plot_path = f"{stem}_val_accuracy.png"
-        text = json.dumps(_json_ready(result.to_dict()), indent=2) + "\n"
-        atomic_write_text(result.json_path, text)
-        atomic_write_text(result.markdown_path, _markdown(result))
-        _plot(result, result.plot_path)
-        if verbose:
-            print()
-            print(result.table())
-            print(f"\nTables: {result.markdown_path}, {result.json_path}; plot: {result.plot_path}")
-    return result
+        for key in ("json", "markdown", "plot"):
+            if paths[key].is_dir():
+                raise IsADirectoryError(21, "Is a directory", str(paths[key]))
+    return paths
+
+
+def _trial_data(
+    config: TuneConfig, role: str, dataset: TrialData | None
+) -> tuple[TrialData | None, str]:
+    """The data the trials train on (None on the chief, which runs none) and their description."""
+    if dataset is not None:
+        return (None if role == "chief" else dataset), "prebuilt dataset"
+    if role == "chief":
+        return None, _describe_data(None, config.train_fraction, config.validation_fraction)
+    loaded = tfbn_data.load_fashion_mnist(
+        config.batch_size,
+        data_dir=config.data_dir,
+        validation_fraction=config.validation_fraction,
+        train_fraction=config.train_fraction,
+        seed=config.seed,
+    )
+    if loaded.validation is None:
+        raise ValueError("The dataset has no validation split; set `validation_fraction`.")
+    return loaded, _describe_data(loaded, config.train_fraction, config.validation_fraction)
+
+
+def _settings(config: TuneConfig, strategy_name: str, description: str) -> dict[str, Any]:
+    """The settings recorded with the results (the JSON table's `settings`)."""
+    settings = {
+        name: getattr(config, name)
+        for name in (
+            "tuner", "lr_min", "lr_max", "trials", "epochs", "executions_per_trial",
+            "train_fraction", "validation_fraction", "tune_momentum", "batch_size", "seed",
+            "converged_accuracy",
+        )
+    }  # fmt: skip
+    settings["variants"] = list(config.variants)
+    settings["strategy"] = strategy_name
+    settings["data"] = description
+    settings["machine"] = _machine()
+    settings["objective"] = f"{OBJECTIVE} (last epoch; validation split of the training set)"
+    return settings
+
+
+def _search_variant(
+    config: TuneConfig, variant: str, role: str, data: TrialData | None, distribution
+) -> tuple[VariantResult, list[str]]:
+    """Searches one variant's project; returns its result and the trials this process ran."""
+    logs = _output_paths(config)["logs"] / variant
+    # The chief owns the projects: a worker never deletes anything, since with a shared
+    # directory it would delete the chief's records or another worker's logs.
+    if config.overwrite and role == "single" and logs.is_dir():
+        shutil.rmtree(logs)
+    hypermodel = LeNetHyperModel(variant, config)
+    kt_tuner = _make_tuner(
+        config, hypermodel, distribution, overwrite=config.overwrite and role != "worker"
+    )
+    verbose = config.verbose
+    fit_verbose = 0 if verbose == 0 else (1 if verbose == 1 and _isatty() else 2)
+    if role == "chief":
+        # Serves trials to the workers until the budget is spent.
+        kt_tuner.search(verbose=fit_verbose)
+    elif role == "single" or _await_own_oracle(kt_tuner, variant, config.variants):
+        kt_tuner.search(
+            data.train,
+            validation_data=data.validation,
+            epochs=config.epochs,
+            callbacks=[
+                keras.callbacks.TensorBoard(
+                    log_dir=str(logs), write_graph=False, update_freq="epoch"
+                )
+            ],
+            verbose=fit_verbose,
+        )
+    if role == "worker":
+        found = _local_result(kt_tuner, variant, config)
+    else:
+        found = _oracle_result(kt_tuner, variant, config.converged_accuracy, config.epochs)
+    return found, list(kt_tuner.trials_run)
+
+
+def _local_result(kt_tuner, variant: str, config: TuneConfig) -> VariantResult:
+    """A worker's view: only its own trials (the chief's oracle holds the others)."""
+    records = [
+        _record(tid, variant, hp, metrics, "COMPLETED", config.converged_accuracy, config.epochs)
+        for tid, (hp, metrics) in kt_tuner.local_results.items()
+    ]
+    best = max(records, key=lambda t: t.val_accuracy or 0.0, default=None)
+    return _variant_result(variant, kt_tuner.project_dir, records, best.trial_id if best else None)
+
+
+def _write_reports(result: TuneResult, paths: dict[str, Path], verbose: int) -> None:
+    """Writes the JSON and Markdown tables and the plot; prints the table if `verbose`."""
+    result.json_path = str(paths["json"])
+    result.markdown_path = str(paths["markdown"])
+    result.plot_path = str(paths["plot"])
+    text = json.dumps(_json_ready(result.to_dict()), indent=2) + "\n"
+    atomic_write_text(result.json_path, text)
+    atomic_write_text(result.markdown_path, _markdown(result))
+    _plot(result, result.plot_path)
+    if verbose:
+        print()
+        print(result.table())
+        print(f"\nTables: {result.markdown_path}, {result.json_path}; plot: {result.plot_path}")
 
 
 def _isatty() -> bool:
-    import sys
-
     return bool(getattr(sys.stdout, "isatty", lambda: False)())

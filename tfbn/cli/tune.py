@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, NORMS, STRATEGIES, TUNERS
+from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, NORMS, STRATEGIES, TUNERS, TuneConfig
+
+# The defaults of `tfbn.tune`, from the one place that holds them.
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TuneConfig)}
 
 HELP = "search learning rates with Keras Tuner, with and without BatchNorm"
 DESCRIPTION = (
     "Search the SGD learning rate of LeNet per batch-norm variant with Keras Tuner, scored by "
     "the accuracy on a validation split of the training set. Running the same command again "
-    "continues the search. Distributed tuning: see `tfbn.tuning` (KERASTUNER_* variables)."
+    "continues the search; a second search on the same --run-dir is refused while one runs. "
+    "Distributed tuning: see `tfbn.tuning` (KERASTUNER_* variables; bind the chief to a private "
+    "address, its gRPC port is unauthenticated)."
 )
 
 
@@ -19,48 +25,74 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=list(NORMS),
+        default=list(_DEFAULTS["variants"]),
         metavar="VARIANT",
         help=f"LeNet variants to search (space- or comma-separated), from {', '.join(NORMS)} "
         "(default: all)",
     )
-    parser.add_argument("--tuner", choices=TUNERS, default="random", help="search algorithm")
     parser.add_argument(
-        "--learning-rate-min", type=float, default=0.01, help="smallest learning rate"
+        "--tuner", choices=TUNERS, default=_DEFAULTS["tuner"], help="search algorithm"
     )
     parser.add_argument(
-        "--learning-rate-max", type=float, default=10.0, help="largest learning rate"
+        "--learning-rate-min",
+        type=float,
+        default=_DEFAULTS["lr_min"],
+        help="smallest learning rate",
     )
-    parser.add_argument("--trials", type=int, default=10, help="trials per variant")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per trial")
-    parser.add_argument("--executions-per-trial", type=int, default=1, help="trainings per trial")
     parser.add_argument(
-        "--train-fraction", type=float, default=1.0, help="fraction of the training set to use"
+        "--learning-rate-max", type=float, default=_DEFAULTS["lr_max"], help="largest learning rate"
+    )
+    parser.add_argument(
+        "--trials", type=int, default=_DEFAULTS["trials"], help="trials per variant"
+    )
+    parser.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="epochs per trial")
+    parser.add_argument(
+        "--executions-per-trial",
+        type=int,
+        default=_DEFAULTS["executions_per_trial"],
+        help="trainings per trial",
+    )
+    parser.add_argument(
+        "--train-fraction",
+        type=float,
+        default=_DEFAULTS["train_fraction"],
+        help="fraction of the training set to use",
     )
     parser.add_argument(
         "--validation-fraction",
         type=float,
-        default=0.1,
+        default=_DEFAULTS["validation_fraction"],
         help="fraction of the training set held out for the objective",
     )
     parser.add_argument(
         "--tune-momentum",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=_DEFAULTS["tune_momentum"],
         help="also search the SGD momentum",
     )
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
     parser.add_argument(
-        "--run-dir", default="runs/tune", help="folder of the tuner projects, tables and plot"
+        "--batch-size", type=int, default=_DEFAULTS["batch_size"], help="global batch size"
     )
-    parser.add_argument("--project-name", default="lenet_lr", help="project name prefix")
+    parser.add_argument(
+        "--run-dir",
+        default=str(_DEFAULTS["directory"]),
+        help="folder of the tuner projects, tables and plot",
+    )
+    parser.add_argument(
+        "--project-name", default=_DEFAULTS["project_name"], help="project name prefix"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="start afresh instead of continuing the search"
     )
     parser.add_argument(
-        "--strategy", default="auto", choices=STRATEGIES, help="tf.distribute strategy"
+        "--strategy",
+        default=_DEFAULTS["strategy"],
+        choices=[s for s in STRATEGIES if s != "multi_worker"],
+        help="tf.distribute strategy",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the oracles and weights")
+    parser.add_argument(
+        "--seed", type=int, default=_DEFAULTS["seed"], help="seed of the oracles and weights"
+    )
     parser.add_argument(
         "--data-dir",
         default=None,
