@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tfbn
+from tfbn import reduction
 
 # ---------------------------------------------------------------- NumPy reference (float64)
 
@@ -204,7 +205,7 @@ def test_batch_norm_op_equals_numpy():
     stats = tfbn.moments(tf.constant(x), axis=1)
     np.testing.assert_allclose(stats.mean.numpy(), x.mean(axis=(0, 2)), rtol=1e-12)
     np.testing.assert_allclose(stats.variance.numpy(), x.var(axis=(0, 2)), rtol=1e-12)
-    assert stats.count.numpy() == 20
+    np.testing.assert_array_equal(stats.count.numpy(), [20, 20, 20])
 
 
 # --------------------------------------------------------------------------- training resolution
@@ -479,31 +480,30 @@ def test_masked_positions_do_not_count_in_the_statistics(rng):
 
 
 @pytest.mark.parametrize(
-    "shape,axis,plan",
+    "shape,axis,kernel",
     [
-        ((6, 5, 5, 8), -1, "direct"),
-        ((6, 8, 5, 5), 1, "direct"),
-        ((6, 5, 5, 6), -1, "nchw"),
-        ((64, 256), -1, "reshape"),
-        ((4, 16, 256), -1, "reshape"),
+        ((6, 5, 5, 8), -1, "fused"),
+        ((6, 8, 5, 5), 1, "fused"),
+        ((64, 256), -1, "fused_rank4"),
+        ((4, 16, 256), -1, "fused_rank4"),
     ],
 )
-def test_every_fused_plan_equals_the_composed_kernel(rng, shape, axis, plan):
+def test_every_fused_kernel_equals_the_composed_kernel(rng, shape, axis, kernel):
     from tfbn import fast
 
+    assert fast.kernel_for(shape, axis, tf.float32) == kernel
     x = tf.constant((rng.normal(size=shape) * 2 + 3).astype("float32"))
     dy = tf.constant(rng.normal(size=shape).astype("float32"))
     channels = shape[axis]
     gamma = tf.constant(rng.uniform(0.5, 2, channels).astype("float32"))
     beta = tf.constant(rng.normal(size=channels).astype("float32"))
     results = []
-    for kernel in ("planned", "composed"):
+    for fused in (None, False):
         with tf.GradientTape() as tape:
             tape.watch([x, gamma, beta])
-            if kernel == "planned":
-                y, stats = fast.fused_batch_norm_planned(x, gamma, beta, 1e-5, axis, plan)
-            else:
-                y, stats = fast.composed_batch_norm(x, gamma, beta, 1e-5, axis)
+            y, stats = fast.training_batch_norm(
+                x, axis, gamma=gamma, beta=beta, epsilon=1e-5, fused=fused
+            )
         grads = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
         results.append([y, *grads, stats.mean, stats.variance, stats.count])
     n = np.prod(shape) / channels
@@ -595,14 +595,13 @@ def test_composed_kernel_other_axes_equal_float64_numpy(rng, shape, axis, known,
 @pytest.mark.parametrize("rows", [1, 31, 63, 64, 95, 150, 1024])
 def test_xla_channel_sums_equal_float64_numpy(rng, rows, known_rows, inner):
     # Blocks of 32 rows summed apart from the rows left over, with the product fused in.
-    from tfbn import fast
 
     shape = (rows, *inner)
     a = rng.normal(2.0, 3.0, size=shape).astype("float32")
     b = rng.normal(size=shape).astype("float32")
     spec = tf.TensorSpec([rows if known_rows else None, *inner], tf.float32)
     sums = tf.function(
-        lambda a, b: fast._xla_channel_sums(a * b), jit_compile=True, input_signature=[spec] * 2
+        lambda a, b: reduction.xla_channel_sums(a * b), jit_compile=True, input_signature=[spec] * 2
     )
     axes = tuple(range(len(shape) - 1))
     expected = (a.astype(np.float64) * b).sum(axis=axes)
@@ -642,11 +641,11 @@ def test_xla_compiled_layer_takes_the_composed_kernel(monkeypatch, rng):
     from tfbn import fast
 
     calls = []
-    for name in ("fused_batch_norm_planned", "composed_batch_norm"):
+    for name in ("fused_batch_norm", "composed_batch_norm"):
         original = getattr(fast, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append((_name, fast.in_xla_context()))
+            calls.append((_name, reduction.in_xla_context()))
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(fast, name, spy)
@@ -657,9 +656,9 @@ def test_xla_compiled_layer_takes_the_composed_kernel(monkeypatch, rng):
     compiled = tf.function(lambda x: layer(x, training=True), jit_compile=True)(x).numpy()
     plain = tf.function(lambda x: layer(x, training=True))(x).numpy()
     assert calls == [
-        ("fused_batch_norm_planned", False),
+        ("fused_batch_norm", False),
         ("composed_batch_norm", True),
-        ("fused_batch_norm_planned", False),
+        ("fused_batch_norm", False),
     ]
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(plain, eager, rtol=1e-5, atol=1e-5)
@@ -671,7 +670,7 @@ def test_composed_kernel_under_xla_broadcasts_instead_of_tiling():
     from tfbn import fast
 
     x = tf.zeros((96, 4, 4, 32))
-    assert fast.channel_lanes(x.shape, 32) == 8
+    assert reduction.channel_lanes(x.shape, 32) == 8
 
     def ops_of(jit_compile):
         fn = tf.function(
@@ -684,20 +683,21 @@ def test_composed_kernel_under_xla_broadcasts_instead_of_tiling():
     assert "XlaOptimizationBarrier" in compiled and not {"Tile", "MatMul"} & compiled
 
 
-def test_fused_plan_is_what_the_layer_runs(monkeypatch):
+def test_the_kernel_chosen_is_what_the_layer_runs(monkeypatch):
     from tfbn import fast
 
     seen = []
-    original = fast.fused_batch_norm_planned
+    original = fast.fused_batch_norm
 
     def spy(*args):
         seen.append(args[-1])
         return original(*args)
 
-    monkeypatch.setattr(fast, "fused_batch_norm_planned", spy)
+    monkeypatch.setattr(fast, "fused_batch_norm", spy)
     layer = tfbn.BatchNorm()
     x = np.ones((4, 3, 3, 8), "float32")
+    assert fast.kernel_for(x.shape, -1, tf.float32) == "fused"
     layer(x, training=True)
-    assert seen == [fast.fused_plan(4, -1, 8, tf.float32)]
+    assert seen == [3]
     assert tfbn.BatchNorm(fused=False)(x, training=True) is not None
     assert len(seen) == 1  # fused=False never takes the fused kernel

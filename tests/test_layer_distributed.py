@@ -50,11 +50,13 @@ def _make_layer(strategy, shape, **kwargs):
 
 
 def _data(rng, n_replicas, shape, offsets=None):
+    """Replica i gets `shape[0] + i` examples (unequal counts) of mean `offsets[i]`, std 1 + i."""
     offsets = offsets if offsets is not None else [10.0 * i for i in range(n_replicas)]
+    shapes = [(shape[0] + i, *shape[1:]) for i in range(n_replicas)]
     batches = [
-        (rng.normal(size=shape) * (1 + i) + offsets[i]).astype("float32") for i in range(n_replicas)
+        (rng.normal(size=s) * (1 + i) + offsets[i]).astype("float32") for i, s in enumerate(shapes)
     ]
-    dys = [rng.normal(size=shape).astype("float32") for _ in range(n_replicas)]
+    dys = [rng.normal(size=s).astype("float32") for s in shapes]
     return batches, dys
 
 
@@ -63,13 +65,15 @@ def _data(rng, n_replicas, shape, offsets=None):
 def test_moving_stats_identical_on_all_replicas(cpu_devices, rng, n_replicas, shape, axis):
     strategy = tf.distribute.MirroredStrategy(cpu_devices[:n_replicas])
     momentum = 0.6
-    layer = _make_layer(strategy, shape, axis=axis, momentum=momentum)
+    layer = _make_layer(strategy, (None, *shape[1:]), axis=axis, momentum=momentum)
     batches, dys = _data(rng, n_replicas, shape)
     ys, *_ = _run_replicas(strategy, layer, batches, dys, steps=3)
 
     axes = tuple(i for i in range(len(shape)) if i != axis % len(shape))
-    mean_of_means = np.mean([b.astype(np.float64).mean(axes) for b in batches], axis=0)
-    mean_of_vars = np.mean([b.astype(np.float64).var(axes) for b in batches], axis=0)
+    # The count-weighted mean over replicas of their batch statistics.
+    counts = np.array([len(b) for b in batches], np.float64)[:, None] / sum(map(len, batches))
+    mean_of_means = (np.stack([b.astype(np.float64).mean(axes) for b in batches]) * counts).sum(0)
+    mean_of_vars = (np.stack([b.astype(np.float64).var(axes) for b in batches]) * counts).sum(0)
     # Three identical steps from (0, 1): moving = m^3 * init + (1 - m^3) * stat.
     keep = momentum**3
     expected_mean = (1 - keep) * mean_of_means
@@ -104,7 +108,7 @@ def test_synchronized_equals_single_device_on_concatenated_batch(
 ):
     strategy = tf.distribute.MirroredStrategy(cpu_devices[:n_replicas])
     kwargs = {"axis": axis, "momentum": 0.5, "epsilon": 1e-5, "synchronized": True}
-    layer = _make_layer(strategy, shape, **kwargs)
+    layer = _make_layer(strategy, (None, *shape[1:]), **kwargs)
     gamma = rng.uniform(0.5, 2, size=shape[axis]).astype("float32")
     beta = rng.normal(size=shape[axis]).astype("float32")
     layer.gamma.assign(gamma)

@@ -78,7 +78,7 @@ class BatchNorm(keras.layers.BatchNormalization):
             `synchronized`. `False`: the composed kernel, any rank, with a closed-form gradient.
             `None` (default): the fused kernel where it is expected to be faster, on the input as
             it is or viewed as rank 4, else the composed one, which also serves every input under
-            XLA (`tfbn.fast.fused_plan`). Masked calls always use the reference statistics. All
+            XLA (`tfbn.fast.kernel_for`). Masked calls always use the reference statistics. All
             paths give the same results, except that under XLA the fused kernel (`fused=True`)
             is expanded into `E[x^2] - E[x]^2`, which cancels for inputs with large means.
             `fused=True` cannot be combined with `renorm`, `virtual_batch_size` or `adjustment`
@@ -287,77 +287,25 @@ class BatchNorm(keras.layers.BatchNormalization):
                 "normalized value would be 0. Use a batch of 2 or more, or call with "
                 "training=False."
             )
-        adjustment = None
-        if self.adjustment is not None:
-            # Called once per step (it may draw random numbers); folded into gamma and beta when
-            # it is per-channel, else handed to the reference path.
-            adj_scale, adj_bias = self.adjustment(tf.shape(inputs))
-            folded = self._fold_adjustment(adj_scale, adj_bias, gamma, beta, stat_dtype)
-            if folded is None:
-                adjustment = lambda shape: (adj_scale, adj_bias)  # noqa: E731
-            else:
-                gamma, beta = folded
-        if mask is not None or self.renorm or adjustment is not None:
-            outputs, stats = ops.batch_norm_training(
-                inputs,
-                axis,
-                beta=beta,
-                gamma=gamma,
-                epsilon=self.epsilon,
-                mask=mask,
-                synchronized=self.synchronized,
-                virtual_batch_size=self.virtual_batch_size,
-                renorm_mean=self.renorm_mean if self.renorm else None,
-                renorm_stddev=self.renorm_stddev if self.renorm else None,
-                renorm_clipping=self.renorm_clipping,
-                adjustment=adjustment,
-            )
-        elif self.virtual_batch_size is not None:
-            outputs, stats = fast.ghost_composed_batch_norm(
-                inputs, gamma, beta, self.epsilon, axis, self.virtual_batch_size
-            )
-        elif (plan := self._fused_plan(inputs.dtype)) is not None:
-            # The fused kernel reads float16/bfloat16 directly and reduces in float32.
-            outputs, stats = fast.fused_batch_norm_planned(
-                inputs, gamma, beta, self.epsilon, axis, plan
-            )
-        else:
-            outputs, stats = fast.composed_batch_norm(
-                inputs, gamma, beta, self.epsilon, axis, synchronized=self.synchronized
-            )
+        # Called once per step (it may draw random numbers).
+        adjustment = None if self.adjustment is None else self.adjustment(tf.shape(inputs))
+        outputs, stats = fast.training_batch_norm(
+            inputs,
+            axis,
+            gamma=gamma,
+            beta=beta,
+            epsilon=self.epsilon,
+            fused=self.fused,
+            mask=mask,
+            synchronized=self.synchronized,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm_mean=self.renorm_mean if self.renorm else None,
+            renorm_stddev=self.renorm_stddev if self.renorm else None,
+            renorm_clipping=self.renorm_clipping,
+            adjustment=adjustment,
+        )
         self._update_moving_statistics(stats)
         return tf.cast(outputs, self.compute_dtype)
-
-    def _fused_plan(self, dtype) -> str | None:
-        """How the fused kernel takes this layer's input, or `None` for the composed kernel."""
-        if self.fused is False or self.synchronized:
-            return None
-        if self.fused:
-            supported = fast.fused_data_format(self._rank, self._channel_axis, dtype)
-            return "direct" if supported else None
-        return fast.fused_plan(
-            self._rank, self._channel_axis, self.channels, dtype, xla=fast.in_xla_context()
-        )
-
-    def _fold_adjustment(self, adj_scale, adj_bias, gamma, beta, dtype):
-        """`(gamma * scale, gamma * bias + beta)` when the adjustment is per-channel, else None."""
-        per_channel = []
-        for value in (adj_scale, adj_bias):
-            value = tf.cast(tf.convert_to_tensor(value), dtype)
-            shape = value.shape
-            if shape.rank is None or shape.rank > self._rank:
-                return None
-            dims = [1] * (self._rank - shape.rank) + list(shape)
-            others = [d for i, d in enumerate(dims) if i != self._channel_axis]
-            if any(d != 1 for d in others) or dims[self._channel_axis] not in (1, self.channels):
-                return None
-            per_channel.append(tf.broadcast_to(tf.reshape(value, [-1]), [self.channels]))
-        scale, bias = per_channel
-        new_gamma = scale if gamma is None else gamma * scale
-        new_beta = bias if gamma is None else gamma * bias
-        if beta is not None:
-            new_beta = new_beta + beta
-        return new_gamma, new_beta
 
     def _update_moving_statistics(self, stats: ops.Moments) -> None:
         # Unsynchronized statistics are averaged over replicas first, so that every copy of the

@@ -269,7 +269,7 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
     def _no_moments(self, dtype) -> ops.Moments:
         dtype = ops.statistics_dtype(dtype)
         zeros = tf.zeros([self._channels], dtype)
-        return ops.Moments(zeros, zeros, tf.zeros([], dtype))
+        return ops.Moments(zeros, zeros, zeros)
 
     def _infer(self, inputs):
         dtype = ops.statistics_dtype(inputs.dtype)
@@ -291,43 +291,28 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         dtype = ops.statistics_dtype(inputs.dtype)
         gamma, beta = self._flat(self.gamma, dtype), self._flat(self.beta, dtype)
         axis = self._channel_axis()
-        if self.fused and mask is None:
-            outputs, stats = fast.fused_batch_norm(inputs, gamma, beta, self.epsilon, axis)
-        elif self.renorm or self.adjustment or mask is not None:
-            outputs, stats = ops.batch_norm_training(
-                self._to_view(inputs),
-                axis,
-                beta=beta,
-                gamma=gamma,
-                epsilon=self.epsilon,
-                mask=mask,
-                synchronized=self.synchronized,
-                virtual_batch_size=self.virtual_batch_size,
-                renorm_mean=self._flat(self.renorm_mean, dtype) if self.renorm else None,
-                renorm_stddev=self._flat(self.renorm_stddev, dtype) if self.renorm else None,
-                renorm_clipping=self.renorm_clipping,
-                adjustment=self._adjustment_on_view(inputs, dtype),
-            )
-        elif self.virtual_batch_size is not None:
-            outputs, stats = fast.ghost_composed_batch_norm(
-                self._to_view(inputs), gamma, beta, self.epsilon, axis, self.virtual_batch_size
-            )
-        else:
-            outputs, stats = fast.composed_batch_norm(
-                self._to_view(inputs),
-                gamma,
-                beta,
-                self.epsilon,
-                axis,
-                synchronized=self.synchronized,
-            )
+        outputs, stats = fast.training_batch_norm(
+            inputs if self.fused and mask is None else self._to_view(inputs),
+            axis,
+            gamma=gamma,
+            beta=beta,
+            epsilon=self.epsilon,
+            fused=bool(self.fused),
+            mask=mask,
+            synchronized=self.synchronized,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm_mean=self._flat(self.renorm_mean, dtype) if self.renorm else None,
+            renorm_stddev=self._flat(self.renorm_stddev, dtype) if self.renorm else None,
+            renorm_clipping=self.renorm_clipping,
+            adjustment=self._adjustment_on_view(inputs, dtype),
+        )
         outputs = self._from_view(outputs, tf.shape(inputs))
         # The merged-axes view and ghost batches reshape dynamically: keep the static shape.
         outputs.set_shape(inputs.shape)
         return tf.cast(outputs, self.compute_dtype), stats
 
     def _adjustment_on_view(self, inputs, dtype):
-        """The `adjustment` callable for the merged-axes view (called on the input's shape)."""
+        """The adjustment `(scale, bias)` for the merged-axes view (called on the input's shape)."""
         if self.adjustment is None:
             return None
         adj_scale, adj_bias = self.adjustment(tf.shape(inputs))
@@ -336,7 +321,7 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
                 self._to_view(tf.broadcast_to(tf.cast(v, dtype), tf.shape(inputs)))
                 for v in (adj_scale, adj_bias)
             )
-        return lambda shape: (adj_scale, adj_bias)
+        return adj_scale, adj_bias
 
     def _update_moving_statistics(self, stats: ops.Moments, outputs):
         """The assignments of the moving statistics, after `outputs` (in a TF1 graph nothing else

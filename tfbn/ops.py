@@ -11,9 +11,12 @@ the single-device computation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import tensorflow as tf
+
+from tfbn import reduction
 
 __all__ = [
     "Moments",
@@ -81,15 +84,149 @@ def statistics_dtype(dtype: tf.DType) -> tf.DType:
     return tf.float64 if dtype == tf.float64 else tf.float32
 
 
+def constant(value, dtype: tf.DType) -> tf.Tensor:
+    """`value` in `dtype`; a Python float goes straight to `dtype` (`tf.cast` of a Python float
+    first rounds it to float32, which puts an error of 1e-9 into every float64 result)."""
+    return tf.cast(value, dtype) if tf.is_tensor(value) else tf.constant(value, dtype)
+
+
 def _broadcast_shape(rank: int, axis: int, channels: tf.Tensor | int) -> list:
     shape = [1] * rank
     shape[axis] = channels
     return shape
 
 
-def _count(x: tf.Tensor, axes: list[int], dtype: tf.DType) -> tf.Tensor:
-    shape = tf.shape(x)
-    return tf.cast(tf.reduce_prod(tf.gather(shape, axes)), dtype)
+class Centred(NamedTuple):
+    """The statistics of a `reduction.ChannelLayout` view, and the view shifted by its pivot.
+
+    Attributes:
+        mean: Per-channel mean, `(channels,)`.
+        variance: Per-channel biased variance.
+        count: Per-channel number of values (the sum of the weights).
+        shifted: The view minus the per-channel pivot (broadcast); `shifted - offset` is the view
+            centred on its mean, without the rounding error of subtracting a large mean.
+        offset: `mean - pivot`, per channel.
+    """
+
+    mean: tf.Tensor
+    variance: tf.Tensor
+    count: tf.Tensor
+    shifted: tf.Tensor
+    offset: tf.Tensor
+
+
+def centred_moments(
+    layout: reduction.ChannelLayout,
+    count: tf.Tensor,
+    pivot: tf.Tensor,
+    *,
+    weights: tf.Tensor | None = None,
+    replica_context=None,
+) -> Centred:
+    """The batch moments: the one routine every kernel, ghost batches and `recalibrate` use.
+
+    Two passes over the view, both shifted by a per-channel `pivot` (a value of the channel, such
+    as its first): the mean is `pivot + sum(w * (x - pivot)) / count`, then the variance is
+    `sum(w * ((x - pivot) - (mean - pivot))**2) / count`. The shifted values are of the order of
+    the spread of the data, not of its mean, so neither pass loses the variance to rounding (a
+    plain float32 mean of values near 1e4 is off by about 1e-4 of the mean, and its error enters
+    the variance squared); the layout's sums bound the rounding of long sums
+    (`tfbn.reduction`). Gradients flow through both passes (the pivot is a constant).
+
+    Args:
+        layout: The view of the input and its per-channel sums.
+        count: Per-channel number of values of this replica, `(channels,)` (with `weights`,
+            the sums of the weights).
+        pivot: Per-channel shift, `(channels,)`, in the view's dtype.
+        weights: Optional tensor of `layout.view`'s shape (or broadcastable to it), 1 where a value
+            counts and 0 where it does not (any non-negative weights work).
+        replica_context: A `tf.distribute` replica context to take the statistics of the global
+            batch of all its replicas (two all-reduces: sums and counts, then squared
+            deviations), or `None` for this replica's.
+
+    Returns:
+        `Centred`, with statistics of zero-count channels 0.
+    """
+    view, sums, spread = layout.view, layout.sums, layout.spread
+    pivot = tf.stop_gradient(pivot)
+    shifted = view - spread(pivot)
+    total = sums(shifted if weights is None else shifted * weights)
+    if replica_context is not None:
+        channels = tf.shape(total)[0]
+        # Pivots differ between replicas: each replica contributes its sum of values.
+        packed = replica_context.all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.concat([total + pivot * count, count], 0)
+        )
+        count = packed[channels:]
+        offset = tf.math.divide_no_nan(packed[:channels], count) - pivot
+    else:
+        offset = tf.math.divide_no_nan(total, count)
+    # The derivative of the sum of squares through the mean is -2 * sum(x - mean) = 0: the
+    # mean's gradient path can be cut here.
+    squares = tf.math.squared_difference(shifted, spread(tf.stop_gradient(offset)))
+    m2 = sums(squares if weights is None else squares * weights)
+    if replica_context is not None:
+        m2 = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, m2)
+    variance = tf.math.divide_no_nan(m2, count)
+    return Centred(pivot + offset, variance, count, shifted, offset)
+
+
+def _synchronizing_context(synchronized: bool):
+    """The replica context to all-reduce over, or `None` (not synchronized, or one replica)."""
+    ctx = tf.distribute.get_replica_context()
+    if synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
+        return ctx
+    return None
+
+
+def centred(
+    x: tf.Tensor,
+    axis: int,
+    *,
+    weights: tf.Tensor | None = None,
+    synchronized: bool = False,
+) -> Centred:
+    """`centred_moments` of `x` (channel `axis`, any floating dtype, computed in
+    `statistics_dtype`) in its `reduction.channel_layout`, pivoted on each channel's first value
+    (with weights, on the weighted mean, since the first value may not count); `shifted` comes
+    back in the shape of `x`."""
+    x = tf.convert_to_tensor(x)
+    axis = canonical_axis(axis, x.shape.rank)
+    dtype = statistics_dtype(x.dtype)
+    x = tf.cast(x, dtype)
+    layout = reduction.channel_layout(x, axis)
+    if weights is None:
+        pivot = reduction.first_values(x, axis)
+        count = reduction.element_count(x, axis, dtype)
+        w = None
+    else:
+        w = layout.to_view(tf.broadcast_to(tf.cast(weights, dtype), tf.shape(x)))
+        count = layout.sums(w)
+        pivot = tf.math.divide_no_nan(layout.sums(layout.view * w), count)
+    stats = centred_moments(
+        layout, count, pivot, weights=w, replica_context=_synchronizing_context(synchronized)
+    )
+    shifted = tf.ensure_shape(tf.reshape(stats.shifted, tf.shape(x)), x.shape)
+    return stats._replace(shifted=shifted)
+
+
+def channel_moments(
+    x: tf.Tensor,
+    axis: int,
+    *,
+    weights: tf.Tensor | None = None,
+    synchronized: bool = False,
+) -> Moments:
+    """Per-channel mean, biased variance and count of `x` (channel `axis`) by `centred`.
+
+    Args:
+        x: Input of rank >= 2, computed in `statistics_dtype(x.dtype)`.
+        axis: The channel axis.
+        weights: Optional non-negative weights broadcastable to `x` (0: the value does not count).
+        synchronized: Statistics of the global batch across `tf.distribute` replicas.
+    """
+    stats = centred(x, axis, weights=weights, synchronized=synchronized)
+    return Moments(stats.mean, stats.variance, stats.count)
 
 
 def moments(
@@ -107,58 +244,23 @@ def moments(
         mask: Optional boolean tensor of rank `rank(x) - 1` (every axis but the channel axis, in
             order); `False` positions do not count.
         synchronized: If `True` and called in a `tf.distribute` replica context with several
-            replicas, the statistics are those of the global batch of all replicas: counts and sums
-            are all-reduced first, then the sums of squared deviations from the global mean (two
-            passes, so no `E[x^2] - E[x]^2` cancellation). Gradients flow through the all-reduce.
+            replicas, the statistics are those of the global batch of all replicas (see
+            `centred_moments`). Gradients flow through the all-reduce.
 
     Returns:
-        `Moments(mean, variance, count)`, float32 (float64 for float64 inputs), shape `(channels,)`.
-        A channel with no values gets mean 0 and variance 0 and count 0.
+        `Moments(mean, variance, count)`, float32 (float64 for float64 inputs), each of shape
+        `(channels,)`. A channel with no values gets mean 0 and variance 0 and count 0.
     """
     x = tf.convert_to_tensor(x)
-    rank = x.shape.rank
-    axis = canonical_axis(axis, rank)
-    axes = [i for i in range(rank) if i != axis]
-    dtype = statistics_dtype(x.dtype)
-    x = tf.cast(x, dtype)
-
+    axis = canonical_axis(axis, x.shape.rank)
     weights = None
     if mask is not None:
-        weights = _mask_weights(mask, x, axis, dtype)
-
-    ctx = tf.distribute.get_replica_context()
-    sync = synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
-
-    # First pass: sums and counts (all-reduced in one call when synchronized).
-    if weights is None:
-        total = tf.reduce_sum(x, axes)
-        count = _count(x, axes, dtype)
-    else:
-        total = tf.reduce_sum(x * weights, axes)
-        # The weights have size 1 on the channel axis: one count serves every channel.
-        count = tf.reduce_sum(weights)
-    if sync:
-        packed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([total, count[None]], 0))
-        total, count = packed[:-1], packed[-1]
-    mean = tf.math.divide_no_nan(total, count)
-
-    # Second pass: centred sum of squares about the (global) mean. Its derivative through the mean
-    # is -2 * sum(x - mean) = 0, so the mean's gradient path can be cut here.
-    centred = x - tf.reshape(tf.stop_gradient(mean), _broadcast_shape(rank, axis, -1))
-    squares = tf.square(centred) if weights is None else tf.square(centred) * weights
-    m2 = tf.reduce_sum(squares, axes)
-    if sync:
-        m2 = ctx.all_reduce(tf.distribute.ReduceOp.SUM, m2)
-    variance = tf.math.divide_no_nan(m2, count)
-    return Moments(mean, variance, count)
+        weights = _mask_weights(mask, x, axis, statistics_dtype(x.dtype))
+    return channel_moments(x, axis, weights=weights, synchronized=synchronized)
 
 
 def _mask_weights(mask: tf.Tensor, x: tf.Tensor, axis: int, dtype: tf.DType) -> tf.Tensor:
-    """A 0/1 weight tensor broadcastable to `x` from a mask over the non-channel axes.
-
-    Only masks without the channel axis are accepted: every channel of a position is then counted
-    alike, so one count serves all channels.
-    """
+    """A 0/1 weight tensor broadcastable to `x` from a mask over the non-channel axes."""
     mask = tf.convert_to_tensor(mask)
     rank = x.shape.rank
     if mask.shape.rank != rank - 1:
@@ -176,7 +278,7 @@ def replica_mean_moments(stats: Moments) -> Moments:
     This is what the moving statistics of an unsynchronized BatchNorm track under a
     `tf.distribute` strategy: each replica normalizes with its own batch statistics, and every
     replica updates its moving statistics with the same average (one all-reduce of
-    `2 * channels + 1` floats), so the copies never drift apart. A replica that received no
+    `3 * channels` floats), so the copies never drift apart. A replica that received no
     examples (a short last batch) has count 0 and does not contribute. Outside a strategy, or with
     one replica, `stats` is returned unchanged.
     """
@@ -184,13 +286,35 @@ def replica_mean_moments(stats: Moments) -> Moments:
     if ctx is None or ctx.num_replicas_in_sync <= 1:
         return stats
     count = stats.count
-    packed = tf.concat([stats.mean * count, stats.variance * count, count[None]], 0)
+    packed = tf.concat([stats.mean * count, stats.variance * count, count], 0)
     packed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, packed)
-    channels = tf.shape(stats.mean)[0]
-    total = packed[-1]
-    mean = tf.math.divide_no_nan(packed[:channels], total)
-    variance = tf.math.divide_no_nan(packed[channels : 2 * channels], total)
-    return Moments(mean, variance, total)
+    mean, variance, total = tf.split(packed, 3)
+    return Moments(
+        tf.math.divide_no_nan(mean, total), tf.math.divide_no_nan(variance, total), total
+    )
+
+
+def affine(
+    mean: tf.Tensor,
+    variance: tf.Tensor,
+    scale: tf.Tensor | None,
+    offset: tf.Tensor | None,
+    epsilon: float,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Batch normalization as one multiply-add: `(a, b)` with `normalized = x * a + b`.
+
+    `a = scale * rsqrt(variance + epsilon)` and `b = offset - mean * a`; `scale=None` means 1
+    and `offset=None` means 0. Every normalization in tfbn (training and inference kernels,
+    renorm, the folded adjustment) goes through this fold.
+    """
+    dtype = mean.dtype
+    a = tf.math.rsqrt(tf.cast(variance, dtype) + constant(epsilon, dtype))
+    if scale is not None:
+        a = a * tf.cast(scale, dtype)
+    b = -mean * a
+    if offset is not None:
+        b = b + tf.cast(offset, dtype)
+    return a, b
 
 
 def batch_norm(
@@ -205,7 +329,7 @@ def batch_norm(
     """Normalizes `x` with the given per-channel statistics.
 
     `gamma * (x - mean) / sqrt(variance + epsilon) + beta`, evaluated as one multiply-add per
-    element (`x * scale + shift`), in the dtype of `x`.
+    element (`affine`), in the dtype of `x`.
 
     Args:
         x: Input tensor of rank >= 2.
@@ -224,13 +348,7 @@ def batch_norm(
     axis = canonical_axis(axis, rank)
     if epsilon <= 0:
         raise ValueError(f"Argument `epsilon` must be positive; received epsilon={epsilon}.")
-    dtype = x.dtype
-    scale = tf.math.rsqrt(tf.cast(variance, dtype) + tf.cast(epsilon, dtype))
-    if gamma is not None:
-        scale = scale * tf.cast(gamma, dtype)
-    shift = -tf.cast(mean, dtype) * scale
-    if beta is not None:
-        shift = shift + tf.cast(beta, dtype)
+    scale, shift = affine(tf.cast(mean, x.dtype), variance, gamma, beta, epsilon)
     if axis != rank - 1:
         shape = _broadcast_shape(rank, axis, -1)
         scale = tf.reshape(scale, shape)
@@ -338,6 +456,30 @@ def check_adjustment(adjustment):
     return adjustment
 
 
+def fold_adjustment(adj_scale, adj_bias, gamma, beta, shape, axis: int):
+    """`(gamma * scale, gamma * bias + beta)` when the adjustment is per channel, else `None`.
+
+    Per channel means both values have shape `()`, `(1,)` or `(channels,)` for the last axis, or
+    any shape broadcastable to the input with size 1 on every axis but the channel axis.
+    `gamma`/`beta` of `None` mean 1/0; the result is in their dtype (float32 if both are `None`).
+    """
+    shape = tf.TensorShape(shape)
+    rank, channels = shape.rank, shape[axis]
+    dtype = next((v.dtype for v in (gamma, beta) if v is not None), tf.float32)
+    per_channel = []
+    for value in (adj_scale, adj_bias):
+        value = tf.cast(tf.convert_to_tensor(value), dtype)
+        if value.shape.rank is None or value.shape.rank > rank or channels is None:
+            return None
+        dims = [1] * (rank - value.shape.rank) + list(value.shape)
+        others = [d for i, d in enumerate(dims) if i != axis]
+        if any(d != 1 for d in others) or dims[axis] not in (1, channels):
+            return None
+        per_channel.append(tf.broadcast_to(tf.reshape(value, [-1]), [channels]))
+    scale, bias = per_channel
+    return _times(gamma, scale), _plus(_times(gamma, bias), beta)
+
+
 def virtual_batch_view(x: tf.Tensor, virtual_batch_size: int) -> tf.Tensor:
     """Reshapes `(n, ...)` to `(virtual_batch_size, n // virtual_batch_size, ...)`.
 
@@ -366,12 +508,52 @@ def virtual_batch_view(x: tf.Tensor, virtual_batch_size: int) -> tf.Tensor:
     return tf.reshape(x, tf.concat([[virtual_batch_size, -1], shape[1:]], 0))
 
 
+class GhostView(NamedTuple):
+    """An input with its virtual batches merged into the channel axis (see `ghost_view`)."""
+
+    merged: tf.Tensor
+    groups: tf.Tensor
+    to_merged: Callable
+    from_merged: Callable
+
+
+def ghost_view(x: tf.Tensor, axis: int, virtual_batch_size: int) -> GhostView:
+    """`x` with each virtual batch's channels as channels of their own.
+
+    The `(virtual_batch_size, g, ...)` view (`virtual_batch_view`) gets its group axis moved just
+    before the channel axis and merged with it: channel `j * C + c` of `merged` is channel `c` of
+    virtual batch `j`, so per-channel statistics of `merged` are per-virtual-batch statistics of
+    `x`. With the channel axis 1 this is a reshape; otherwise it costs a transpose.
+    `to_merged` applies the same to any tensor of `x`'s shape; `from_merged` undoes it.
+    """
+    rank = x.shape.rank
+    axis = canonical_axis(axis, rank)
+    # (vbs, g, d1, .., C, ..) -> (vbs, d1, .., g, C, ..): the group axis just before the channel.
+    perm = [0, *range(2, axis + 1), 1, *range(axis + 1, rank + 1)]
+    inverse = [perm.index(i) for i in range(rank + 1)]
+    grouped_shape = tf.shape(virtual_batch_view(x, virtual_batch_size))
+    moved_shape = tf.gather(grouped_shape, perm)
+    merged_shape = tf.concat([moved_shape[:axis], [-1], moved_shape[axis + 2 :]], 0)
+
+    def to_merged(t):
+        t = tf.reshape(t, grouped_shape)
+        return tf.reshape(t if axis == 1 else tf.transpose(t, perm), merged_shape)
+
+    def from_merged(t):
+        t = tf.reshape(t, moved_shape)
+        t = t if axis == 1 else tf.transpose(t, inverse)
+        return tf.ensure_shape(tf.reshape(t, tf.shape(x)), x.shape)
+
+    return GhostView(to_merged(x), grouped_shape[1], to_merged, from_merged)
+
+
 def ghost_moments(
     x: tf.Tensor,
     axis: int,
     virtual_batch_size: int,
     *,
     mask: tf.Tensor | None = None,
+    weights: tf.Tensor | None = None,
 ) -> Moments:
     """Per-channel moments of each virtual ("ghost") batch (Hoffer et al., 2017).
 
@@ -381,10 +563,11 @@ def ghost_moments(
         virtual_batch_size: Examples per virtual batch; there are `g = n // virtual_batch_size`
             of them, grouped as described in `virtual_batch_view`.
         mask: Optional boolean tensor of rank `rank(x) - 1` (as in `moments`).
+        weights: Optional weights broadcastable to `x` (as in `channel_moments`).
 
     Returns:
-        `Moments` with `mean` and biased `variance` of shape `(g, channels)` and `count` of shape
-        `(g,)`, float32 (float64 for float64 inputs).
+        `Moments` with `mean`, biased `variance` and `count` of shape `(g, channels)`, float32
+        (float64 for float64 inputs), by `channel_moments` on the merged view (`ghost_view`).
 
     Raises:
         ValueError: if the batch size is known and not a multiple of `virtual_batch_size`, or the
@@ -393,35 +576,15 @@ def ghost_moments(
     rank = x.shape.rank
     axis = canonical_axis(axis, rank)
     dtype = statistics_dtype(x.dtype)
-    xg = virtual_batch_view(tf.cast(x, dtype), virtual_batch_size)
-    axes = [i for i in range(rank + 1) if i not in (1, axis + 1)]
-    if mask is None:
-        weights = None
-        count = _count(xg, axes, dtype) * tf.ones(tf.shape(xg)[1:2], dtype)
-        total = tf.reduce_sum(xg, axes, keepdims=True)
-    else:
-        mask = tf.convert_to_tensor(mask)
-        if mask.shape.rank != rank - 1:
-            raise ValueError(
-                f"Argument `mask` must have rank {rank - 1} (the input's axes without the channel "
-                f"axis) with virtual batches; received a mask of shape {mask.shape} for an input "
-                f"of shape {x.shape}."
-            )
-        weights = virtual_batch_view(tf.cast(tf.cast(mask, tf.bool), dtype), virtual_batch_size)
-        weights = tf.expand_dims(weights, axis + 1)
-        per_group = [i for i in range(rank + 1) if i != 1]
-        count = tf.reduce_sum(weights, per_group)
-        total = tf.reduce_sum(xg * weights, axes, keepdims=True)
-    count_b = tf.reshape(count, [1, -1] + [1] * (rank - 1))
-    mean = tf.math.divide_no_nan(total, count_b)
-    centred = xg - tf.stop_gradient(mean)
-    squares = tf.square(centred) if weights is None else tf.square(centred) * weights
-    variance = tf.math.divide_no_nan(tf.reduce_sum(squares, axes, keepdims=True), count_b)
-    # Drop the reduced singleton axes of (1, g, 1, .., channels, 1, ..).
-    keep = [i for i in range(rank + 1) if i not in axes]
-    mean = tf.reshape(mean, tf.gather(tf.shape(mean), keep))
-    variance = tf.reshape(variance, tf.gather(tf.shape(variance), keep))
-    return Moments(mean, variance, count)
+    x = tf.cast(x, dtype)
+    if mask is not None:
+        weights = _mask_weights(mask, x, axis, dtype)
+    view = ghost_view(x, axis, virtual_batch_size)
+    if weights is not None:
+        weights = view.to_merged(tf.broadcast_to(tf.cast(weights, dtype), tf.shape(x)))
+    stats = channel_moments(view.merged, axis, weights=weights)
+    channels = x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+    return Moments(*(tf.reshape(t, [-1, channels]) for t in stats))
 
 
 def pool_moments(stats: Moments) -> Moments:
@@ -432,8 +595,8 @@ def pool_moments(stats: Moments) -> Moments:
     in tf-keras); the count is their sum.
     """
     count = stats.count
-    total = tf.reduce_sum(count)
-    weights = tf.math.divide_no_nan(count, total)[:, None]
+    total = tf.reduce_sum(count, 0)
+    weights = tf.math.divide_no_nan(count, total)
     mean = tf.reduce_sum(stats.mean * weights, 0)
     variance = tf.reduce_sum(stats.variance * weights, 0)
     return Moments(mean, variance, total)
@@ -467,17 +630,17 @@ def renorm_correction(
     """
     clipping = check_renorm_clipping(clipping)
     dtype = mean.dtype
-    eps = tf.cast(epsilon, dtype)
+    eps = constant(epsilon, dtype)
     stddev = tf.sqrt(variance + eps)
     sigma = tf.maximum(tf.cast(renorm_stddev, dtype), tf.sqrt(eps))
     r = stddev / sigma
     d = (mean - tf.cast(renorm_mean, dtype)) / sigma
     if "rmin" in clipping:
-        r = tf.maximum(r, tf.cast(clipping["rmin"], dtype))
+        r = tf.maximum(r, constant(clipping["rmin"], dtype))
     if "rmax" in clipping:
-        r = tf.minimum(r, tf.cast(clipping["rmax"], dtype))
+        r = tf.minimum(r, constant(clipping["rmax"], dtype))
     if "dmax" in clipping:
-        dmax = tf.cast(clipping["dmax"], dtype)
+        dmax = constant(clipping["dmax"], dtype)
         d = tf.clip_by_value(d, -dmax, dmax)
     return tf.stop_gradient(r), tf.stop_gradient(d)
 
@@ -490,6 +653,7 @@ def batch_norm_training(
     gamma: tf.Tensor | None = None,
     epsilon: float = 1e-3,
     mask: tf.Tensor | None = None,
+    weights: tf.Tensor | None = None,
     synchronized: bool = False,
     virtual_batch_size: int | None = None,
     renorm_mean: tf.Tensor | None = None,
@@ -512,6 +676,7 @@ def batch_norm_training(
         gamma: Optional per-channel scale.
         epsilon: Variance epsilon.
         mask: Optional boolean tensor over the non-channel axes; masked positions do not count.
+        weights: Optional weights broadcastable to `x` (instead of `mask`; 0: does not count).
         synchronized: Global-batch statistics across `tf.distribute` replicas (see `moments`).
         virtual_batch_size: If set, ghost batch normalization: each virtual batch is normalized
             with its own statistics (`ghost_moments`).
@@ -530,69 +695,67 @@ def batch_norm_training(
     axis = canonical_axis(axis, rank)
     dtype = statistics_dtype(x.dtype)
     x = tf.cast(x, dtype)
+    if mask is not None:
+        weights = _mask_weights(mask, x, axis, dtype)
+    if weights is not None:
+        weights = tf.broadcast_to(tf.cast(weights, dtype), tf.shape(x))
+    ghost = None
     if virtual_batch_size is not None:
         check_virtual_batch_size(virtual_batch_size, synchronized)
-        groups = ghost_moments(x, axis, virtual_batch_size, mask=mask)
-        stats = pool_moments(groups)
-        # Statistics broadcast against the (virtual_batch_size, g, ...) view of x.
-        shape = [1] * (rank + 1)
-        shape[1] = -1
-        shape[axis + 1] = tf.shape(x)[axis]
-        mean_b = tf.reshape(groups.mean, shape)
-        inv_b = tf.reshape(tf.math.rsqrt(groups.variance + tf.cast(epsilon, dtype)), shape)
-        xv = virtual_batch_view(x, virtual_batch_size)
-    else:
-        stats = moments(x, axis, mask=mask, synchronized=synchronized)
-        shape = _broadcast_shape(rank, axis, -1)
-        mean_b = tf.reshape(stats.mean, shape)
-        inv_b = tf.reshape(tf.math.rsqrt(stats.variance + tf.cast(epsilon, dtype)), shape)
-        xv = x
-    channel_shape = [1] * xv.shape.rank
-    channel_shape[(axis + 1) if virtual_batch_size is not None else axis] = -1
+        ghost = ghost_view(x, axis, virtual_batch_size)
+        weights = None if weights is None else ghost.to_merged(weights)
+    merged = x if ghost is None else ghost.merged
+    stats = centred(merged, axis, weights=weights, synchronized=synchronized)
+    moments_ = Moments(stats.mean, stats.variance, stats.count)
+    if ghost is not None:
+        channels = x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+        moments_ = pool_moments(Moments(*(tf.reshape(t, [-1, channels]) for t in moments_)))
 
-    def per_channel(value):
-        return None if value is None else tf.reshape(tf.cast(value, dtype), channel_shape)
+    def merged_channels(value):
+        """A per-channel vector for the merged channels (tiled over the virtual batches)."""
+        if value is None:
+            return None
+        value = tf.reshape(tf.cast(value, dtype), [-1])
+        return value if ghost is None else tf.tile(value, [ghost.groups])
+
+    def broadcast(value):
+        return tf.reshape(value, _broadcast_shape(rank, axis, -1))
 
     r = d = None
     if renorm_mean is not None or renorm_stddev is not None:
         if renorm_mean is None or renorm_stddev is None:
             raise ValueError("Batch renormalization needs both `renorm_mean` and `renorm_stddev`.")
         r, d = renorm_correction(
-            stats.mean, stats.variance, renorm_mean, renorm_stddev, epsilon, renorm_clipping
+            moments_.mean, moments_.variance, renorm_mean, renorm_stddev, epsilon, renorm_clipping
         )
-    gamma_b, beta_b, r_b, d_b = map(per_channel, (gamma, beta, r, d))
-
+    r, d, gamma_m, beta_m = map(merged_channels, (r, d, gamma, beta))
     if adjustment is None:
-        # Fold everything into one multiply-add per element: y = x * scale + shift.
-        scale = inv_b if r_b is None else inv_b * r_b
-        shift = None if d_b is None else d_b
-        if gamma_b is not None:
-            scale = scale * gamma_b
-            shift = None if shift is None else shift * gamma_b
-        shift = -mean_b * scale if shift is None else shift - mean_b * scale
-        if beta_b is not None:
-            shift = shift + beta_b
-        y = xv * scale + shift
-        if virtual_batch_size is not None:
-            y = tf.ensure_shape(tf.reshape(y, tf.shape(x)), x.shape)
-        return y, stats
-
-    z = (xv - mean_b) * (inv_b if r_b is None else inv_b * r_b)
-    if d_b is not None:
-        z = z + d_b
-    if virtual_batch_size is not None:
-        z = tf.ensure_shape(tf.reshape(z, tf.shape(x)), x.shape)
-        gamma_b, beta_b = (
-            None if v is None else tf.reshape(tf.cast(v, dtype), _broadcast_shape(rank, axis, -1))
-            for v in (gamma, beta)
-        )
+        # gamma * (x_hat * r + d) + beta as one multiply-add on the shifted values.
+        scale = _times(r, gamma_m)
+        offset = _plus(None if d is None else _times(d, gamma_m), beta_m)
+        a, b = affine(stats.offset, stats.variance, scale, offset, epsilon)
+        y = stats.shifted * broadcast(a) + broadcast(b)
+        return (y if ghost is None else ghost.from_merged(y)), moments_
+    a, b = affine(stats.offset, stats.variance, r, d, epsilon)
+    z = stats.shifted * broadcast(a) + broadcast(b)
+    z = z if ghost is None else ghost.from_merged(z)
     adj_scale, adj_bias = adjustment(tf.shape(x))
     z = z * tf.cast(adj_scale, dtype) + tf.cast(adj_bias, dtype)
-    if gamma_b is not None:
-        z = z * gamma_b
-    if beta_b is not None:
-        z = z + beta_b
-    return z, stats
+    if gamma is not None:
+        z = z * broadcast(tf.cast(gamma, dtype))
+    if beta is not None:
+        z = z + broadcast(tf.cast(beta, dtype))
+    return z, moments_
+
+
+def _times(a, b):
+    """`a * b` where `None` means 1."""
+    return b if a is None else a if b is None else a * b
+
+
+def _plus(a, b):
+    """`a + b` where `None` means 0."""
+    return b if a is None else a if b is None else a + b
 
 
 def bessel_corrected(stats: Moments) -> Moments:
@@ -644,7 +807,7 @@ def moving_statistics_update(
     seen = stats.count > 0
     targets = {"moving_mean": (stats.mean, momentum)}
     renorm = "renorm_mean" in moving
-    stddev = tf.sqrt(stats.variance + tf.cast(epsilon, dtype))
+    stddev = tf.sqrt(stats.variance + constant(epsilon, dtype))
     if renorm:
         if renorm_momentum is None:
             raise ValueError("Batch renormalization needs `renorm_momentum`.")
@@ -658,6 +821,6 @@ def moving_statistics_update(
         old = tf.cast(moving[name], dtype)
         new[name] = tf.where(seen, old * decay + value * (1.0 - decay), old)
     if renorm:
-        variance = tf.nn.relu(tf.square(new["moving_stddev"]) - tf.cast(epsilon, dtype))
+        variance = tf.nn.relu(tf.square(new["moving_stddev"]) - constant(epsilon, dtype))
         new["moving_variance"] = variance
     return {name: tf.cast(value, tf.as_dtype(moving[name].dtype)) for name, value in new.items()}

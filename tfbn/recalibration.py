@@ -180,33 +180,17 @@ def _reduction_axes(tensor, step) -> tuple[int, list[int]]:
 def _moments(tensors, steps) -> list[tf.Tensor]:
     """Per batch-norm input, `[count, mean..., m2...]` over all replicas, in float64.
 
-    `m2` is the sum of squared deviations from the mean, per channel. Two all-reduces for all the
-    tensors together: the sums and counts first, then the squared deviations from the global
-    mean, so that the result is that of one device holding the whole global batch.
+    `m2` is the sum of squared deviations from the mean, per channel, by `tfbn.ops.centred`
+    synchronized over the replicas: the result is that of one device holding the whole global
+    batch.
     """
-    context = tf.distribute.get_replica_context()
-    xs = [tf.cast(t, tf.float64) for t in tensors]
-    axes = [_reduction_axes(x, step) for x, step in zip(xs, steps, strict=True)]
-    sizes = [int(x.shape[axis]) for x, (axis, _) in zip(xs, axes, strict=True)]
-    counts = [
-        tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), reduce)), tf.float64)[None]
-        for x, (_, reduce) in zip(xs, axes, strict=True)
-    ]
-    sums = [tf.reduce_sum(x, reduce) for x, (_, reduce) in zip(xs, axes, strict=True)]
-    packed = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(sums + counts, 0))
-    sums = tf.split(packed[: sum(sizes)], sizes)
-    counts = tf.split(packed[sum(sizes) :], len(sizes))
-    m2s = []
-    for x, (axis, reduce), total, count in zip(xs, axes, sums, counts, strict=True):
-        shape = [1] * len(x.shape)
-        shape[axis] = -1
-        mean = tf.math.divide_no_nan(total, count)
-        m2s.append(tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), reduce))
-    m2s = tf.split(context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(m2s, 0)), sizes)
-    return [
-        tf.concat([count, tf.math.divide_no_nan(total, count), m2], 0)
-        for count, total, m2 in zip(counts, sums, m2s, strict=True)
-    ]
+    packed = []
+    for tensor, step in zip(tensors, steps, strict=True):
+        x = tf.cast(tensor, tf.float64)
+        axis, _ = _reduction_axes(x, step)
+        stats = ops.centred(x, axis, synchronized=True)
+        packed.append(tf.concat([stats.count[:1], stats.mean, stats.variance * stats.count], 0))
+    return packed
 
 
 class _Accumulator:
