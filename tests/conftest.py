@@ -42,6 +42,16 @@ def cpu_devices():
     return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """A TFDS data directory where Fashion-MNIST is prepared once from the IDX files."""
+    from tfbn import data
+
+    path = tmp_path_factory.mktemp("tfds")
+    data.prepare(data.DEFAULT_DATA_DIR, path)
+    return path
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -31,14 +31,6 @@ def raw():
     }
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    """A TFDS data directory where the dataset is prepared once for this module."""
-    path = tmp_path_factory.mktemp("tfds")
-    data.prepare(SOURCE, path)
-    return path
-
-
 def _collect(dataset):
     images, labels = [], []
     for x, y in dataset:

@@ -428,13 +428,6 @@ def test_fast_passes_reach_the_exact_statistics_after_one_pass_per_level(rng):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    data.prepare(data.DEFAULT_DATA_DIR, path)
-    return path
-
-
 def test_cli_recalibrates_a_saved_lenet(tmp_path, tfds_dir, capsys):
     from tfbn.cli import main
 

@@ -14,7 +14,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tuner_process import SyntheticData, oracle_records
+from train_helpers import NoTestSplit, search_data
+from tuner_process import oracle_records
 
 import tfbn
 import tfbn.data
@@ -41,7 +42,7 @@ def _no_data_loading(monkeypatch):
 def search(tmp_path_factory):
     """One small search over the three variants on synthetic data (6 trials of 1 epoch)."""
     directory = str(tmp_path_factory.mktemp("tune"))
-    data = SyntheticData()
+    data = search_data()
     result = tfbn.tune(
         ("tfbn", "keras", "none"),
         lr_min=LR_MIN,
@@ -157,7 +158,7 @@ def test_nan_trials_are_recorded_as_diverged_and_the_search_goes_on(tmp_path):
     # Learning rates near float32's limit drive the weights of plain LeNet to inf, the loss to
     # NaN. Four trials in a row diverge; Keras Tuner stops a search after three failed ones, so
     # diverged trials must be completed trials with a "diverged" record.
-    data = SyntheticData(num_train=128, num_validation=64)
+    data = search_data(num_train=128, num_validation=64)
     result = tfbn.tune(
         ["none"],
         lr_min=1e36,
@@ -195,7 +196,7 @@ def _trial_files(project_dir):
 
 
 def test_resume_continues_and_overwrite_starts_afresh(tmp_path):
-    data = SyntheticData(num_train=128, num_validation=64)
+    data = search_data(num_train=128, num_validation=64)
     project = str(tmp_path / "lenet_lr_none")
 
     def run(trials, overwrite=False):
@@ -244,7 +245,7 @@ def test_bayesian_and_hyperband_tuners(tmp_path, tuner, state_key):
         trials=2,
         epochs=2,
         directory=str(tmp_path),
-        dataset=SyntheticData(num_train=128, num_validation=64),
+        dataset=search_data(num_train=128, num_validation=64),
         verbose=0,
     )
     project = tmp_path / "lenet_lr_none"
@@ -281,7 +282,7 @@ def test_sampled_learning_rate_and_momentum_reach_the_optimizer(tmp_path, monkey
         executions_per_trial=2,
         tune_momentum=True,
         directory=str(tmp_path),
-        dataset=SyntheticData(num_train=128, num_validation=64),
+        dataset=search_data(num_train=128, num_validation=64),
         verbose=0,
     )
     records = oracle_records(str(tmp_path / "lenet_lr_none"))
@@ -313,7 +314,7 @@ def test_trials_run_under_the_selected_strategy(tmp_path, monkeypatch):
         epochs=1,
         directory=str(tmp_path),
         # Batches divisible by the replica count: the three logical CPUs of conftest.py.
-        dataset=SyntheticData(num_train=120, num_validation=60, batch_size=60),
+        dataset=search_data(num_train=120, num_validation=60, batch_size=60),
         strategy="mirrored",
         verbose=0,
     )
@@ -378,24 +379,13 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
-class _NoTestSplit:
-    """A loaded dataset whose test split cannot be touched."""
-
-    def __init__(self, data):
-        self.train, self.validation = data.train, data.validation
-
-    @property
-    def test(self):
-        raise AssertionError("the tuner touched the test split")
-
-
 def test_cli_tunes_on_a_fraction_of_fashion_mnist(tmp_path, monkeypatch):
     calls = []
     real_load = tfbn.data.load_fashion_mnist
 
     def load(*args, **kwargs):
         calls.append((args, kwargs))
-        return _NoTestSplit(real_load(*args, **kwargs))
+        return NoTestSplit(real_load(*args, **kwargs))
 
     monkeypatch.setattr(tfbn.data, "load_fashion_mnist", load)
     out = tmp_path / "out"

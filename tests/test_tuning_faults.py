@@ -12,7 +12,7 @@ import time
 import pytest
 from holders import kill, lock_held
 from os_faults import run_on_tmpfs
-from tuner_process import SyntheticData
+from train_helpers import search_data
 
 import tfbn
 import tfbn.data
@@ -79,7 +79,7 @@ def test_a_killed_search_leaves_a_lock_the_next_search_takes_over(tmp_path, capf
         trials=1,
         epochs=1,
         directory=str(run_dir),
-        dataset=SyntheticData(num_train=128, num_validation=64),
+        dataset=search_data(num_train=128, num_validation=64),
         verbose=0,
     )
     notices = [line for line in capfd.readouterr().err.splitlines() if "taking over" in line]

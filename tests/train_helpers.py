@@ -32,6 +32,8 @@ class SyntheticData:
     pause_marker: str | None = None
     pause_epoch: int = 1
     pause_batch: int = 2
+    validation_images: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
 
     @property
     def num_train(self) -> int:
@@ -87,11 +89,33 @@ class SyntheticData:
             self.batch_size
         )
 
+    @property
+    def train(self) -> tf.data.Dataset:
+        """The training batches in a fixed order (the `train` split of a search's data)."""
+        return self.train_examples
+
+    @property
+    def validation(self) -> tf.data.Dataset | None:
+        """The validation batches, if the data were made with `num_validation`."""
+        if self.validation_labels is None:
+            return None
+        return tf.data.Dataset.from_tensor_slices(
+            (self.validation_images, self.validation_labels)
+        ).batch(self.batch_size)
+
 
 def synthetic_data(
-    num_train: int = 485, num_test: int = 128, batch_size: int = 64, seed: int = 0, **kwargs
+    num_train: int = 485,
+    num_test: int = 128,
+    batch_size: int = 64,
+    seed: int = 0,
+    num_validation: int = 0,
+    **kwargs,
 ) -> SyntheticData:
-    """Learnable synthetic data; 485 examples at batch 64 leave an odd last batch of 37."""
+    """Learnable synthetic data; 485 examples at batch 64 leave an odd last batch of 37.
+
+    With `num_validation`, a validation split too (drawn after the others, which stay the same).
+    """
     rng = np.random.default_rng(1000 + seed)
     patterns = rng.uniform(0.0, 1.0, size=(10, 28, 28, 1)).astype(np.float32)
 
@@ -103,8 +127,28 @@ def synthetic_data(
 
     images, labels = make(num_train)
     test_images, test_labels = make(num_test)
+    if num_validation:
+        kwargs["validation_images"], kwargs["validation_labels"] = make(num_validation)
     return SyntheticData(
         images, labels, test_images, test_labels, batch_size=batch_size, seed=seed, **kwargs
+    )
+
+
+class NoTestSplit:
+    """The `train` and `validation` splits of `data` alone: touching `test` fails the test."""
+
+    def __init__(self, data):
+        self.train, self.validation = data.train, data.validation
+
+    @property
+    def test(self):
+        raise AssertionError("the tuner touched the test split")
+
+
+def search_data(num_train: int = 256, num_validation: int = 128, batch_size: int = 64):
+    """Synthetic training and validation splits for a learning-rate search, without a test split."""
+    return NoTestSplit(
+        synthetic_data(num_train, batch_size=batch_size, num_validation=num_validation)
     )
 
 

@@ -7,7 +7,7 @@ TensorFlow and built their data before it starts searching, so the workers begin
 
 The role comes from the KERASTUNER_* environment variables. The chief gets no dataset and its data
 loader is replaced by one that fails, so the run shows that the chief never loads data. Workers
-train on a small synthetic dataset.
+train on a small synthetic dataset (`train_helpers.search_data`).
 """
 
 from __future__ import annotations
@@ -19,29 +19,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-
-class SyntheticData:
-    """Ten classes, each a bright horizontal band at its own height, plus noise."""
-
-    def __init__(self, num_train: int = 256, num_validation: int = 128, batch_size: int = 64):
-        self.train = self._make(num_train, batch_size, seed=1)
-        self.validation = self._make(num_validation, batch_size, seed=2)
-
-    @staticmethod
-    def _make(n: int, batch_size: int, seed: int) -> tf.data.Dataset:
-        rng = np.random.default_rng(seed)
-        labels = rng.integers(0, 10, n).astype("int32")
-        images = (rng.random((n, 28, 28, 1)) * 0.3).astype("float32")
-        for c in range(10):
-            images[labels == c, 2 * c + 4 : 2 * c + 7, :, 0] += 0.7
-        return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-
-    @property
-    def test(self):
-        raise AssertionError("the tuner touched the test split")
+from train_helpers import search_data  # noqa: E402
 
 
 def oracle_records(project_dir: str) -> dict:
@@ -80,7 +58,7 @@ def main(argv: list[str]) -> int:
 
         tfbn.data.load_fashion_mnist = no_data
     else:
-        dataset = SyntheticData()
+        dataset = search_data()
         _barrier(os.environ.get("TFBN_TEST_BARRIER", ""))
     result = tfbn.tuning.tune(
         variants.split(","),
