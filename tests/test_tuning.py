@@ -415,3 +415,34 @@ def test_cli_tunes_on_a_fraction_of_fashion_mnist(tmp_path, monkeypatch):
     assert 0.5 <= trial["learning_rate"] <= 2.0
     assert 0.0 <= trial["val_accuracy"] <= 1.0
     assert np.isfinite(trial["loss"])
+
+
+class _ChiefOracle:
+    """Stands for the chief's oracle as a worker reaches it: the variants it serves, in turn."""
+
+    def __init__(self, *served):
+        self.served = list(served)
+        self.asked = 0
+
+    def get_space(self):
+        import keras_tuner
+
+        hp = keras_tuner.HyperParameters()
+        hp.Fixed("variant", self.served[min(self.asked, len(self.served) - 1)])
+        self.asked += 1
+        return hp
+
+
+def test_a_worker_waits_for_its_variants_oracle_and_skips_one_already_searched(monkeypatch):
+    # All variants share one port: the previous variant's oracle may still answer for a moment,
+    # and a worker that comes late may find the chief already at a later variant.
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tfbn.tuning, "_ORACLE_POLL_S", 0.0)
+    order = ("tfbn", "keras", "none")
+    late = SimpleNamespace(oracle=_ChiefOracle("tfbn", "tfbn", "keras"))
+    assert tfbn.tuning._await_own_oracle(late, "keras", order) is True
+    assert late.oracle.asked == 3  # waited through the two answers of the previous oracle
+    over = SimpleNamespace(oracle=_ChiefOracle("none"))
+    assert tfbn.tuning._await_own_oracle(over, "keras", order) is False
+    assert over.oracle.asked == 1
