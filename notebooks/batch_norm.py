@@ -24,7 +24,8 @@
 # goes from the arithmetic on a 4 x 3 tensor to a LeNet trained on Fashion-MNIST, and then answers
 # the chapter's exercises with real training runs.
 #
-# Every step calls the `tfbn` package: `tfbn.moments` and `tfbn.batch_norm` (the math),
+# Every step calls the `tfbn` package: `tfbn.moments` and `tfbn.batch_normalization` (the math,
+# with the arguments of `keras.ops.moments` and `keras.ops.batch_normalization`),
 # `tfbn.BatchNorm` (the Keras layer), `tfbn.lenet`, `tfbn.train`, `tfbn.recalibrate`,
 # `tfbn.export_saved_model` and `tfbn.tune`.
 #
@@ -92,8 +93,9 @@ def show(fig):
 #
 # Take a minibatch of 4 examples with 3 features whose scales have nothing in common: feature 0
 # around 0 with spread 1, feature 1 around 5 with spread 0.1, feature 2 around -3 with spread 10.
-# `tfbn.moments` returns, per feature, the batch mean and the *biased* variance (the sum of squared
-# deviations divided by the number of values, here 4). `tfbn.batch_norm` then computes
+# `tfbn.moments(x, axes=[0])` returns, per feature, the batch mean and the *biased* variance (the
+# sum of squared deviations divided by the number of values, here 4). `tfbn.batch_normalization`
+# then computes
 # `gamma * (x - mean) / sqrt(variance + epsilon) + beta`. This is **training mode**: the
 # statistics come from the batch itself. We check the result against the formula in float64 NumPy.
 # (Feature 1's spread comes out slightly below 1: its variance, about 0.004, is not large next to
@@ -106,8 +108,10 @@ x = tf.constant(x_np)
 gamma = np.array([1.0, 2.0, 0.5], "float32")
 beta = np.array([0.0, 1.0, -1.0], "float32")
 
-stats = tfbn.moments(x, axis=-1)
-y = tfbn.batch_norm(x, stats.mean, stats.variance, beta, gamma, epsilon=RECIPE.epsilon)
+mean, variance = tfbn.moments(x, axes=[0])
+y = tfbn.batch_normalization(
+    x, mean, variance, axis=-1, offset=beta, scale=gamma, epsilon=RECIPE.epsilon
+)
 
 x64 = x_np.astype("float64")
 reference = gamma * (x64 - x64.mean(axis=0)) / np.sqrt(x64.var(axis=0) + RECIPE.epsilon) + beta
@@ -116,10 +120,10 @@ results["op_max_error"] = op_error
 
 np.set_printoptions(precision=4, suppress=True)
 print("x =\n", x_np)
-print("batch mean     ", stats.mean.numpy(), "  count", int(stats.count))
+print("batch mean     ", mean.numpy(), "  count", x.shape[0])
 print(
     "batch variance ",
-    stats.variance.numpy(),
+    variance.numpy(),
     "  NumPy's var (ddof=0):",
     x64.var(axis=0),
 )
@@ -145,12 +149,16 @@ variance_estimate = np.array([1.0, 0.01, 100.0], "float32")
 
 
 def predict_mode(batch):
-    return tfbn.batch_norm(batch, mean_estimate, variance_estimate, beta, gamma, RECIPE.epsilon)
+    return tfbn.batch_normalization(
+        batch, mean_estimate, variance_estimate, -1, beta, gamma, RECIPE.epsilon
+    )
 
 
 def train_mode(batch):
-    s = tfbn.moments(batch)
-    return tfbn.batch_norm(batch, s.mean, s.variance, beta, gamma, RECIPE.epsilon)
+    batch_mean, batch_variance = tfbn.moments(batch, axes=[0])
+    return tfbn.batch_normalization(
+        batch, batch_mean, batch_variance, -1, beta, gamma, RECIPE.epsilon
+    )
 
 
 print("prediction mode, example 0 in a batch of 4:", predict_mode(x)[0].numpy())
@@ -161,24 +169,24 @@ print("training mode,   example 0 in a batch of 2:", train_mode(x[:2])[0].numpy(
 # %% [markdown]
 # For a convolution the statistics are taken per **channel**, over the batch *and* the spatial
 # positions, so that every position of a feature map is normalized the same way. With channels
-# last, that is every axis but the last one.
+# last, that is every axis but the last one: `axes=[0, 1, 2]`.
 
 # %%
 images = rng.normal(loc=2.0, scale=3.0, size=(2, 5, 5, 3)).astype("float32")
-conv_stats = tfbn.moments(tf.constant(images), axis=-1)
+conv_mean, conv_variance = tfbn.moments(tf.constant(images), axes=[0, 1, 2])
 print(
     "mean per channel    ",
-    conv_stats.mean.numpy(),
+    conv_mean.numpy(),
     " NumPy:",
     images.mean(axis=(0, 1, 2)),
 )
 print(
     "variance per channel",
-    conv_stats.variance.numpy(),
+    conv_variance.numpy(),
     " NumPy:",
     images.var(axis=(0, 1, 2)),
 )
-print("values per channel  ", int(conv_stats.count), "= 2 images x 5 x 5 positions")
+print("values per channel  ", images.size // 3, "= 2 images x 5 x 5 positions")
 
 # %% [markdown]
 # **Batch size 1.** With a single example, the batch mean of a fully connected feature *is* that
@@ -192,8 +200,8 @@ print("values per channel  ", int(conv_stats.count), "= 2 images x 5 x 5 positio
 one = x[:1]
 with tf.GradientTape() as tape:
     tape.watch(one)
-    s1 = tfbn.moments(one)
-    z = tfbn.batch_norm(one, s1.mean, s1.variance, epsilon=RECIPE.epsilon)
+    one_mean, one_variance = tfbn.moments(one, axes=[0])
+    z = tfbn.batch_normalization(one, one_mean, one_variance, -1, epsilon=RECIPE.epsilon)
     # Any loss at all: its gradient with respect to the input is zero.
     loss = tf.reduce_sum(z * tf.constant([[3.0, -1.0, 2.0]]))
 grad = tape.gradient(loss, one)

@@ -16,7 +16,7 @@ from tfbn.config import CLASS_NAMES, RECIPE, Recipe  # noqa: E402
 # Public name -> "module:attribute", imported on first access.
 _LAZY = {
     "BatchNorm": "tfbn.layers:BatchNorm",
-    "batch_norm": "tfbn.ops:batch_norm",
+    "batch_normalization": "tfbn.ops:batch_normalization",
     "moments": "tfbn.ops:moments",
     "convert": "tfbn.conversion:convert",
     "lenet": "tfbn.models:lenet",

@@ -69,7 +69,8 @@ def kernel_for(
       faster and is exact: not under XLA (XLA expands it into `E[x^2] - E[x]^2`), not
       synchronized, at most `FUSED_MAX_COUNT` values per channel (the count known from the static
       shape), on a GPU wherever it applies, on a CPU for channels-last rank-4/5 inputs with a
-      multiple of 4 channels and channels-first ones;
+      multiple of 4 channels (oneDNN's kernel is slower than the composed one for other channel
+      counts and for channels first);
     - `"fused_rank4"` (a rank-2/3 channels-last input viewed as `(-1, 1, 1, C)`) with
       `fused=None` on a GPU, or on a CPU for 256 or more channels (a multiple of 4);
     - `"composed"` otherwise (`fused=False` included).
@@ -95,7 +96,8 @@ def kernel_for(
         return "composed"
     on_gpu = bool(tf.config.list_logical_devices("GPU"))
     if fused_data_format(rank, axis, dtype) is not None:
-        return "fused" if on_gpu or axis == 1 or channels % 4 == 0 else "composed"
+        channels_last = axis == rank - 1
+        return "fused" if on_gpu or (channels_last and channels % 4 == 0) else "composed"
     if rank in (2, 3) and axis == rank - 1 and channels % 4 == 0 and (on_gpu or channels >= 256):
         return "fused_rank4"
     return "composed"
@@ -202,8 +204,8 @@ def fused_batch_norm(
 
     The kernel sees `x - pivot` (each channel's first value, without gradient): normalization
     does not change under a shift, and the kernel's own float32 mean, whose rounding error grows
-    with the mean, is then that of values of the order of the spread (on a CPU, oneDNN's
-    variance of values near 1e4 was otherwise off by 1e-3 and more). Its sums are not bounded
+    with the mean, is then that of values of the order of the spread
+    (docs/benchmarks/statistics.md). Its sums are not bounded
     like `tfbn.reduction`'s: the default kernel choice (`kernel_for`) takes it only for inputs of
     at most `FUSED_MAX_COUNT` values per channel.
 

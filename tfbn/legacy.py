@@ -274,14 +274,14 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
     def _infer(self, inputs):
         dtype = ops.statistics_dtype(inputs.dtype)
         x = self._to_view(tf.cast(inputs, dtype))
-        outputs = ops.batch_norm(
+        outputs = ops.batch_normalization(
             x,
             self._flat(self.moving_mean, dtype),
             self._flat(self.moving_variance, dtype),
-            self._flat(self.beta, dtype),
-            self._flat(self.gamma, dtype),
-            self.epsilon,
             self._channel_axis(),
+            offset=self._flat(self.beta, dtype),
+            scale=self._flat(self.gamma, dtype),
+            epsilon=self.epsilon,
         )
         outputs = self._from_view(outputs, tf.shape(inputs))
         outputs.set_shape(inputs.shape)

@@ -4,9 +4,9 @@ Every kernel (`tfbn.fast`), the public `tfbn.moments` and ghost batches take the
 through one `ChannelLayout`: a reshaped view of the input (no transpose) with a function that sums
 a view-shaped tensor per channel and one that broadcasts per-channel values against it.
 
-The sums are accurate in float32 at any size that fits in memory: no float32 accumulator receives
-more than about `2 * BLOCK_ROWS` values (a long running sum loses the low bits of every addend,
-which for 2^20 values of the same sign is a relative error above 1e-4). Outside XLA the rows are
+No float32 accumulator receives more than about `2 * BLOCK_ROWS` values (for up to
+`BLOCK_ROWS ** 2` rows): a long running sum loses the low bits of every addend
+(docs/benchmarks/statistics.md). Outside XLA the rows are
 summed in blocks by one matrix-vector product; reductions over the contiguous last axis are left
 to TensorFlow, which sums them pairwise. Under XLA the rows are summed in blocks of
 `XLA_BLOCK_ROWS`.
