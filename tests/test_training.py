@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import bn_moving_statistics, synthetic_data
+from train_helpers import bn_moving_statistics, reference_run, synthetic_data
 
 import tfbn
 from tfbn import training
@@ -216,22 +216,8 @@ def test_same_seed_reproduces_the_run(tmp_path):
 # ---------------------------------------------------------------------------------- resuming
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Weights after an uninterrupted 2-epoch run (the same settings as tests/train_helpers.py)."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = tfbn.train(
-        "tfbn",
-        epochs=2,
-        batch_size=64,
-        seed=3,
-        strategy="default",
-        loop="fit",
-        run_dir=run_dir,
-        recalibrate=False,
-        export=False,
-        verbose=0,
-        dataset=synthetic_data(),
-    )
-    return [np.array(w) for w in result.model.get_weights()], result.history
+    """Weights and history after an uninterrupted 2-epoch run (tests/train_helpers.py's)."""
+    return reference_run(tmp_path_factory.mktemp("uninterrupted") / "run")
 
 
 # Each loop resumes from a checkpoint the other one wrote.

@@ -4,6 +4,12 @@
 the synthetic data with `tfbn.train` and writes the final weights to `RUN_DIR/final_weights.npz`.
 With `--pause-marker`, the pipeline of epoch 2 stops in its middle the first time (it creates the
 marker file and sleeps), so that a test can kill the process mid-epoch at a known point.
+
+`python tests/train_helpers.py cli [--pause-marker FILE] [--slow S] -- ARGS...` runs the command
+line `tfbn ARGS...` (its parser, errors, exit codes and signal handling) with Fashion-MNIST
+replaced by the synthetic data of `synthetic_data()`. With `--slow S` (and `--loop fit`), epoch 2
+does not stop but takes S seconds per batch from its middle on, in Keras's per-batch callback
+(the marker made at the first of them): the main thread, which handles signals, stays in Python.
 """
 
 from __future__ import annotations
@@ -15,8 +21,14 @@ import pathlib
 import sys
 import time
 
-import numpy as np
-import tensorflow as tf
+if __name__ == "__main__" and sys.argv[1:2] == ["cli"]:
+    # As the command line itself does: TensorFlow imported without its C++ log lines.
+    from tfbn.cli import import_tensorflow
+
+    import_tensorflow(verbose=0)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -152,6 +164,20 @@ def search_data(num_train: int = 256, num_validation: int = 128, batch_size: int
     )
 
 
+REFERENCE = dict(
+    epochs=2, batch_size=64, seed=3, strategy="default", loop="fit", recalibrate=False, export=False
+)
+"""The settings of the runs that `main` and `reference_run` make (with `synthetic_data()`)."""
+
+
+def reference_run(run_dir) -> tuple[list[np.ndarray], list[dict]]:
+    """An uninterrupted run with the `REFERENCE` settings: its final weights and history."""
+    import tfbn
+
+    result = tfbn.train("tfbn", run_dir=run_dir, verbose=0, dataset=synthetic_data(), **REFERENCE)
+    return [np.array(w) for w in result.model.get_weights()], result.history
+
+
 def bn_moving_statistics(model) -> dict[str, list[np.ndarray]]:
     """Every replica's copy of every BatchNorm moving statistic, by variable path."""
     strategy = tf.distribute.get_strategy()
@@ -169,7 +195,55 @@ def bn_moving_statistics(model) -> dict[str, list[np.ndarray]]:
     return found
 
 
+def _slow_epoch_2(marker: str, seconds: float, at: int = 2) -> None:
+    """Makes `fit`'s epoch 2 take `seconds` per batch from batch `at` on (see the docstring)."""
+    import keras
+
+    progbar = keras.callbacks.ProgbarLogger
+    begin, batch_end = progbar.on_epoch_begin, progbar.on_train_batch_end
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._slow_epoch = epoch
+        return begin(self, epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if getattr(self, "_slow_epoch", None) == 1 and batch >= at:
+            pathlib.Path(marker).touch()
+            time.sleep(seconds)
+        return batch_end(self, batch, logs)
+
+    progbar.on_epoch_begin, progbar.on_train_batch_end = on_epoch_begin, on_train_batch_end
+
+
+def run_cli(argv: list[str]) -> int:
+    """`tfbn ARGS...` on the synthetic data (see the module docstring)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pause-marker", default=None)
+    parser.add_argument("--slow", type=float, default=None)
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    options = parser.parse_args(argv)
+    args = options.args[1:] if options.args[:1] == ["--"] else options.args
+
+    import tfbn.data
+    from tfbn import cli
+
+    def load(batch_size, **kwargs):
+        if options.slow is not None:
+            return synthetic_data(batch_size=batch_size)
+        return synthetic_data(batch_size=batch_size, pause_marker=options.pause_marker)
+
+    if options.slow is not None:
+        _slow_epoch_2(options.pause_marker, options.slow)
+
+    tfbn.data.check_data_dir = lambda data_dir=None: pathlib.Path(".")
+    tfbn.data.load_fashion_mnist = load
+    return cli.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cli"]:
+        return run_cli(argv[1:])
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["train"])
     parser.add_argument("run_dir")

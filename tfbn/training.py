@@ -28,6 +28,7 @@ have used. Layout of a run folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,7 @@ from tfbn import distribute
 from tfbn.config import CLASS_NAMES, LOOPS, RECIPE, TrainConfig
 from tfbn.errors import UsageError
 from tfbn.files import atomic_write, check_writable_dir, fsync_dir, save_model_atomically
+from tfbn.locks import FolderLock
 
 __all__ = ["LOOPS", "RunDir", "TrainConfig", "TrainData", "TrainResult", "format_summary", "train"]
 
@@ -354,7 +356,13 @@ class RunDir:
         self.path = pathlib.Path(path)
         self.chief = chief
         self.checkpoints = _Checkpoints(self.path / _CHECKPOINTS)
+        self.saved_epoch = 0  # the newest epoch a checkpoint holds
         self._writer = None
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        """The chief's lock on the folder for the whole run (`tfbn.locks.FolderLock`): a second
+        run on it is refused at once, naming the holder; other workers take none."""
+        return FolderLock(self.path) if self.chief else contextlib.nullcontext()
 
     def open(self) -> None:
         """Creates the folder (chief) and drops the temporary files of killed processes."""
@@ -387,7 +395,7 @@ class RunDir:
                     f"{recorded.get(key)!r}; received {key}={value!r}. Use another run_dir to "
                     "start a new run, or the same settings to resume it."
                 )
-        epoch = int(state["epoch"])
+        epoch = self.saved_epoch = int(state["epoch"])
         if epoch > config.epochs:
             raise UsageError(
                 f"Argument `epochs`: '{self.path}' already holds {epoch} finished epochs; "
@@ -400,6 +408,22 @@ class RunDir:
         if self.chief:
             self.checkpoints.save(epoch, model, optimizer, state)
             self.write_json("history.json", state["history"])
+        self.saved_epoch = epoch
+
+    def interrupted(self, epochs: int) -> str:
+        """The line that ends an interrupted run: where it was and how to go on."""
+        done = self.saved_epoch
+        if done >= epochs:
+            return (
+                f"interrupted after epoch {done}, before the run finished; run the same command "
+                f"to finish it after epoch {done}"
+            )
+        if done == 0:
+            return "interrupted during epoch 1; run the same command to start again"
+        return (
+            f"interrupted during epoch {done + 1}; run the same command to resume after "
+            f"epoch {done}"
+        )
 
     def write_json(self, name: str, data: Any) -> None:
         if self.chief:
@@ -954,16 +978,21 @@ def _run(
         A `TrainResult`.
     """
     wall_start = time.perf_counter() if wall_start is None else wall_start
-    say = print if config.verbose else _silent
     _check_locations(config, dataset)
-    strategy, strategy_name, loop_name = _make_strategy(config)
+    strategy, *names = _make_strategy(config)
     run_dir = RunDir(config.run_dir, chief=distribute.is_chief(strategy))
+    with run_dir.lock():
+        return _run_locked(config, run_dir, strategy, names, dataset, model_fn, wall_start)
+
+
+def _run_locked(config, run_dir: RunDir, strategy, names, dataset, model_fn, wall_start):
+    """`_run` once the run folder is held: set-up, the loop and the finish."""
+    say = print if config.verbose else _silent
+    strategy_name, loop_name = names
     start = run_dir.start(config, own_data=dataset is None)
     run_dir.open()
     try:
-        trainer = _set_up(
-            config, start, strategy, (strategy_name, loop_name), dataset, model_fn, say
-        )
+        trainer = _set_up(config, start, strategy, names, dataset, model_fn, say)
         if start.checkpoint is not None:
             say(f"Resuming {run_dir.path} after epoch {start.epoch} of {config.epochs}.")
         say(
@@ -973,6 +1002,10 @@ def _run(
         )
         history = _train_epochs(config, trainer, run_dir, start, say)
         result = _finish(config, trainer, run_dir, start, history, wall_start, say)
+    except KeyboardInterrupt as error:
+        # Ctrl-C or SIGTERM (`tfbn.errors.Terminated`, same type kept): one line for the user.
+        sys.stdout.flush()
+        raise type(error)(run_dir.interrupted(config.epochs)) from None
     finally:
         run_dir.close()
     sys.stdout.flush()

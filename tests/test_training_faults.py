@@ -1,0 +1,161 @@
+"""`tfbn train` under faults, with real processes and files: a second run on a held run folder,
+a lock left by a killed run, Ctrl-C and SIGTERM, corrupt checkpoints, OS errors.
+
+The processes run the real command line (`tests/train_helpers.py cli -- train ...`) on the
+synthetic data of tests/train_helpers.py, with the settings of its reference run, so that a
+resumed run can be compared with an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from train_helpers import REFERENCE, reference_run
+
+HELPER = pathlib.Path(__file__).with_name("train_helpers.py")
+TIMEOUT_S = 240
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _train_args(run_dir, **changes) -> list[str]:
+    settings = {**REFERENCE, "run_dir": run_dir, "verbose": 2, **changes}
+    args = ["train"]
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _cli(args, *, pause_marker=None, slow=None) -> list[str]:
+    command = [sys.executable, str(HELPER), "cli"]
+    if pause_marker is not None:
+        command += ["--pause-marker", str(pause_marker)]
+    if slow is not None:
+        command += ["--slow", str(slow)]
+    return [*command, "--", *map(str, args)]
+
+
+def _run(command, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S, **kwargs
+    )
+
+
+def _started_until(command, marker) -> subprocess.Popen:
+    """Starts `command` and waits until it has made `marker` (the middle of epoch 2)."""
+    process = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not marker.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            out, err = process.communicate(timeout=30)
+            pytest.fail(f"the run never reached the middle of epoch 2:\n{out[-2000:]}{err[-2000:]}")
+        time.sleep(0.1)
+    return process
+
+
+@pytest.fixture
+def stopped(request):
+    """Kills the processes a test registers, should it fail before they end."""
+    processes: list[subprocess.Popen] = []
+    yield processes.append
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory.mktemp("reference") / "run")
+
+
+def _assert_model_equals_reference(run_dir, reference):
+    weights, _ = reference
+    saved = keras.saving.load_model(run_dir / "model.keras").get_weights()
+    assert len(saved) == len(weights)
+    for got, want in zip(saved, weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def _epochs_saved(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("epoch-*"))
+
+
+def _hidden_files(run_dir) -> list[pathlib.Path]:
+    """Temporary files and folders (tfbn's all start with a dot), the lock file included."""
+    return [p for p in run_dir.rglob("*") if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------ the lock
+def test_held_run_dir_refused_at_once_and_a_killed_runs_lock_taken_over(
+    tmp_path, reference, stopped
+):
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    args = _train_args(run_dir)
+    holder = _started_until(_cli(args, pause_marker=marker), marker)
+    stopped(holder)
+
+    begun = time.monotonic()
+    second = _run(_cli(args))
+    elapsed = time.monotonic() - begun
+    assert second.returncode == 2, second.stderr[-3000:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert lines[0].startswith("tfbn train: error: ")
+    assert f"process {holder.pid}" in lines[0] and "in use" in lines[0], lines[0]
+    # Refused before any training: no epoch line, nothing saved beyond the holder's epoch 1.
+    assert "epoch 1/2" not in second.stdout
+    assert _epochs_saved(run_dir) == ["epoch-0001"]
+    print(f"second run refused in {elapsed:.1f} s (process start and imports included)")
+    assert elapsed < 60
+
+    holder.send_signal(signal.SIGKILL)
+    assert holder.wait(timeout=30) == -signal.SIGKILL
+    third = _run(_cli(args))
+    assert third.returncode == 0, third.stderr[-3000:]
+    notices = [line for line in third.stderr.splitlines() if "taking over" in line]
+    assert len(notices) == 1 and f"process {holder.pid}" in notices[0], third.stderr
+    assert "Resuming" in third.stdout and "after epoch 1 of 2" in third.stdout
+    _assert_model_equals_reference(run_dir, reference)
+    assert _hidden_files(run_dir) == []
+
+
+# ---------------------------------------------------------------------------------- interrupts
+@pytest.mark.parametrize(
+    "signum, code, resume", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)]
+)
+def test_signal_ends_in_one_line_and_the_same_command_resumes(
+    tmp_path, reference, stopped, signum, code, resume
+):
+    run_dir, marker = tmp_path / "run", tmp_path / "slow"
+    args = _train_args(run_dir)
+    process = _started_until(_cli(args, pause_marker=marker, slow=0.3), marker)
+    stopped(process)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines() == [
+        "tfbn train: interrupted during epoch 2; run the same command to resume after epoch 1"
+    ], err[-3000:]
+    assert _epochs_saved(run_dir) == ["epoch-0001"]
+    assert _hidden_files(run_dir) == []
+    if resume:
+        again = _run(_cli(args))
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "after epoch 1 of 2" in again.stdout
+        _assert_model_equals_reference(run_dir, reference)
