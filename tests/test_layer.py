@@ -475,23 +475,33 @@ def test_every_fused_kernel_equals_the_composed_kernel(rng, shape, axis, kernel)
     from tfbn import fast
 
     assert fast.kernel_for(shape, axis, tf.float32) == kernel
+    assert fast.kernel_for((None, *shape[1:]), axis, tf.float32) == "fused_or_composed"
     x = tf.constant((rng.normal(size=shape) * 2 + 3).astype("float32"))
     dy = tf.constant(rng.normal(size=shape).astype("float32"))
     channels = shape[axis]
     gamma = tf.constant(rng.uniform(0.5, 2, channels).astype("float32"))
     beta = tf.constant(rng.normal(size=channels).astype("float32"))
-    results = []
-    for fused in (None, False):
+    spec = tf.TensorSpec((None, *shape[1:]), tf.float32)
+
+    def run(x, fused):
         with tf.GradientTape() as tape:
             tape.watch([x, gamma, beta])
             y, stats = fast.training_batch_norm(
                 x, axis, gamma=gamma, beta=beta, epsilon=1e-5, fused=fused
             )
         grads = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
-        results.append([y, *grads, stats.mean, stats.variance, stats.count])
+        return [y, *grads, stats.mean, stats.variance, stats.count]
+
+    # The fused kernel, the run-time choice with an unknown batch size, the composed kernel.
+    results = [
+        run(x, None),
+        tf.function(lambda x: run(x, None), input_signature=[spec])(x),
+        run(x, False),
+    ]
     n = np.prod(shape) / channels
-    for a, b in zip(*results, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5 * max(1.0, n**0.5))
+    for fused in results[:2]:
+        for a, b in zip(fused, results[2], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, n**0.5))
 
 
 def _check_composed_against_numpy(rng, shape, axis, spec, jit_compile):

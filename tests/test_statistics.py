@@ -69,10 +69,22 @@ def test_fused_default_kernel_statistics_are_exact(rng, shape, axis):
 
 def test_more_values_than_the_fused_kernel_takes_are_composed():
     assert fast.kernel_for((4096, 8, 8, 4), -1, tf.float32) == "composed"
-    assert fast.kernel_for((None, 8, 8, 4), -1, tf.float32) == "composed"
+    assert fast.kernel_for((None, 8, 8, 4), -1, tf.float32) == "fused_or_composed"
     assert fast.kernel_for((4096, 8, 8, 4), -1, tf.float32, fused=True) == "fused"
     # Channels first, on a CPU: the composed kernel is faster than oneDNN's.
     assert fast.kernel_for((8, 4, 8, 8), 1, tf.float32) == "composed"
+
+
+@pytest.mark.parametrize("batch", [2048, 4096])
+def test_unknown_batch_size_chooses_at_run_time_and_stays_exact(rng, batch):
+    # 2^17 values per channel run the fused kernel, 2^18 the composed one, in one traced graph.
+    layer = tfbn.BatchNorm(momentum=0.0)
+    layer.build((None, 8, 8, 4))
+    spec = tf.TensorSpec((None, 8, 8, 4), tf.float32)
+    step = tf.function(lambda t: layer(t, training=True), input_signature=[spec])
+    x = _large_mean(rng, (batch, 8, 8, 4))
+    step(x)
+    _assert_exact(layer.moving_variance.numpy(), _variance64(x, -1))
 
 
 def _replica_steps(strategy, layer, batches):

@@ -39,7 +39,7 @@ _FORMATS = {(4, -1): "NHWC", (4, 1): "NCHW", (5, -1): "NDHWC", (5, 1): "NCDHW"}
 # The most values per channel the default choice gives the fused kernel: its sums are long
 # float32 running sums, whose rounding grows with the count (docs/benchmarks/statistics.md).
 FUSED_MAX_COUNT = 2**17
-KERNELS = ("reference", "ghost", "fused", "fused_rank4", "composed")
+KERNELS = ("reference", "ghost", "fused", "fused_rank4", "fused_or_composed", "composed")
 
 
 def fused_data_format(rank: int, axis: int, dtype: tf.DType) -> str | None:
@@ -73,6 +73,9 @@ def kernel_for(
       counts and for channels first);
     - `"fused_rank4"` (a rank-2/3 channels-last input viewed as `(-1, 1, 1, C)`) with
       `fused=None` on a GPU, or on a CPU for 256 or more channels (a multiple of 4);
+    - `"fused_or_composed"` where the fused kernel would be taken but the count is not known
+      when tracing (an unknown batch size, as in `Model.fit`): a `tf.cond` on the count at run
+      time between the fused kernel (or its rank-4 view) and the composed one;
     - `"composed"` otherwise (`fused=False` included).
 
     The CPU rules follow `tfbn bench` timings on a 2-core x86 CPU (docs/benchmarks).
@@ -92,15 +95,18 @@ def kernel_for(
     xla = reduction.in_xla_context() if xla is None else xla
     channels = shape[axis]
     count = shape.num_elements() // channels if shape.is_fully_defined() and channels else None
-    if xla or count is None or count > FUSED_MAX_COUNT:
+    if xla or (count is not None and count > FUSED_MAX_COUNT):
         return "composed"
     on_gpu = bool(tf.config.list_logical_devices("GPU"))
+    kernel = "composed"
     if fused_data_format(rank, axis, dtype) is not None:
         channels_last = axis == rank - 1
-        return "fused" if on_gpu or (channels_last and channels % 4 == 0) else "composed"
-    if rank in (2, 3) and axis == rank - 1 and channels % 4 == 0 and (on_gpu or channels >= 256):
-        return "fused_rank4"
-    return "composed"
+        kernel = "fused" if on_gpu or (channels_last and channels % 4 == 0) else "composed"
+    elif rank in (2, 3) and axis == rank - 1 and channels % 4 == 0:
+        kernel = "fused_rank4" if on_gpu or channels >= 256 else "composed"
+    if kernel != "composed" and count is None:
+        return "fused_or_composed"
+    return kernel
 
 
 def training_batch_norm(
@@ -182,15 +188,30 @@ def training_batch_norm(
         )
     if kernel == "ghost":
         return ghost_composed_batch_norm(inputs, gamma, beta, epsilon, axis, virtual_batch_size)
-    if kernel == "fused":
-        return fused_batch_norm(inputs, gamma, beta, epsilon, axis)
-    if kernel == "fused_rank4":
-        channels = inputs.shape[-1]
-        y, stats = fused_batch_norm(
-            tf.reshape(inputs, [-1, 1, 1, channels]), gamma, beta, epsilon, -1
+    if kernel == "composed":
+        return composed_batch_norm(inputs, gamma, beta, epsilon, axis, synchronized=synchronized)
+    if kernel == "fused_or_composed":
+        count = tf.size(inputs, out_type=tf.int64) // inputs.shape[axis]
+
+        def composed():
+            y, stats = composed_batch_norm(inputs, gamma, beta, epsilon, axis)
+            return tf.cast(y, inputs.dtype), stats
+
+        return tf.cond(
+            count <= FUSED_MAX_COUNT,
+            lambda: _fused_view(inputs, gamma, beta, epsilon, axis),
+            composed,
         )
-        return tf.ensure_shape(tf.reshape(y, tf.shape(inputs)), inputs.shape), stats
-    return composed_batch_norm(inputs, gamma, beta, epsilon, axis, synchronized=synchronized)
+    return _fused_view(inputs, gamma, beta, epsilon, axis)
+
+
+def _fused_view(inputs, gamma, beta, epsilon, axis):
+    """`fused_batch_norm` on `inputs`, or on its `(-1, 1, 1, C)` view for ranks 2 and 3."""
+    if inputs.shape.rank in (4, 5):
+        return fused_batch_norm(inputs, gamma, beta, epsilon, axis)
+    channels = inputs.shape[-1]
+    y, stats = fused_batch_norm(tf.reshape(inputs, [-1, 1, 1, channels]), gamma, beta, epsilon, -1)
+    return tf.ensure_shape(tf.reshape(y, tf.shape(inputs)), inputs.shape), stats
 
 
 def fused_batch_norm(
