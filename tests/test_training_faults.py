@@ -1,5 +1,5 @@
 """`tfbn train` under faults, with real processes and files: a second run on a held run folder,
-a lock left by a killed run, Ctrl-C and SIGTERM, corrupt checkpoints, OS errors.
+a lock left by a killed run, Ctrl-C and SIGTERM, damaged checkpoints, OS errors.
 
 The processes run the real command line (`tests/train_helpers.py cli -- train ...`) on the
 synthetic data of tests/train_helpers.py, with the settings of its reference run, so that a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,12 @@ import time
 
 import keras
 import numpy as np
+import os_faults
 import pytest
-from train_helpers import REFERENCE, reference_run
+from train_helpers import REFERENCE, reference_run, synthetic_data
+
+import tfbn
+from tfbn import cli
 
 HELPER = pathlib.Path(__file__).with_name("train_helpers.py")
 TIMEOUT_S = 240
@@ -80,11 +85,13 @@ def stopped(request):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return reference_run(tmp_path_factory.mktemp("reference") / "run")
+    """The uninterrupted run's final weights, history and run folder."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    return (*reference_run(run_dir), run_dir)
 
 
 def _assert_model_equals_reference(run_dir, reference):
-    weights, _ = reference
+    weights = reference[0]
     saved = keras.saving.load_model(run_dir / "model.keras").get_weights()
     assert len(saved) == len(weights)
     for got, want in zip(saved, weights, strict=True):
@@ -159,3 +166,118 @@ def test_signal_ends_in_one_line_and_the_same_command_resumes(
         assert again.returncode == 0, again.stderr[-3000:]
         assert "after epoch 1 of 2" in again.stdout
         _assert_model_equals_reference(run_dir, reference)
+
+
+# --------------------------------------------------------------------------------- checkpoints
+def _copy_of_reference_run(reference, tmp_path) -> pathlib.Path:
+    copy = tmp_path / "run"
+    shutil.copytree(reference[2], copy)
+    assert _epochs_saved(copy) == ["epoch-0001", "epoch-0002"]
+    return copy
+
+
+def _truncate(path: pathlib.Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_json(path: pathlib.Path) -> None:
+    path.write_text('{"epoch": 2, "config\x01": ')
+
+
+def _resume(run_dir):
+    keras.backend.clear_session()
+    return tfbn.train("tfbn", run_dir=run_dir, verbose=0, dataset=synthetic_data(), **REFERENCE)
+
+
+@pytest.mark.parametrize(
+    "damage, name", [(_truncate, "weights.npz"), (_corrupt_json, "state.json")]
+)
+def test_damaged_newest_checkpoint_is_named_and_the_intact_one_resumed(
+    tmp_path, reference, capsys, damage, name
+):
+    run_dir = _copy_of_reference_run(reference, tmp_path)
+    damaged = run_dir / "checkpoints" / "epoch-0002" / name
+    damage(damaged)
+    result = _resume(run_dir)
+    notices = capsys.readouterr().err.strip().splitlines()
+    assert len(notices) == 1 and str(damaged) in notices[0], notices
+    assert notices[0].startswith("tfbn: skipping the damaged checkpoint ")
+    # Resumed after epoch 1 and trained epoch 2 again: the uninterrupted run's weights.
+    assert result.initial_epoch == 1
+    for got, want in zip(result.model.get_weights(), reference[0], strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert result.history[1]["loss"] == pytest.approx(reference[1][1]["loss"], abs=1e-5)
+    # The damaged folder was replaced by an intact one.
+    assert _resume(run_dir).initial_epoch == 2
+    assert "damaged" not in capsys.readouterr().err
+
+
+def test_no_intact_checkpoint_fails_in_one_line_naming_the_file_and_what_to_do(
+    tmp_path, reference, capsys
+):
+    run_dir = _copy_of_reference_run(reference, tmp_path)
+    weights = run_dir / "checkpoints" / "epoch-0002" / "weights.npz"
+    _truncate(weights)
+    state = run_dir / "checkpoints" / "epoch-0001" / "state.json"
+    _corrupt_json(state)
+    code = cli.main(["train", "--run-dir", str(run_dir), "--no-export", "--seed", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 3, err  # one line per damaged checkpoint, then the error
+    assert err[-1].startswith("tfbn train: error: Argument `run_dir`: no intact checkpoint")
+    assert str(weights) in err[0] and str(state) in err[1]
+    assert str(weights) in err[-1] and f"Delete {run_dir} " in err[-1]
+
+
+# ---------------------------------------------------------------------------------- OS errors
+def test_invalid_arguments_create_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--seed", "-1", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`seed`" in err[0] and "-1" in err[0]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert cli.main(["train", "--run-dir", str(run_dir), "--export-dir", str(blocker / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{blocker}: Not a directory" in err[0] and "export_dir" in err[0]
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.parametrize("where", ["run_dir", "export_dir"])
+def test_read_only_output_folder_is_one_line_and_nothing_created(tmp_path, where):
+    mount = tmp_path / "ro"
+    run_dir = mount / "run" if where == "run_dir" else tmp_path / "run"
+    args = _train_args(run_dir, export=True, export_dir=mount / "exports")
+    done = os_faults.run_on_tmpfs(_cli(args), mount, fault="read-only", env=ENV)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"`{where}`" in lines[0] and f"{mount}: Read-only file system" in lines[0], lines[0]
+    assert "epoch 1/2" not in done.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_full_disk_is_one_line_with_the_path_and_no_temporary_file_left(tmp_path):
+    mount = tmp_path / "full"
+    command = ["sh", "-c", '"$@"; code=$?; find "$M" -name ".*" ! -name .filler; exit $code', "sh"]
+    args = _train_args(mount / "run")
+    done = os_faults.run_on_tmpfs([*command, *_cli(args)], mount, fault="full", env=ENV)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"tfbn train: {mount}/run/"), lines[0]
+    assert lines[0].endswith(": No space left on device"), lines[0]
+    assert "Traceback" not in done.stderr
+    left = [line for line in done.stdout.splitlines() if line.startswith(str(mount))]
+    assert left == [], left
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_folder_without_write_permission_is_one_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert cli.main(["train", "--run-dir", str(locked / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{locked}: Permission denied" in err[0]
+    assert list(locked.iterdir()) == []

@@ -18,7 +18,9 @@ moving statistics, optimizer state, history, the data seed), and the same call w
 `run_dir` continues after the last finished epoch, with the data order an uninterrupted run would
 have used. Layout of a run folder:
 
-    checkpoints/epoch-0003/   weights.npz, optimizer.npz, state.json (one folder per epoch)
+    .tfbn.lock                who runs in the folder (tfbn.locks.FolderLock), while a run does
+    checkpoints/epoch-0003/   weights.npz, optimizer.npz, state.json and manifest.json (their
+                              sizes and SHA-256), one folder per epoch, the newest two kept
     logs/                     TensorBoard event files
     history.json              per-epoch loss, train accuracy, test accuracy, speed
     history.png               the curves per epoch (tfbn.plots.training_curves)
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import pathlib
@@ -38,7 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import keras
@@ -252,31 +256,84 @@ def _load_npz(path: pathlib.Path) -> list[np.ndarray]:
 
 
 # -------------------------------------------------------------------------------- checkpoints
+_FILES = ("weights.npz", "optimizer.npz", "state.json")
+_MANIFEST = "manifest.json"
+
+
+def _file_record(path: pathlib.Path) -> dict:
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def _checkpoint_problem(path: pathlib.Path) -> str | None:
+    """What is wrong with checkpoint folder `path` (checked against its manifest), or None."""
+    manifest = path / _MANIFEST
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+        wanted = {
+            name: (int(listed[name]["bytes"]), str(listed[name]["sha256"])) for name in _FILES
+        }
+    except FileNotFoundError:
+        return f"{manifest} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{manifest} cannot be read ({type(error).__name__})"
+    for name, (size, digest) in wanted.items():
+        try:
+            found = _file_record(path / name)
+        except OSError as error:
+            return f"{path / name}: {error.strerror or error}"
+        if found["bytes"] != size:
+            return f"{path / name} has {found['bytes']} bytes, the manifest {size}"
+        if found["sha256"] != digest:
+            return f"{path / name} does not match the SHA-256 in the manifest"
+    return None
+
+
 class _Checkpoints:
-    """One folder per finished epoch, made visible by a single rename (nothing half-written)."""
+    """One folder per finished epoch, verified when read.
+
+    A folder is written under a temporary name, then its `manifest.json` (the size and SHA-256 of
+    every other file, written last), then made visible by a single rename. Reading checks the
+    manifest: a folder that does not match it (a truncated copy, a damaged disk) is reported in
+    one line on stderr and the newest intact one is used.
+    """
 
     def __init__(self, root: pathlib.Path):
         self.root = root
 
-    def finished(self) -> list[tuple[int, pathlib.Path]]:
+    def folders(self) -> list[tuple[int, pathlib.Path]]:
+        """Every checkpoint folder, intact or not, oldest first."""
         found = []
         if self.root.is_dir():
             for path in self.root.glob("epoch-*"):
                 try:
-                    epoch = int(path.name.split("-", 1)[1])
+                    found.append((int(path.name.split("-", 1)[1]), path))
                 except ValueError:
                     continue
-                if (path / "state.json").is_file():
-                    found.append((epoch, path))
         return sorted(found)
 
     def latest(self) -> tuple[pathlib.Path, dict] | None:
-        """The newest checkpoint and its state, or `None` when there is none."""
-        finished = self.finished()
-        if not finished:
-            return None
-        path = finished[-1][1]
-        return path, json.loads((path / "state.json").read_text())
+        """The newest intact checkpoint and its state, or `None` when there is none at all.
+
+        Raises:
+            UsageError: if there are checkpoints but none is intact (naming the newest and
+                what is wrong with it).
+        """
+        damaged = []
+        for _, path in reversed(self.folders()):
+            problem = _checkpoint_problem(path)
+            if problem is None:
+                return path, json.loads((path / "state.json").read_text())
+            print(f"tfbn: skipping the damaged checkpoint {path}: {problem}", file=sys.stderr)
+            damaged.append((path, problem))
+        if damaged:
+            path, problem = damaged[0]
+            raise UsageError(
+                f"Argument `run_dir`: no intact checkpoint in {self.root} ({path}: {problem}). "
+                f"Delete {self.root.parent} to start the run over, or use another run_dir."
+            )
+        return None
 
     def remove_temporaries(self) -> None:
         # Folders of a process killed while writing: never read, safe to drop.
@@ -291,8 +348,9 @@ class _Checkpoints:
             opt_vars = [np.asarray(v.numpy()) for v in optimizer.variables]
             atomic_write(tmp / "weights.npz", lambda f: _save_npz(f, weights))
             atomic_write(tmp / "optimizer.npz", lambda f: _save_npz(f, opt_vars))
-            # state.json last: a folder without it is never read back.
             _write_json(tmp / "state.json", state)
+            # The manifest last: a folder that does not match it is never read back.
+            _write_json(tmp / _MANIFEST, {"files": {n: _file_record(tmp / n) for n in _FILES}})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -300,7 +358,7 @@ class _Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(self.root)
-        for _, old in self.finished()[:-_KEEP_CHECKPOINTS]:
+        for _, old in self.folders()[:-_KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
@@ -359,10 +417,25 @@ class RunDir:
         self.saved_epoch = 0  # the newest epoch a checkpoint holds
         self._writer = None
 
-    def lock(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
         """The chief's lock on the folder for the whole run (`tfbn.locks.FolderLock`): a second
         run on it is refused at once, naming the holder; other workers take none."""
-        return FolderLock(self.path) if self.chief else contextlib.nullcontext()
+        if not self.chief:
+            yield
+            return
+        lock = FolderLock(self.path)
+        try:
+            lock.acquire()
+        except OSError as error:
+            if error.filename is not None:
+                raise
+            # A failed write of the lock record (a full disk) names no file: name it.
+            raise type(error)(error.errno, error.strerror, str(lock.path)) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def open(self) -> None:
         """Creates the folder (chief) and drops the temporary files of killed processes."""
@@ -433,12 +506,19 @@ class RunDir:
         """Writes TensorBoard scalars to `logs/` (chief)."""
         if not self.chief:
             return
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(str(self.path / "logs"))
-        with self._writer.as_default(step=step):
-            for tag, value in values.items():
-                tf.summary.scalar(tag, value)
-        self._writer.flush()
+        logs = self.path / "logs"
+        try:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(str(logs))
+            with self._writer.as_default(step=step):
+                for tag, value in values.items():
+                    tf.summary.scalar(tag, value)
+            self._writer.flush()
+        except tf.errors.OpError as error:
+            # TensorFlow's file errors are not OSErrors: made one, with the path, for the user.
+            no_space = "No space left" in error.message
+            reason = "No space left on device" if no_space else " ".join(error.message.split())
+            raise OSError(errno.ENOSPC if no_space else errno.EIO, reason, str(logs)) from None
 
     def close(self) -> None:
         if self._writer is not None:
