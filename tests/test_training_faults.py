@@ -281,3 +281,24 @@ def test_folder_without_write_permission_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{locked}: Permission denied" in err[0]
     assert list(locked.iterdir()) == []
+
+
+def test_disk_full_during_the_run_is_one_line_with_the_path_and_no_temporary_file_left(tmp_path):
+    # The run folder's lock file already holds a block (a killed run's record), so the lock is
+    # taken on the full disk; the first checkpoint then finds no space.
+    mount = tmp_path / "full"
+    record = '{"pid": 999999, "host": "%s", "since": 0, "pad": "%04096d"}'
+    prepare = f'mkdir "$M/run" && printf \'{record}\' "$(hostname)" 0 > "$M/run/.tfbn.lock"'
+    command = ["sh", "-c", '"$@"; code=$?; find "$M" -name ".*" ! -name .filler; exit $code', "sh"]
+    args = _train_args(mount / "run")
+    done = os_faults.run_on_tmpfs(
+        [*command, *_cli(args)], mount, fault="full", prepare=prepare, env=ENV
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and "taking over" in lines[0], done.stderr
+    assert lines[1].startswith(f"tfbn train: {mount}/run/checkpoints/"), lines[1]
+    assert lines[1].endswith(": No space left on device"), lines[1]
+    assert "epoch 1/2" in done.stdout  # the fault came during the run, not before it
+    left = [line for line in done.stdout.splitlines() if line.startswith(str(mount))]
+    assert left == [], left
