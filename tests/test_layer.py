@@ -365,10 +365,26 @@ def test_config_round_trip_and_keras_file_reload_without_custom_objects(tmp_path
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"momentum": 1.0}, "momentum"),
-        ({"momentum": -0.1}, "momentum"),
-        ({"epsilon": 0.0}, "epsilon"),
-        ({"epsilon": -1e-3}, "epsilon"),
+        ({"momentum": 1.0}, "`momentum`.*momentum=1.0"),
+        ({"momentum": -0.1}, "`momentum`.*momentum=-0.1"),
+        ({"momentum": None}, "`momentum`.*momentum=None"),
+        ({"momentum": float("nan")}, "`momentum`.*momentum=nan"),
+        ({"momentum": "0.9"}, "`momentum`.*momentum='0.9'"),
+        ({"renorm_momentum": None}, "`renorm_momentum`.*renorm_momentum=None"),
+        ({"renorm_momentum": 1.0}, "`renorm_momentum`.*renorm_momentum=1.0"),
+        ({"epsilon": 0.0}, "`epsilon`.*epsilon=0.0"),
+        ({"epsilon": -1e-3}, "`epsilon`.*epsilon=-0.001"),
+        ({"epsilon": float("inf")}, "`epsilon`.*epsilon=inf"),
+        ({"epsilon": float("nan")}, "`epsilon`.*epsilon=nan"),
+        ({"epsilon": None}, "`epsilon`.*epsilon=None"),
+        ({"renorm_clipping": {"rmax": float("nan")}}, "`renorm_clipping`.*rmax=nan"),
+        ({"renorm_clipping": {"rmax": float("inf")}}, "`renorm_clipping`.*rmax=inf"),
+        ({"renorm_clipping": {"rmax": 0, "rmin": 0}}, "rmax should be positive.*'rmax': 0"),
+        ({"renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, "rmax should be greater than rmin"),
+        ({"renorm_clipping": {"rmin": -0.5}}, "rmin should be non-negative.*'rmin': -0.5"),
+        ({"renorm_clipping": {"dmax": -1.0}}, "dmax should be non-negative.*'dmax': -1.0"),
+        ({"renorm_clipping": {"r_max": 3.0}}, "invalid keys for `renorm_clipping`.*'r_max'"),
+        ({"dtype": "int32"}, "`dtype`.*dtype='int32'"),
         ({"axis": 1.5}, "axis"),
         ({"fused": "yes"}, "fused"),
         ({"fused": True, "synchronized": True}, "fused"),
@@ -377,6 +393,14 @@ def test_config_round_trip_and_keras_file_reload_without_custom_objects(tmp_path
 def test_bad_constructor_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tfbn.BatchNorm(**kwargs)
+
+
+def test_a_keras_backend_other_than_tensorflow_is_a_value_error_naming_it(monkeypatch):
+    # keras's other backends import their own library (jax, torch, openvino; the numpy backend
+    # imports jax), none of which tfbn installs: the backend Keras reports is patched instead.
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="Keras backend is 'jax'"):
+        tfbn.BatchNorm()
 
 
 @pytest.mark.parametrize(

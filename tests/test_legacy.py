@@ -445,6 +445,9 @@ def test_fit_under_mirrored_strategy_keeps_replicas_identical(rng, strategy):
         ({"epsilon": 0.0}, "epsilon=0.0"),
         ({"epsilon": float("inf")}, "epsilon=inf"),
         ({"epsilon": float("nan")}, "epsilon=nan"),
+        ({"renorm_clipping": {"rmax": float("nan")}}, "rmax=nan"),
+        ({"renorm_clipping": {"rmax": 0, "rmin": 0}}, "rmax should be positive"),
+        ({"dtype": "int32"}, "`dtype`.*dtype='int32'"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):

@@ -34,10 +34,14 @@ def numpy_ghost_moments(x, axis, virtual_batch_size, mask=None):
 @pytest.mark.parametrize(
     "clipping, words",
     [
-        ({"rmax": 2.0, "bogus": 1.0}, "unknown keys"),
-        ({"rmax": 1.0, "rmin": 2.0}, "rmax >= rmin"),
-        ({"dmax": -0.5}, "dmax >= 0"),
-        ({"rmax": "big"}, "needs numbers"),
+        ({"rmax": 2.0, "bogus": 1.0}, "Received invalid keys"),
+        ({"rmax": 1.0, "rmin": 2.0}, "rmax should be greater than rmin"),
+        ({"dmax": -0.5}, "dmax should be non-negative"),
+        ({"rmax": "big"}, "needs finite numbers"),
+        ({"rmax": float("nan")}, "rmax=nan"),
+        ({"dmax": float("inf")}, "dmax=inf"),
+        ({"rmax": 0, "rmin": 0}, "rmax should be positive"),
+        ({"rmin": -1.0}, "rmin should be non-negative"),
         ([("rmax", 2.0)], "must be a dict"),
     ],
 )
@@ -507,9 +511,9 @@ def test_adjustment_is_called_once_per_step():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"renorm": True, "renorm_clipping": {"rmax": 2.0, "foo": 1.0}}, "unknown keys"),
-        ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, "rmax >= rmin"),
-        ({"renorm": True, "renorm_clipping": {"dmax": -1.0}}, "dmax >= 0"),
+        ({"renorm": True, "renorm_clipping": {"rmax": 2.0, "foo": 1.0}}, "invalid keys"),
+        ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, "rmax should be"),
+        ({"renorm": True, "renorm_clipping": {"dmax": -1.0}}, "dmax should be non-negative"),
         ({"renorm": True, "renorm_momentum": 1.0}, "renorm_momentum"),
         ({"virtual_batch_size": 0}, "virtual_batch_size"),
         ({"virtual_batch_size": -4}, "virtual_batch_size"),

@@ -7,7 +7,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from tfbn import fast, ops
+from tfbn import arguments, fast, ops
 
 __all__ = ["BatchNorm"]
 
@@ -47,8 +47,8 @@ class BatchNorm(keras.layers.BatchNormalization):
     Args:
         axis: Integer, the channel axis (the one that keeps its own statistics). `-1` for channels
             last; `1` after a `Conv2D` with `data_format="channels_first"`.
-        momentum: Momentum of the moving averages, in `[0, 1)`.
-        epsilon: Small positive float added to the variance.
+        momentum: Momentum of the moving averages, a real number in `[0, 1)`.
+        epsilon: Finite float > 0 added to the variance.
         center: If `True`, add the learned offset `beta`.
         scale: If `True`, multiply by the learned scale `gamma`. Can be `False` when the next layer
             is linear (it can absorb the scale).
@@ -68,9 +68,10 @@ class BatchNorm(keras.layers.BatchNormalization):
             names, so weights transfer); `moving_variance` is then `moving_stddev ** 2 -
             epsilon`. Inference is unchanged. Uses the reference path (no fused kernel).
         renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`, `"dmax"`: `r` is clipped to
-            `[rmin, rmax]` and `d` to `[-dmax, dmax]`; missing keys mean no bound. Only used
-            with `renorm=True`.
-        renorm_momentum: Momentum of `renorm_mean` and `renorm_stddev`, in `[0, 1)`. Unlike
+            `[rmin, rmax]` and `d` to `[-dmax, dmax]`; missing keys mean no bound. Values are
+            finite, with `rmax > 0`, `rmin >= 0`, `rmax >= rmin`, `dmax >= 0`. Only used with
+            `renorm=True` (checked always).
+        renorm_momentum: Momentum of `renorm_mean` and `renorm_stddev`, a real in `[0, 1)`. Unlike
             `momentum` it changes training: too small adds noise, too large gives stale values.
         synchronized: If `True`, under a `tf.distribute` strategy the batch statistics are those
             of the global batch across all replicas (all-reduced at every training step). If
@@ -106,7 +107,12 @@ class BatchNorm(keras.layers.BatchNormalization):
             the last axis, or the channel axis kept in a broadcastable shape) they are folded into
             `gamma` and `beta` and the fast kernels run; otherwise the reference path does. It is
             not serialized by `get_config` (a callable), so a reloaded layer has none.
-        **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`, ...).
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`, ...); `dtype`
+            must be a floating-point dtype or policy.
+
+    Raises:
+        ValueError: at construction, naming the argument and the value, for an argument outside
+            the ranges above, and when the Keras backend is not TensorFlow.
 
     Call arguments:
         inputs: Floating-point tensor of rank 2 to 5.
@@ -149,19 +155,12 @@ class BatchNorm(keras.layers.BatchNormalization):
         adjustment=None,
         **kwargs,
     ):
+        arguments.check_backend(keras.backend.backend())
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"Argument `axis` must be an integer; received axis={axis!r}.")
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(
-                f"Argument `momentum` must be in [0, 1); received momentum={momentum}."
-            )
-        if not float(epsilon) > 0.0:
-            raise ValueError(f"Argument `epsilon` must be positive; received epsilon={epsilon}.")
-        if not 0.0 <= float(renorm_momentum) < 1.0:
-            raise ValueError(
-                "Argument `renorm_momentum` must be in [0, 1); received "
-                f"renorm_momentum={renorm_momentum}."
-            )
+        momentum = arguments.check_momentum("momentum", momentum)
+        renorm_momentum = arguments.check_momentum("renorm_momentum", renorm_momentum)
+        epsilon = arguments.check_epsilon(epsilon)
         if fused not in (None, True, False):
             raise ValueError(
                 f"Argument `fused` must be None, True or False; received fused={fused!r}."
@@ -202,9 +201,12 @@ class BatchNorm(keras.layers.BatchNormalization):
             gamma_constraint=gamma_constraint,
             renorm=bool(renorm),
             renorm_clipping=clipping,
-            renorm_momentum=float(renorm_momentum),
+            renorm_momentum=renorm_momentum,
             synchronized=bool(synchronized),
             **kwargs,
+        )
+        arguments.check_floating_dtype(
+            self.name, self.dtype_policy.variable_dtype, self.dtype_policy.compute_dtype
         )
         self.renorm_clipping = clipping
         self.fused = fused

@@ -12,7 +12,6 @@ tf-keras installed.
 from __future__ import annotations
 
 import math
-import numbers
 
 import tensorflow as tf
 
@@ -23,7 +22,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "tfbn.legacy needs tf-keras (Keras 2): install it with `pip install tfbn[legacy]`."
     ) from error
 
-from tfbn import fast, ops
+from tfbn import arguments, fast, ops
 
 __all__ = ["BatchNorm"]
 
@@ -141,14 +140,9 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         **kwargs,
     ):
         _check_axis(axis)
-        momentum = _check_momentum("momentum", momentum)
-        renorm_momentum = _check_momentum("renorm_momentum", renorm_momentum)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise ValueError(f"Argument `epsilon` must be a number; received epsilon={epsilon!r}.")
-        if not (math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(
-                f"Argument `epsilon` must be positive and finite; received epsilon={epsilon}."
-            )
+        momentum = arguments.check_momentum("momentum", momentum)
+        renorm_momentum = arguments.check_momentum("renorm_momentum", renorm_momentum)
+        epsilon = arguments.check_epsilon(epsilon)
         if fused not in (None, True, False):
             raise ValueError(f"Argument `fused` must be None, True or False; received {fused!r}.")
         clipping = ops.check_renorm_clipping(renorm_clipping)
@@ -156,7 +150,7 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         super().__init__(
             axis=axis,
             momentum=momentum,
-            epsilon=float(epsilon),
+            epsilon=epsilon,
             center=bool(center),
             scale=bool(scale),
             beta_initializer=beta_initializer,
@@ -178,6 +172,8 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
             name=name,
             **kwargs,
         )
+        policy = self._dtype_policy
+        arguments.check_floating_dtype(self.name, policy.variable_dtype, policy.compute_dtype)
         # tf-keras keeps these two only with renorm; the update function reads them always.
         self.renorm_clipping, self.renorm_momentum = clipping, renorm_momentum
         self._fused_argument = fused
@@ -368,12 +364,3 @@ def _check_axis(axis) -> None:
             f"Argument `axis` must be an integer or a non-empty list of integers; received "
             f"axis={axis!r}."
         )
-
-
-def _check_momentum(name: str, value) -> float:
-    """A real number in [0, 1), as a float; anything else is a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-        raise ValueError(
-            f"Argument `{name}` must be a number in [0, 1); received {name}={value!r}."
-        )
-    return float(value)

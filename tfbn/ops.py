@@ -472,8 +472,10 @@ def check_renorm_clipping(renorm_clipping) -> dict:
         A new dict holding only the keys given, as Python floats.
 
     Raises:
-        ValueError: if it is not a dict, has other keys or non-numeric values, `rmax < rmin`,
-            or `dmax < 0`.
+        ValueError: if it is not a dict, has other keys (Keras's wording: "Received invalid
+            keys"), a value that is not a finite number, `rmax <= 0`, `rmin < 0`,
+            `rmax < rmin` ("rmax should be greater than rmin") or `dmax < 0` ("dmax should be
+            non-negative").
     """
     if renorm_clipping is None:
         return {}
@@ -485,26 +487,38 @@ def check_renorm_clipping(renorm_clipping) -> dict:
     unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS), key=str)
     if unknown:
         raise ValueError(
-            f"Argument `renorm_clipping` has unknown keys {unknown}: expected a subset of "
-            f"{list(RENORM_CLIPPING_KEYS)}; received renorm_clipping={renorm_clipping!r}."
+            f"Received invalid keys for `renorm_clipping` argument: {unknown}. Supported "
+            f"values: {list(RENORM_CLIPPING_KEYS)}; received renorm_clipping={renorm_clipping!r}."
         )
     clipping = {}
     for key, value in renorm_clipping.items():
         if value is None:
             continue
         try:
-            clipping[key] = float(value)
+            number = None if isinstance(value, (bool, str, bytes)) else float(value)
         except (TypeError, ValueError):
+            number = None
+        if number is None or not -float("inf") < number < float("inf"):  # NaN fails both
             raise ValueError(
-                f"Argument `renorm_clipping` needs numbers; received {key}={value!r}."
-            ) from None
+                f"Argument `renorm_clipping` needs finite numbers (leave a key out for no bound); "
+                f"received {key}={value!r} in renorm_clipping={renorm_clipping!r}."
+            )
+        clipping[key] = number
     rmax, rmin, dmax = (clipping.get(k) for k in RENORM_CLIPPING_KEYS)
+    problem = None
     if rmax is not None and rmin is not None and rmax < rmin:
+        problem = "rmax should be greater than rmin"
+    elif rmax is not None and rmax <= 0:
+        problem = "rmax should be positive"
+    elif rmin is not None and rmin < 0:
+        problem = "rmin should be non-negative"
+    elif dmax is not None and dmax < 0:
+        problem = "dmax should be non-negative"
+    if problem:
         raise ValueError(
-            f"Argument `renorm_clipping` needs rmax >= rmin; received rmax={rmax}, rmin={rmin}."
+            f"{problem} in the `renorm_clipping` argument; received "
+            f"renorm_clipping={renorm_clipping!r}."
         )
-    if dmax is not None and dmax < 0:
-        raise ValueError(f"Argument `renorm_clipping` needs dmax >= 0; received dmax={dmax}.")
     return clipping
 
 

@@ -1,0 +1,70 @@
+"""Checks of the batch-norm layers' constructor arguments, shared by `tfbn.BatchNorm` and
+`tfbn.legacy.BatchNorm`.
+
+Each check raises a `ValueError` that names the argument and the value received, before the
+layer does any work, and returns the value in the form the layer keeps.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["check_backend", "check_epsilon", "check_floating_dtype", "check_momentum"]
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_momentum(name: str, value) -> float:
+    """A real number in `[0, 1)` (`momentum`, `renorm_momentum`), as a float.
+
+    Raises:
+        ValueError: for anything else (`None`, a string, a bool, NaN, 1, ...).
+    """
+    if not _is_real(value) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(
+            f"Argument `{name}` must be a real number in [0, 1); received {name}={value!r}."
+        )
+    return float(value)
+
+
+def check_epsilon(value) -> float:
+    """A finite real number > 0 (the variance epsilon), as a float.
+
+    Raises:
+        ValueError: for anything else (`0`, a negative number, `inf`, NaN, `None`, ...).
+    """
+    if not _is_real(value) or not (math.isfinite(float(value)) and float(value) > 0.0):
+        raise ValueError(
+            f"Argument `epsilon` must be a finite number > 0; received epsilon={value!r}."
+        )
+    return float(value)
+
+
+def check_floating_dtype(layer_name: str, variable_dtype: str, compute_dtype: str) -> None:
+    """The layer's variables and computations must be floating point (`dtype` argument).
+
+    Raises:
+        ValueError: if either dtype is not a floating-point dtype (e.g. `dtype="int32"`).
+    """
+    for dtype in (variable_dtype, compute_dtype):
+        if not str(dtype).startswith(("float", "bfloat")):
+            raise ValueError(
+                f"Argument `dtype` of layer '{layer_name}' must be a floating-point dtype or "
+                f"policy (e.g. 'float32', 'mixed_float16'); received dtype={dtype!r}."
+            )
+
+
+def check_backend(backend: str) -> None:
+    """tfbn computes with TensorFlow: the Keras backend must be `"tensorflow"`.
+
+    Raises:
+        ValueError: naming the backend in use otherwise.
+    """
+    if backend != "tensorflow":
+        raise ValueError(
+            f"tfbn.BatchNorm needs the TensorFlow Keras backend; the Keras backend is "
+            f"{backend!r}. Set KERAS_BACKEND=tensorflow before importing keras."
+        )
