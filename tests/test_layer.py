@@ -486,6 +486,94 @@ def test_masked_positions_do_not_count_in_the_statistics(rng):
         layer(x, training=True, mask=np.ones((6, 5, 3), bool))
 
 
+def np_masked_moments(x, mask, axis):
+    """float64 statistics over the kept positions, with Keras's meaning of a mask: rank
+    `x.ndim - 1`, covering axes 0 .. ndim - 2, broadcast along the last axis (and along its own
+    size-1 axes)."""
+    x = np.asarray(x, np.float64)
+    w = np.broadcast_to(np.asarray(mask, np.float64)[..., None], x.shape)
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    count = w.sum(axes, keepdims=True)
+    mean = (w * x).sum(axes, keepdims=True) / count
+    variance = (w * (x - mean) ** 2).sum(axes, keepdims=True) / count
+    return mean, variance, count
+
+
+@pytest.mark.parametrize(
+    "shape,axis,mask_shape,kwargs",
+    [
+        ((6, 4, 5), 1, (6, 4), {}),  # a Masking() mask before axis=1: whole (example, channel)s
+        ((6, 4, 5), 1, (6, 4), {"virtual_batch_size": 3}),
+        ((5, 3, 4, 4), 1, (5, 3, 4), {"fused": True}),
+        ((4, 5, 3, 2), -1, (4, 1, 3), {}),  # a size-1 axis broadcasts
+        ((4, 5, 3, 2), 2, (1, 5, 1), {"renorm": True}),
+        ((8, 3, 4), -1, (8, 3), {"synchronized": True}),
+    ],
+)
+def test_masks_have_keras_meaning_in_training_and_inference(rng, shape, axis, mask_shape, kwargs):
+    x = (rng.normal(size=shape) * 2 + 1).astype("float32")
+    mask = rng.uniform(size=mask_shape) > 0.3
+    if mask_shape[0] > 1:
+        mask[:2] = True  # examples 0 and 1 (one per virtual batch) keep every channel
+    mask.flat[0] = True
+    layer = tfbn.BatchNorm(axis=axis, momentum=0.0, epsilon=0.1, **kwargs)
+    out = layer(x, training=True, mask=mask).numpy()
+    if "virtual_batch_size" in kwargs:
+        groups = shape[0] // kwargs["virtual_batch_size"]
+        parts = [np_masked_moments(x[j::groups], mask[j::groups], axis) for j in range(groups)]
+        expected = np.empty(shape)
+        for j, (mean, variance, _) in enumerate(parts):
+            expected[j::groups] = (x[j::groups] - mean) / np.sqrt(variance + 0.1)
+        weights = np.array([c for _, _, c in parts]) / sum(c for _, _, c in parts)
+        mean = sum(w * m for w, (m, _, _) in zip(weights, parts, strict=True))
+        variance = sum(w * v for w, (_, v, _) in zip(weights, parts, strict=True))
+    else:
+        mean, variance, _ = np_masked_moments(x, mask, axis)
+        expected = (x - mean) / np.sqrt(variance + 0.1)
+    if kwargs.get("renorm"):  # r = sigma_B / 1 and d = (mu_B - 0) / 1 at the first step
+        expected = expected * np.sqrt(variance + 0.1) + mean
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), variance.ravel(), rtol=1e-4, atol=1e-6
+    )
+    # Inference normalizes every position with the moving statistics, mask or not.
+    inferred = layer(x, training=False, mask=mask).numpy()
+    reference = (x - mean) / np.sqrt(layer.moving_variance.numpy().reshape(mean.shape) + 0.1)
+    np.testing.assert_allclose(inferred, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_masking_then_batch_norm_on_axis_1_in_fit_counts_only_kept_values(rng):
+    n, channels, steps = 16, 3, 5
+    x = (rng.normal(size=(n, channels, steps)) * 2 + 3).astype("float32")
+    x[rng.uniform(size=(n, channels)) < 0.3] = 0.0  # Masking() drops these (example, channel)s
+    model = keras.Sequential(
+        [
+            keras.Input((channels, steps)),
+            keras.layers.Masking(0.0),
+            tfbn.BatchNorm(axis=1, momentum=0.0),
+        ]
+    )
+    model.compile("sgd", "mse")
+    model.fit(x, x, batch_size=n, epochs=1, verbose=0)
+    kept = (x != 0).any(-1)
+    mean, variance, _ = np_masked_moments(x, kept, 1)
+    bn = model.layers[-1]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), variance.ravel(), rtol=1e-4)
+
+
+def test_a_mask_of_ones_with_size_one_axes_counts_every_value_it_covers():
+    # Keras's own case: mask (1, 2, 1) on input (1, 2, 3, 4) covers 6 values per channel.
+    x = np.arange(24, dtype="float32").reshape(1, 2, 3, 4)
+    layer = tfbn.BatchNorm(momentum=0.0)
+    layer(x, training=True, mask=np.ones((1, 2, 1), bool))
+    mean, variance, count = np_masked_moments(x, np.ones((1, 2, 1)), -1)
+    np.testing.assert_array_equal(count.ravel(), [6, 6, 6, 6])
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean.ravel(), rtol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance.ravel(), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "shape,axis,kernel",
     [

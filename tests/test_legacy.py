@@ -214,13 +214,25 @@ def test_fused_moving_variance_is_bessel_corrected_like_tf_keras(rng):
 
 
 # ------------------------------------------------------------------------------------ masks
-def test_masked_statistics_match_tf_keras_layer(rng):
-    """Rank 3 (tf-keras honours the mask there): identical training step and moving statistics."""
-    x = tf.constant(rng.normal(size=(6, 7, 4)) * 2 + 1, tf.float32)
-    mask = tf.constant(rng.random((6, 7)) > 0.4)
-    probe = tf.constant(rng.normal(size=(6, 7, 4)), tf.float32)
+@pytest.mark.parametrize(
+    "shape, axis, mask_shape",
+    [
+        ((6, 7, 4), -1, (6, 7)),
+        ((6, 4, 7), 1, (6, 4)),  # the mask covers axes 0 and 1, the channel axis included
+        ((6, 7, 4), -1, (6, 1)),  # a size-1 axis broadcasts and counts every value it covers
+        ((6, 3, 4, 5), [1, 3], (6, 3, 4)),
+    ],
+)
+def test_masked_statistics_match_tf_keras_layer(rng, shape, axis, mask_shape):
+    """Where tf-keras honours the mask (not fused): a rank `rank - 1` mask covers the input's axes
+    but the last, whatever `axis` is. Identical training step and moving statistics."""
+    x = tf.constant(rng.normal(size=shape) * 2 + 1, tf.float32)
+    mask = rng.random(mask_shape) > 0.4
+    mask[:2] = True  # every channel keeps values
+    probe = tf.constant(rng.normal(size=shape), tf.float32)
     results = [
-        step(cls(momentum=0.5), x, probe, tf_keras.optimizers.SGD(0.1), mask) for cls in LAYERS
+        step(cls(axis=axis, momentum=0.5), x, probe, tf_keras.optimizers.SGD(0.1), mask)
+        for cls in LAYERS
     ]
     assert_same(*results)
 

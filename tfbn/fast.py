@@ -135,7 +135,8 @@ def training_batch_norm(
         beta: Per-channel offset or `None`.
         epsilon: Variance epsilon.
         fused: `True`, `False` or `None` (choose), as the layer's argument.
-        mask: Optional boolean tensor of rank `rank(inputs) - 1` over the non-channel axes.
+        mask: Optional boolean tensor of rank `rank(inputs) - 1`, Keras's meaning
+            (`tfbn.ops._mask_weights`).
         weights: Optional weights broadcastable to `inputs` (0: the value does not count).
         synchronized: Global-batch statistics across `tf.distribute` replicas.
         virtual_batch_size: Ghost batches (`tfbn.ops.ghost_view`).

@@ -119,8 +119,12 @@ class BatchNorm(keras.layers.BatchNormalization):
         training: Python boolean. `True` normalizes with the batch statistics and updates the
             moving statistics; `False` (the default outside `fit`) uses the moving statistics.
             A layer with `trainable=False` always runs in inference mode (fine-tuning).
-        mask: Optional boolean tensor over the input's non-channel axes; masked positions do not
-            count in the batch statistics.
+        mask: Optional boolean tensor of rank `rank(inputs) - 1`, with Keras's meaning: it covers
+            the input's axes `0 .. rank - 2` and is broadcast along the last axis, whatever
+            `axis` is (a `Masking()` mask of shape `(N, C)` before `BatchNorm(axis=1)` on
+            `(N, C, T)` masks whole channels of some examples); its size-1 axes broadcast and
+            count as the values they cover. Masked positions do not count in the batch
+            statistics (training); inference ignores the mask. Another rank is a `ValueError`.
 
     Notes:
         Training on a rank-2 batch of size 1 normalizes every value to 0 (nothing can be learned):
@@ -251,8 +255,14 @@ class BatchNorm(keras.layers.BatchNormalization):
         return input_shape
 
     # ----------------------------------------------------------------------------- compute
-    def _check_input(self, inputs) -> None:
+    def _check_input(self, inputs, mask) -> None:
         shape = inputs.shape
+        if mask is not None and len(mask.shape) != shape.rank - 1:
+            raise ValueError(
+                f"Layer '{self.name}' takes a mask of rank {shape.rank - 1} (the input's axes but "
+                f"the last); received mask.shape={tuple(mask.shape)} for an input of shape "
+                f"{tuple(shape)}."
+            )
         if shape.rank != self._rank:
             raise ValueError(
                 f"Layer '{self.name}' was built for inputs of rank {self._rank}; received an "
@@ -272,7 +282,7 @@ class BatchNorm(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.convert_to_tensor(inputs)
-        self._check_input(inputs)
+        self._check_input(inputs, mask)
         stat_dtype = ops.statistics_dtype(inputs.dtype)
         gamma = None if self.gamma is None else tf.cast(self.gamma, stat_dtype)
         beta = None if self.beta is None else tf.cast(self.beta, stat_dtype)

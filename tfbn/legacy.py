@@ -103,8 +103,10 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
     Call arguments:
         inputs: Floating-point tensor.
         training: Python boolean or boolean tensor; `None` follows the tf-keras learning phase.
-        mask: Optional boolean tensor over the input's axes other than the channel axes (in
-            order); masked positions do not count in the batch statistics.
+        mask: Optional boolean tensor of rank `rank(inputs) - 1` with tf-keras's meaning: it
+            covers the input's axes `0 .. rank - 2` and is broadcast along the last axis,
+            whatever `axis` is; size-1 axes broadcast and count as the values they cover.
+            Masked positions do not count in the batch statistics (training).
 
     Reference:
         - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
@@ -287,14 +289,22 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         dtype = ops.statistics_dtype(inputs.dtype)
         gamma, beta = self._flat(self.gamma, dtype), self._flat(self.beta, dtype)
         axis = self._channel_axis()
+        weights = None
+        if mask is not None and len(self._axes) > 1:
+            # The mask covers the input's axes but the last (`ops._mask_weights`, tf-keras's
+            # meaning); the merged-axes view moves them, so it becomes weights on the view.
+            full = ops._mask_weights(mask, inputs, axis, dtype)
+            weights, mask = self._to_view(tf.broadcast_to(full, tf.shape(inputs))), None
+        direct = self.fused and mask is None and weights is None
         outputs, stats = fast.training_batch_norm(
-            inputs if self.fused and mask is None else self._to_view(inputs),
+            inputs if direct else self._to_view(inputs),
             axis,
             gamma=gamma,
             beta=beta,
             epsilon=self.epsilon,
             fused=bool(self.fused),
             mask=mask,
+            weights=weights,
             synchronized=self.synchronized,
             virtual_batch_size=self.virtual_batch_size,
             renorm_mean=self._flat(self.renorm_mean, dtype) if self.renorm else None,

@@ -232,15 +232,20 @@ def channel_moments(
 
 
 def _mask_weights(mask: tf.Tensor, x: tf.Tensor, axis: int, dtype: tf.DType) -> tf.Tensor:
-    """A 0/1 weight tensor broadcastable to `x` from a mask over the non-channel axes."""
+    """A 0/1 weight tensor broadcastable to `x` from a mask of rank `rank(x) - 1`.
+
+    Keras's meaning (`keras.layers.BatchNormalization`, tf-keras's too): the mask covers the
+    input's axes `0 .. rank - 2` and is broadcast along the last axis, whatever the channel
+    `axis`; its size-1 axes broadcast too, and count as the values they cover.
+    """
     mask = tf.convert_to_tensor(mask)
     rank = x.shape.rank
     if mask.shape.rank != rank - 1:
         raise ValueError(
-            f"Argument `mask` must have rank {rank - 1} (the input's axes without the channel "
-            f"axis); received a mask of shape {mask.shape} for an input of shape {x.shape}."
+            f"Argument `mask` must have rank {rank - 1} (the input's axes but the last); "
+            f"received a mask of shape {mask.shape} for an input of shape {x.shape}."
         )
-    mask = tf.expand_dims(mask, axis)
+    mask = tf.expand_dims(mask, -1)
     return tf.cast(tf.cast(mask, tf.bool), dtype)
 
 
@@ -670,7 +675,7 @@ def ghost_moments(
         axis: The channel axis (not 0).
         virtual_batch_size: Examples per virtual batch; there are `g = n // virtual_batch_size`
             of them, grouped as described in `virtual_batch_view`.
-        mask: Optional boolean tensor of rank `rank(x) - 1` (as in `moments`).
+        mask: Optional boolean tensor of rank `rank(x) - 1`, Keras's meaning (`_mask_weights`).
         weights: Optional weights broadcastable to `x` (as in `channel_moments`).
 
     Returns:
@@ -783,7 +788,8 @@ def batch_norm_training(
         beta: Optional per-channel offset.
         gamma: Optional per-channel scale.
         epsilon: Variance epsilon.
-        mask: Optional boolean tensor over the non-channel axes; masked positions do not count.
+        mask: Optional boolean tensor of rank `rank(x) - 1`, Keras's meaning (`_mask_weights`);
+            masked positions do not count.
         weights: Optional weights broadcastable to `x` (instead of `mask`; 0: does not count).
         synchronized: Global-batch statistics across `tf.distribute` replicas (see `moments`).
         virtual_batch_size: If set, ghost batch normalization: each virtual batch is normalized
