@@ -4,14 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from replica_helpers import replica_values
 
 import tfbn
-
-
-def _replica_values(variable):
-    """Each replica's copy of a (Keras) variable, as NumPy arrays."""
-    value = getattr(variable, "value", variable)
-    return [np.asarray(v) for v in getattr(value, "values", (value,))]
 
 
 def _run_replicas(strategy, layer, batches, dys, steps=1):
@@ -82,7 +77,7 @@ def test_moving_stats_identical_on_all_replicas(cpu_devices, rng, n_replicas, sh
         (layer.moving_mean, expected_mean),
         (layer.moving_variance, expected_var),
     ):
-        copies = _replica_values(variable)
+        copies = replica_values(variable)
         assert len(copies) == n_replicas
         for copy in copies[1:]:
             np.testing.assert_array_equal(copy, copies[0])
@@ -138,7 +133,7 @@ def test_synchronized_equals_single_device_on_concatenated_batch(
         (layer.moving_mean, single.moving_mean),
         (layer.moving_variance, single.moving_variance),
     ):
-        for copy in _replica_values(variable):
+        for copy in replica_values(variable):
             np.testing.assert_allclose(copy, reference.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -174,9 +169,9 @@ def test_replica_without_examples_contributes_nothing(cpu_devices, rng, synchron
         counts = np.array([len(b) for b in live], np.float64)[:, None]
         expected_mean = (np.stack([b.mean(0) for b in live]) * counts).sum(0) / counts.sum()
         expected_var = (np.stack([b.var(0) for b in live]) * counts).sum(0) / counts.sum()
-    for copy in _replica_values(layer.moving_mean):
+    for copy in replica_values(layer.moving_mean):
         np.testing.assert_allclose(copy, expected_mean, rtol=1e-5, atol=1e-5)
-    for copy in _replica_values(layer.moving_variance):
+    for copy in replica_values(layer.moving_variance):
         np.testing.assert_allclose(copy, expected_var, rtol=1e-5, atol=1e-5)
 
 
@@ -205,7 +200,7 @@ def test_fit_under_strategies_then_reload_on_one_device(cpu_devices, rng, tmp_pa
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     for layer in model.layers:
         if isinstance(layer, tfbn.BatchNorm):
-            copies = _replica_values(layer.moving_variance)
+            copies = replica_values(layer.moving_variance)
             for copy in copies[1:]:
                 np.testing.assert_array_equal(copy, copies[0])
             assert not np.allclose(copies[0], 1.0)

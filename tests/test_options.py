@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from replica_helpers import replica_values
 
 from tfbn import ops
 
@@ -552,11 +553,6 @@ def test_option_config_round_trip(tmp_path, rng):
 
 
 # ------------------------------------------------------------------------------ tf.distribute
-def _replica_values(variable):
-    value = getattr(variable, "value", variable)
-    return [np.asarray(v) for v in getattr(value, "values", (value,))]
-
-
 def _train_replicas(strategy, layer, batches):
     """One training step per batch list; replica i gets batches[step][i]. Returns per-step lists
     of per-replica outputs."""
@@ -594,7 +590,7 @@ def test_synchronized_renorm_equals_keras_on_the_concatenated_batch(cpu_devices,
     for variable, want in zip(
         layer.non_trainable_weights, reference.non_trainable_weights, strict=True
     ):
-        for copy in _replica_values(variable):
+        for copy in replica_values(variable):
             np.testing.assert_allclose(copy, want.numpy(), atol=ATOL, err_msg=variable.path)
 
 
@@ -613,7 +609,7 @@ def test_unsynchronized_options_keep_replica_copies_identical(cpu_devices, rng, 
     batches = [[rng.normal(size=(6, 4, 4)) + 10 * r for r in range(3)] for _ in range(3)]
     _train_replicas(strategy, layer, batches)
     for variable in layer.non_trainable_weights:
-        copies = _replica_values(variable)
+        copies = replica_values(variable)
         assert len(copies) == 3
         for copy in copies[1:]:
             np.testing.assert_array_equal(copy, copies[0], err_msg=variable.path)
@@ -621,7 +617,7 @@ def test_unsynchronized_options_keep_replica_copies_identical(cpu_devices, rng, 
     expected = np.zeros(4)
     for per_replica in batches:
         expected = 0.5 * expected + 0.5 * np.mean([b.mean(axes) for b in per_replica], 0)
-    np.testing.assert_allclose(_replica_values(layer.moving_mean)[0], expected, atol=ATOL)
+    np.testing.assert_allclose(replica_values(layer.moving_mean)[0], expected, atol=ATOL)
 
 
 def test_renorm_under_mixed_precision_matches_keras(rng):
