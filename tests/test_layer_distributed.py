@@ -175,6 +175,50 @@ def test_replica_without_examples_contributes_nothing(cpu_devices, rng, synchron
         np.testing.assert_allclose(copy, expected_var, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("synchronized", [False, True])
+def test_masked_statistics_over_replicas_of_unequal_sizes(cpu_devices, rng, synchronized):
+    """Masks of Keras's meaning (here covering the channel axis 1) on 2 replicas fed 6 and 3
+    examples: float64 statistics of the kept positions, of the concatenated batch (synchronized)
+    or the count-weighted mean of the replicas' (not synchronized)."""
+    strategy = tf.distribute.MirroredStrategy(cpu_devices[:2])
+    layer = _make_layer(strategy, (None, 3, 5), axis=1, momentum=0.0, synchronized=synchronized)
+    batches = [(rng.normal(size=(n, 3, 5)) * 2 + k).astype("float32") for k, n in ((1, 6), (-2, 3))]
+    masks = [rng.uniform(size=(len(b), 3)) > 0.3 for b in batches]
+    for mask in masks:
+        mask[0] = True  # every channel keeps values on every replica
+
+    @tf.function
+    def step(x, mask):
+        return strategy.run(lambda x, m: layer(x, training=True, mask=m), args=(x, mask))
+
+    def per_replica(values):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(values[ctx.replica_id_in_sync_group])
+        )
+
+    step(per_replica(batches), per_replica(masks))
+
+    def kept_moments(xs, ms):
+        x = np.concatenate(xs).astype(np.float64)
+        w = np.broadcast_to(np.concatenate(ms)[..., None], x.shape).astype(np.float64)
+        count = w.sum((0, 2))
+        mean = (w * x).sum((0, 2)) / count
+        variance = (w * (x - mean[:, None]) ** 2).sum((0, 2)) / count
+        return mean, variance, count
+
+    if synchronized:
+        mean, variance, _ = kept_moments(batches, masks)
+    else:
+        parts = [kept_moments([b], [m]) for b, m in zip(batches, masks, strict=True)]
+        counts = np.stack([c for *_, c in parts])
+        mean = (np.stack([p[0] for p in parts]) * counts).sum(0) / counts.sum(0)
+        variance = (np.stack([p[1] for p in parts]) * counts).sum(0) / counts.sum(0)
+    for copy in replica_values(layer.moving_mean):
+        np.testing.assert_allclose(copy, mean, rtol=1e-5, atol=1e-5)
+    for copy in replica_values(layer.moving_variance):
+        np.testing.assert_allclose(copy, variance, rtol=1e-5, atol=1e-5)
+
+
 def _compile(model, jit_compile=False):
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
