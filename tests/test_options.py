@@ -598,15 +598,17 @@ def test_synchronized_renorm_equals_keras_on_the_concatenated_batch(cpu_devices,
     "kwargs", [{"renorm": True}, {"virtual_batch_size": 3}, {"virtual_batch_size": 3, "axis": 1}]
 )
 def test_unsynchronized_options_keep_replica_copies_identical(cpu_devices, rng, kwargs):
-    """Replicas fed data with different means: every copy of every moving variable is the same,
-    and the moving mean follows the replica mean of the batch means (float64 NumPy)."""
+    """Replicas fed 3, 6 and 9 examples with different means: every copy of every moving variable
+    is the same, and the moving mean follows the count-weighted mean over replicas of the batch
+    means (float64 NumPy)."""
     import tfbn
 
     strategy = tf.distribute.MirroredStrategy(cpu_devices[:3])
     with strategy.scope():
         layer = tfbn.BatchNorm(momentum=0.5, **kwargs)
         layer.build((6, 4, 4))
-    batches = [[rng.normal(size=(6, 4, 4)) + 10 * r for r in range(3)] for _ in range(3)]
+    sizes = np.array([3, 6, 9])
+    batches = [[rng.normal(size=(n, 4, 4)) + 10 * r for r, n in enumerate(sizes)] for _ in range(3)]
     _train_replicas(strategy, layer, batches)
     for variable in layer.non_trainable_weights:
         copies = replica_values(variable)
@@ -616,7 +618,8 @@ def test_unsynchronized_options_keep_replica_copies_identical(cpu_devices, rng, 
     axes = (0, 1) if kwargs.get("axis", -1) == -1 else (0, 2)
     expected = np.zeros(4)
     for per_replica in batches:
-        expected = 0.5 * expected + 0.5 * np.mean([b.mean(axes) for b in per_replica], 0)
+        means = np.stack([b.mean(axes) for b in per_replica])
+        expected = 0.5 * expected + 0.5 * (sizes[:, None] * means).sum(0) / sizes.sum()
     np.testing.assert_allclose(replica_values(layer.moving_mean)[0], expected, atol=ATOL)
 
 
