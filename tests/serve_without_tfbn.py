@@ -2,7 +2,8 @@
 
 Usage: python serve_without_tfbn.py IMAGES.npy OUT.npz MODEL_DIR...
 
-IMAGES.npy holds uint8 images (n, 28, 28). For each MODEL_DIR (index i) OUT.npz receives the
+IMAGES.npy holds uint8 images (n, 28, 28), or float32 inputs of any shape, which only the
+`serving_float` signature is given (as they are). For each MODEL_DIR (index i) OUT.npz receives the
 outputs of every signature: `{i}/{signature}/{output}`, and `{i}/signatures`, the names present.
 `tfbn` is blocked: importing it raises ImportError (exit status 3 if it can be imported anyway).
 """
@@ -56,6 +57,8 @@ def main(argv):
             "serving_uint8_2d": images,
             "serving_float": images[..., None].astype(np.float32) / np.float32(255.0),
         }
+        if images.dtype == np.float32:
+            inputs = {"serving_float": images}
         for signature, batch in inputs.items():
             outputs = loaded.signatures[signature](images=tf.constant(batch))
             for key, value in outputs.items():
