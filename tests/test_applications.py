@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from replica_helpers import replica_values
 
 import tfbn
 from tfbn.folding import fold_plan
@@ -125,12 +126,6 @@ def test_converted_model_in_training_mode_is_as_exact_as_the_original(name):
 
 
 # ------------------------------------------------------------------------- MirroredStrategy
-def _replica_copies(variable) -> list[np.ndarray]:
-    """Each replica's copy of a Keras variable under a strategy, as NumPy arrays."""
-    value = getattr(variable, "value", variable)
-    return [np.asarray(v) for v in getattr(value, "values", (value,))]
-
-
 def _fit_on_replicas(model, x, y) -> None:
     """A training step of `fit`, the global batch split across the replicas.
 
@@ -168,8 +163,8 @@ def test_mirrored_training_keeps_every_replica_identical_where_keras_drifts(cpu_
     for bn in batch_norms:
         twin = converted.get_layer(bn.name)
         for name in ("moving_mean", "moving_variance"):
-            keras_copies = _replica_copies(getattr(bn, name))
-            tfbn_copies = _replica_copies(getattr(twin, name))
+            keras_copies = replica_values(getattr(bn, name))
+            tfbn_copies = replica_values(getattr(twin, name))
             assert len(keras_copies) == len(tfbn_copies) == replicas
             drift.append(max(np.max(np.abs(c - keras_copies[0])) for c in keras_copies))
             spread.append(max(np.max(np.abs(c - tfbn_copies[0])) for c in tfbn_copies))
