@@ -63,8 +63,9 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
     - The config of a built layer with `virtual_batch_size` rebuilds it (tf-keras's reports its
       axis shifted by the virtual-batch axis, which no input accepts); the config also keeps
       `synchronized` and `fused` as given.
-    - Bad arguments (`momentum`, `epsilon`, `renorm_clipping`, `virtual_batch_size`, ...) raise a
-      `ValueError` at construction.
+    - Bad arguments (`momentum`, `epsilon`, `renorm_clipping`, `virtual_batch_size`, a
+      non-floating `dtype`, ...) raise a `ValueError` naming the argument at construction
+      (`tfbn.arguments`, the checks of `tfbn.BatchNorm`).
 
     Args:
         axis: Integer or list of integers: the axes that keep their own statistics (not 0).
