@@ -307,7 +307,7 @@ def composed_batch_norm(
     axis = ops.canonical_axis(axis, rank)
     dtype = ops.statistics_dtype(x.dtype)
     x = tf.cast(x, dtype)
-    ctx = ops._synchronizing_context(synchronized)
+    ctx = ops.synchronizing_context(synchronized)
     layout = reduction.channel_layout(x, axis)
     count = reduction.element_count(x, axis, dtype)
     stats = ops.centred_moments(layout, count, reduction.first_values(x, axis), replica_context=ctx)

@@ -25,7 +25,6 @@ __all__ = [
     "batch_normalization",
     "canonical_axis",
     "moments",
-    "reduction_axes",
     "replica_mean_moments",
     "statistics_dtype",
 ]
@@ -37,7 +36,8 @@ class Moments(NamedTuple):
     Attributes:
         mean: Mean over every axis but the channel axis, shape `(channels,)`.
         variance: Biased variance (divided by the count, as the chapter defines it).
-        count: Number of values each channel's statistics were computed from (scalar, float).
+        count: Number of values (the sum of the weights) each channel's statistics were computed
+            from, shape `(channels,)`.
     """
 
     mean: tf.Tensor
@@ -68,12 +68,6 @@ def canonical_axis(axis: int, rank: int) -> int:
             f"Argument `axis` must not be the batch axis 0; received axis={axis} for rank {rank}."
         )
     return axis % rank
-
-
-def reduction_axes(rank: int, axis: int) -> list[int]:
-    """Every axis of a rank-`rank` input but the channel axis: what the statistics average over."""
-    axis = canonical_axis(axis, rank)
-    return [i for i in range(rank) if i != axis]
 
 
 def statistics_dtype(dtype: tf.DType) -> tf.DType:
@@ -173,7 +167,7 @@ def centred_moments(
     return Centred(pivot + offset, variance, count, shifted, offset)
 
 
-def _synchronizing_context(synchronized: bool):
+def synchronizing_context(synchronized: bool):
     """The replica context to all-reduce over, or `None` (not synchronized, or one replica)."""
     ctx = tf.distribute.get_replica_context()
     if synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
@@ -206,7 +200,7 @@ def centred(
         count = layout.sums(w)
         pivot = tf.math.divide_no_nan(layout.sums(layout.view * w), count)
     stats = centred_moments(
-        layout, count, pivot, weights=w, replica_context=_synchronizing_context(synchronized)
+        layout, count, pivot, weights=w, replica_context=synchronizing_context(synchronized)
     )
     shifted = tf.ensure_shape(tf.reshape(stats.shifted, tf.shape(x)), x.shape)
     return stats._replace(shifted=shifted)

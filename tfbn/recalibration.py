@@ -171,12 +171,6 @@ def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 # ------------------------------------------------------------------------------ the statistics
-def _reduction_axes(tensor, step) -> tuple[int, list[int]]:
-    rank = len(tensor.shape)
-    axis = ops.canonical_axis(int(step.layer.axis), rank)
-    return axis, [i for i in range(rank) if i != axis]
-
-
 def _moments(tensors, steps) -> list[tf.Tensor]:
     """Per batch-norm input, `[count, mean..., m2...]` over all replicas, in float64.
 
@@ -187,8 +181,7 @@ def _moments(tensors, steps) -> list[tf.Tensor]:
     packed = []
     for tensor, step in zip(tensors, steps, strict=True):
         x = tf.cast(tensor, tf.float64)
-        axis, _ = _reduction_axes(x, step)
-        stats = ops.centred(x, axis, synchronized=True)
+        stats = ops.centred(x, int(step.layer.axis), synchronized=True)
         packed.append(tf.concat([stats.count[:1], stats.mean, stats.variance * stats.count], 0))
     return packed
 
