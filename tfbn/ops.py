@@ -148,15 +148,11 @@ def centred_moments(
     shifted = view - spread(pivot)
     total = sums(shifted if weights is None else shifted * weights)
     if replica_context is not None:
-        channels = tf.shape(total)[0]
-        # Pivots differ between replicas: each replica contributes its sum of values.
-        packed = replica_context.all_reduce(
-            tf.distribute.ReduceOp.SUM, tf.concat([total + pivot * count, count], 0)
-        )
-        count = packed[channels:]
-        offset = tf.math.divide_no_nan(packed[:channels], count) - pivot
+        mean, count = _global_mean(replica_context, total, pivot, count)
+        offset = mean - pivot
     else:
         offset = tf.math.divide_no_nan(total, count)
+        mean = pivot + offset
     # The derivative of the sum of squares through the mean is -2 * sum(x - mean) = 0: the
     # mean's gradient path can be cut here.
     squares = tf.math.squared_difference(shifted, spread(tf.stop_gradient(offset)))
@@ -164,7 +160,25 @@ def centred_moments(
     if replica_context is not None:
         m2 = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, m2)
     variance = tf.math.divide_no_nan(m2, count)
-    return Centred(pivot + offset, variance, count, shifted, offset)
+    return Centred(mean, variance, count, shifted, offset)
+
+
+def _global_mean(replica_context, total, pivot, count) -> tuple[tf.Tensor, tf.Tensor]:
+    """The mean and count of the global batch, identical on every replica.
+
+    Pivots differ between replicas, so each contributes its sum of values `total + pivot * count`;
+    that sum is formed and all-reduced in float64 (at a mean of 1e4 and 2^20 values a float32 sum
+    of about 1e10 would keep only a few digits), and the mean comes from the all-reduced sums
+    alone, so that every replica holds the same value.
+    """
+    dtype, wide = total.dtype, tf.float64
+    channels = tf.shape(total)[0]
+    local = tf.cast(total, wide) + tf.cast(pivot, wide) * tf.cast(count, wide)
+    packed = replica_context.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.concat([local, tf.cast(count, wide)], 0)
+    )
+    mean = tf.math.divide_no_nan(packed[:channels], packed[channels:])
+    return tf.cast(mean, dtype), tf.cast(packed[channels:], dtype)
 
 
 def synchronizing_context(synchronized: bool):

@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -195,7 +196,10 @@ def _check_data_dir(data_dir) -> None:
 
 
 def _check_dataset(dataset) -> None:
-    missing = [name for name in _DATA_MEMBERS if not hasattr(dataset, name)]
+    # Looked up without evaluating properties: building a tf.data pipeline here would start
+    # TensorFlow's runtime before a MultiWorkerMirroredStrategy exists.
+    absent = object()
+    missing = [n for n in _DATA_MEMBERS if inspect.getattr_static(dataset, n, absent) is absent]
     if missing:
         raise UsageError(
             f"Argument `dataset` must provide {', '.join(_DATA_MEMBERS)} (tfbn.training.TrainData);"
