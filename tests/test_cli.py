@@ -120,6 +120,42 @@ def test_no_tensorflow_log_line_unless_verbose_2():
     assert set(_CPP_LOG.findall(reference.stderr)) <= set(_CPP_LOG.findall(loud.stderr))
 
 
+# TensorFlow's Python log lines and those of the libraries logging through absl (TFDS).
+_PY_LOG = re.compile(r"^(WARNING|INFO|ERROR):(tensorflow|absl):", re.MULTILINE)
+
+
+def test_no_tensorflow_log_line_in_any_command(tmp_path):
+    """convert, export, predict and bench (whose repeated tracing makes TensorFlow warn), in one
+    process that imports TensorFlow through the first command, as `tfbn` does, on tiny inputs."""
+    import keras
+    import tensorflow as tf
+    from model_helpers import structured_images
+
+    keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Conv2D(2, 3), keras.layers.BatchNormalization(),
+         keras.layers.Flatten(), keras.layers.Dense(10)]
+    ).save(tmp_path / "k.keras")  # fmt: skip
+    image = tmp_path / "image.png"
+    image.write_bytes(tf.io.encode_png(structured_images(1)[0][..., None]).numpy())
+    code = """
+        import sys
+        from tfbn import cli
+        d = sys.argv[1]
+        runs = [
+            ["convert", f"{d}/k.keras", f"{d}/t.keras"],
+            ["export", f"{d}/t.keras", "--export-dir", f"{d}/e"],
+            ["predict", f"{d}/e/lenet", f"{d}/image.png"],
+            ["bench", "--quick", "--cases", "layer", "--repeats", "1", "--no-xla",
+             "--output-dir", f"{d}/b"],
+        ]
+        print("codes", [cli.main(argv + ["--verbose", "1"]) for argv in runs])
+    """
+    done = _python(code, str(tmp_path), env=_env_without_tf_logging())
+    assert "codes [0, 0, 0, 0]" in done.stdout, done.stderr[-3000:]
+    assert _CPP_LOG.findall(done.stderr) == [], done.stderr[-3000:]
+    assert _PY_LOG.findall(done.stderr) == [], done.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------ errors
 def _args() -> argparse.Namespace:
     return argparse.Namespace(verbose=1)

@@ -362,10 +362,11 @@ def test_fit_loop_under_multi_worker_is_refused_before_work(tmp_path, no_work):
 def test_unwritable_output_folders_raise_before_work(tmp_path, no_work):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(ValueError, match="`run_dir`"):
-        tfbn.train(run_dir=blocker / "run", export_dir=tmp_path / "exp")
-    with pytest.raises(ValueError, match="`export_dir`"):
-        tfbn.train(run_dir=tmp_path / "run", export_dir=blocker / "exp")
+    for run_dir, export_dir in [(blocker / "run", tmp_path / "exp"), (tmp_path / "run", blocker)]:
+        with pytest.raises(NotADirectoryError) as raised:
+            tfbn.train(run_dir=run_dir, export_dir=export_dir)
+        assert raised.value.filename == str(blocker)
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
 def test_data_folder_without_files_raises_before_work(tmp_path, no_work):

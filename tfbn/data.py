@@ -151,6 +151,24 @@ def _open(path: Path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
+def _read(path: Path, spec: IdxFile | None, size: int = -1) -> bytes:
+    """The first `size` bytes of an IDX file, decompressed (all with -1).
+
+    Raises:
+        DataError: if the content cannot be decompressed (a damaged or truncated file).
+        OSError: if the file cannot be read (permission, I/O error), naming the file.
+    """
+    try:
+        with _open(path) as f:
+            return f.read(size)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise _corrupt(path, f"it cannot be decompressed ({error})", spec) from None
+    except OSError as error:
+        if error.filename is None:
+            raise type(error)(error.errno, error.strerror or str(error), str(path)) from None
+        raise
+
+
 def _corrupt(path: Path, why: str, spec: IdxFile | None = None) -> DataError:
     if spec is None:
         return DataError(f"IDX file {path} is corrupt: {why}.")
@@ -204,16 +222,12 @@ def check_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     Raises:
         DataError: (a `ValueError`) naming the first file that is missing or has a wrong header,
             and saying how to get the data.
+        OSError: if a file is there but cannot be read (e.g. `PermissionError`), naming it.
     """
     folder = resolve_data_dir(data_dir)
     for spec in IDX_FILES.values():
         path = _find_file(folder, spec)
-        try:
-            with _open(path) as f:
-                header = f.read(4 + 4 * len(spec.shape))
-        except (OSError, EOFError, zlib.error) as error:
-            raise _corrupt(path, f"it cannot be read ({error})", spec) from None
-        _check_header(path, header, spec)
+        _check_header(path, _read(path, spec, 4 + 4 * len(spec.shape)), spec)
     return folder
 
 
@@ -232,13 +246,10 @@ def read_idx(path: str | os.PathLike, spec: IdxFile | None = None) -> np.ndarray
     Raises:
         DataError: when the file cannot be decompressed, is not an IDX file of unsigned bytes, or
             its header, size or SHA-256 is wrong.
+        OSError: if the file cannot be read (e.g. `PermissionError`), naming it.
     """
     path = Path(path)
-    try:
-        with _open(path) as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as error:
-        raise _corrupt(path, f"it cannot be read or decompressed ({error})", spec) from None
+    raw = _read(path, spec)
     if spec is None:
         shape = _header_shape(path, raw)
     else:

@@ -110,6 +110,13 @@ def read_holder(folder: str | os.PathLike) -> Holder | None:
     return _parse(text)
 
 
+def _remove_empty(folders: list[pathlib.Path]) -> None:
+    """Removes `folders` (innermost first) where they are empty; leaves the others alone."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 class FolderLock:
     """An exclusive lock on a folder, held by this process; a context manager.
 
@@ -122,12 +129,17 @@ class FolderLock:
         OSError: the lock file cannot be created or written (read-only folder, not a folder,
             no space, ...); the error names the path, and the folders this call created are
             removed again.
+
+    `release` (leaving the `with` block) also removes the folders that `acquire` created, if
+    nothing was put in them: a command that fails under the lock (e.g. on missing data) leaves
+    no empty folder behind.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = pathlib.Path(folder)
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
+        self._created: list[pathlib.Path] = []
 
     @property
     def locked(self) -> bool:
@@ -142,9 +154,12 @@ class FolderLock:
             return self
         created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
             while self._fd is None:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                self.folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                except FileNotFoundError:  # removed by a holder's release meanwhile: again
+                    continue
                 try:
                     if self._lock_or_refuse(fd):
                         self._fd, fd = fd, None
@@ -152,10 +167,9 @@ class FolderLock:
                     if fd is not None:
                         os.close(fd)
         except OSError:
-            for folder in created:  # innermost first; only folders this call made, if empty
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            _remove_empty(created)
             raise
+        self._created = created
         return self
 
     def _lock_or_refuse(self, fd: int) -> bool:
@@ -208,6 +222,7 @@ class FolderLock:
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+            _remove_empty(self._created)
         finally:
             os.close(fd)
 

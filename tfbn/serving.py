@@ -126,12 +126,17 @@ def load_model(model_dir: str | os.PathLike) -> ServedModel:
 
     Raises:
         UsageError: if `model_dir` holds no SavedModel.
+        OSError: if its files cannot be read (e.g. `PermissionError`), naming the file.
     """
     path = resolve_model_dir(model_dir)
     key = str(path.resolve())
     stamp = (path / "saved_model.pb").stat().st_mtime_ns
     cached = _LOADED.get(key)
     if cached is None or cached[0] != stamp:
+        for name in ("saved_model.pb", "variables/variables.index"):
+            if (path / name).exists():
+                with open(path / name, "rb"):  # an OSError naming the file, not TensorFlow's
+                    pass
         loaded = tf.saved_model.load(str(path))
         default = loaded.signatures["serving_default"]
         served = ServedModel(

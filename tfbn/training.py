@@ -170,22 +170,6 @@ def format_summary(
 
 
 # ------------------------------------------------------------------------------------ checks
-def _os_reason(error: OSError) -> str:
-    where = "" if error.filename is None else f"{os.fsdecode(error.filename)}: "
-    return where + (error.strerror or str(error))
-
-
-def _check_writable(name: str, path: pathlib.Path) -> None:
-    """Proves a file can be created in `path` (or where it would be created), creating nothing."""
-    try:
-        check_writable_dir(path)
-    except OSError as error:
-        raise UsageError(
-            f"Argument `{name}` must be a writable folder; received {name}='{path}' "
-            f"({_os_reason(error)})."
-        ) from None
-
-
 def _check_data_dir(data_dir) -> None:
     from tfbn import data as data_module
 
@@ -213,9 +197,9 @@ def _check_locations(config: TrainConfig, dataset) -> None:
         _check_data_dir(config.data_dir)
     else:
         _check_dataset(dataset)
-    _check_writable("run_dir", config.run_dir)
+    check_writable_dir(config.run_dir)
     if config.export:
-        _check_writable("export_dir", config.export_dir)
+        check_writable_dir(config.export_dir)
 
 
 def _strategy_name(strategy) -> str:
@@ -1015,9 +999,11 @@ def train(
         A `TrainResult`.
 
     Raises:
-        ValueError: (`tfbn.errors.UsageError`) for a setting `TrainConfig` refuses; an output
-            folder that cannot be written; a data folder without the Fashion-MNIST files; a
-            `dataset` that is not a `TrainData`; a `run_dir` holding a run with other settings.
+        ValueError: (`tfbn.errors.UsageError`) for a setting `TrainConfig` refuses; a data
+            folder without the Fashion-MNIST files; a `dataset` that is not a `TrainData`; a
+            `run_dir` holding a run with other settings.
+        OSError: if an output folder cannot be written (read-only, not a folder, no
+            permission), naming the folder that refused; or a data file cannot be read.
             All raised before anything is created on disk or any data is loaded.
     """
     wall_start = time.perf_counter()

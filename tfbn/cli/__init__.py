@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -125,9 +126,21 @@ def import_tensorflow(verbose: int) -> None:
     (e.g. `failed call to cuInit` on a machine without a GPU); the lines written while TensorFlow's
     shared libraries load come before that and go straight to file descriptor 2, so that is pointed
     at a temporary file during the import. If the import fails, what it wrote is shown.
+    TensorFlow's Python log lines (`WARNING:tensorflow:... triggered tf.function retracing`)
+    and those of the libraries it logs through absl (`WARNING:absl:...`, e.g. TensorFlow
+    Datasets) are kept to errors too.
     """
-    if verbose >= 2 or "tensorflow" in sys.modules:
+    if verbose >= 2:
         return
+    if "tensorflow" not in sys.modules:
+        _import_quietly()
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def _import_quietly() -> None:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     written = b""
     try:
