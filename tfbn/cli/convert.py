@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tfbn.cli.options import add_keras_model
+
 HELP = "replace every keras.layers.BatchNormalization of a saved model by tfbn.BatchNorm"
 EPILOG = (
     "The model must be Sequential or functional (a subclassed model's layers live in its code). "
@@ -14,7 +16,7 @@ EPILOG = (
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds the `tfbn convert` arguments."""
-    parser.add_argument("model", help="the model to convert, a .keras file")
+    add_keras_model(parser, "the model to convert, a .keras file")
     parser.add_argument("output", help="where to save the converted model (.keras)")
 
 

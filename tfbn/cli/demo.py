@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from tfbn.cli.options import add_seed
+
 HELP = "show the batch-norm layer on a small tensor, in training and inference mode, explained"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds the `tfbn demo` arguments."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    add_seed(parser, 0, "random seed")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from tfbn.cli.options import add_export_dir, add_jit_compile, add_keras_model
+
 HELP = "export a trained .keras model as an inference-only SavedModel"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds the `tfbn export` arguments."""
-    parser.add_argument("model", help="trained model file (.keras)")
-    parser.add_argument("--export-dir", default="saved_models", help="parent folder of the exports")
+    add_keras_model(parser)
+    add_export_dir(parser, "saved_models")
     parser.add_argument("--name", default="lenet", help="model name folder")
     parser.add_argument(
         "--version", type=int, default=None, help="version number (default: the next free one)"
@@ -24,12 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the version folder if it exists"
     )
-    parser.add_argument(
-        "--jit-compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="compile the serving functions with XLA",
-    )
+    add_jit_compile(parser, False, "compile the serving functions with XLA")
     parser.add_argument(
         "--class-names",
         default=None,

@@ -4,36 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, STRATEGIES
+from tfbn.cli.options import add_batch_size, add_data_dir, add_keras_model, add_strategy
 
 HELP = "recompute the BatchNorm population statistics of a model"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds the `tfbn recalibrate` arguments."""
-    parser.add_argument("model", help="trained model, a .keras file")
+    add_keras_model(parser)
     parser.add_argument(
         "--output",
         default=None,
         help="where to save the recalibrated model (.keras) (default: MODEL with "
         "'.recalibrated' before the extension)",
     )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help=f"folder with the four Fashion-MNIST IDX files (default: ${DATA_DIR_ENV}, else "
-        f"{DEFAULT_DATA_DIR})",
-    )
+    add_data_dir(parser)
     parser.add_argument(
         "--tfds-dir", default=None, help="TFDS data directory (default: TFDS's default)"
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=512, help="batch size of the statistics passes"
-    )
+    add_batch_size(parser, 512, "batch size of the statistics passes")
     parser.add_argument(
         "--steps", type=int, default=None, help="batches per pass (default: the whole train split)"
     )
-    parser.add_argument("--strategy", default="auto", choices=STRATEGIES, help="tf.distribute")
+    add_strategy(parser, "auto")
     parser.add_argument(
         "--mode",
         default="exact",

@@ -1,0 +1,61 @@
+"""The arguments several `tfbn` commands share, each defined once (TensorFlow-free).
+
+A command's `configure(parser)` calls these with its own default and, where the meaning differs
+by command, its own help; the flag's spelling, type and choices live here alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, STRATEGIES
+
+
+def add_keras_model(parser: argparse.ArgumentParser, help: str = "trained model file (.keras)"):
+    """The positional `model`: a `.keras` file to read."""
+    parser.add_argument("model", help=help)
+
+
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    """`--data-dir`: the folder of the four Fashion-MNIST IDX files."""
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"folder with the four Fashion-MNIST IDX files (default: ${DATA_DIR_ENV}, else "
+        f"{DEFAULT_DATA_DIR})",
+    )
+
+
+def add_export_dir(
+    parser: argparse.ArgumentParser, default: str, help: str = "parent folder of the exports"
+) -> None:
+    """`--export-dir`: the folder that holds one folder per exported model name."""
+    parser.add_argument("--export-dir", default=str(default), help=help)
+
+
+def add_strategy(
+    parser: argparse.ArgumentParser,
+    default: str,
+    choices: Sequence[str] = STRATEGIES,
+    help: str = "tf.distribute strategy",
+) -> None:
+    """`--strategy`: a `tfbn.distribute` strategy name."""
+    parser.add_argument("--strategy", default=default, choices=list(choices), help=help)
+
+
+def add_batch_size(parser: argparse.ArgumentParser, default: int, help: str) -> None:
+    """`--batch-size`: a (global) batch size."""
+    parser.add_argument("--batch-size", type=int, default=default, help=help)
+
+
+def add_seed(parser: argparse.ArgumentParser, default: int | None, help: str) -> None:
+    """`--seed`: a random seed."""
+    parser.add_argument("--seed", type=int, default=default, help=help)
+
+
+def add_jit_compile(parser: argparse.ArgumentParser, default: bool, help: str) -> None:
+    """`--jit-compile` / `--no-jit-compile`: XLA compilation."""
+    parser.add_argument(
+        "--jit-compile", action=argparse.BooleanOptionalAction, default=default, help=help
+    )
