@@ -47,13 +47,18 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 # ------------------------------------------------------------------------------------- parsing
 def test_help_and_version_do_not_import_tensorflow():
     code = """
-        import json, sys
+        import contextlib, io, json, sys, time
+        start = time.perf_counter()
         from tfbn import cli
         for argv in [["--help"], ["--version"], *[[c, "--help"] for c in cli.COMMANDS]]:
             try:
-                cli.main(argv)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    cli.main(argv)
             except SystemExit as exit:
                 assert exit.code == 0, (argv, exit.code)
+            # Each answer within 1 s of the start, the import of tfbn included.
+            assert time.perf_counter() - start < 1.0, (argv, time.perf_counter() - start)
+            start = time.perf_counter()
         heavy = ("tensorflow", "keras", "tensorflow_datasets", "keras_tuner", "matplotlib")
         print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
     """
@@ -88,6 +93,13 @@ def test_one_spelling_per_option_across_commands():
             if action.option_strings:
                 spellings.setdefault(action.dest, set()).add(tuple(action.option_strings))
     assert {dest: s for dest, s in spellings.items() if len(s) > 1} == {}
+    # A flag shared by commands takes the same kind of value in each (tfbn/cli/options.py).
+    kinds: dict[str, set] = {}
+    for parser in _subcommands(cli.build_parser()).values():
+        for action in parser._actions:
+            if action.option_strings:
+                kinds.setdefault(action.dest, set()).add((type(action).__name__, action.type))
+    assert {dest: k for dest, k in kinds.items() if len(k) > 1} == {}
     flags = {flag for s in spellings.values() for names in s for flag in names}
     assert "--verbose" in flags and "--run-dir" in flags and "--learning-rate" in flags
     assert not flags & {"--lr", "--dir", "--quiet", "--no-progress", "--progress"}

@@ -59,3 +59,15 @@ def add_jit_compile(parser: argparse.ArgumentParser, default: bool, help: str) -
     parser.add_argument(
         "--jit-compile", action=argparse.BooleanOptionalAction, default=default, help=help
     )
+
+
+def add_run_dir(parser: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    """`--run-dir`: the folder a command keeps its state in (and resumes from)."""
+    parser.add_argument("--run-dir", default=None if default is None else str(default), help=help)
+
+
+def add_train_fraction(parser: argparse.ArgumentParser, default: float) -> None:
+    """`--train-fraction`: the fraction of Fashion-MNIST's training set to use."""
+    parser.add_argument(
+        "--train-fraction", type=float, default=default, help="fraction of the training set to use"
+    )

@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from tfbn.cli.options import (
+    add_batch_size,
+    add_data_dir,
+    add_export_dir,
+    add_jit_compile,
+    add_run_dir,
+    add_seed,
+    add_strategy,
+    add_train_fraction,
+)
 from tfbn.config import (
-    DATA_DIR_ENV,
-    DEFAULT_DATA_DIR,
     LOOPS,
     NORMS,
     RECIPE,
-    STRATEGIES,
     TrainConfig,
 )
 
@@ -33,9 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--norm", default=_DEFAULTS["norm"], choices=NORMS, help="batch normalization"
     )
     parser.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help="number of epochs")
-    parser.add_argument(
-        "--batch-size", type=int, default=_DEFAULTS["batch_size"], help="global batch size"
-    )
+    add_batch_size(parser, _DEFAULTS["batch_size"], "global batch size")
     parser.add_argument(
         "--learning-rate",
         type=float,
@@ -43,39 +48,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"SGD learning rate (default: {RECIPE.learning_rate:g} with BatchNorm, "
         f"{RECIPE.plain_learning_rate:g} without)",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="seed of the weights and the data order (default: drawn at random and recorded "
-        "in the run folder)",
+    add_seed(
+        parser,
+        None,
+        "seed of the weights and the data order (default: drawn at random and recorded in the "
+        "run folder)",
     )
-    parser.add_argument(
-        "--strategy", default=_DEFAULTS["strategy"], choices=STRATEGIES, help="tf.distribute"
-    )
+    add_strategy(parser, _DEFAULTS["strategy"])
     parser.add_argument(
         "--loop",
         default=_DEFAULTS["loop"],
         choices=LOOPS,
         help="Keras fit or a custom strategy.run loop; auto: custom under multi_worker, else fit",
     )
-    parser.add_argument(
-        "--run-dir",
-        default=None,
-        help="run folder, reused to resume (default: runs/lenet_<norm>)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help=f"folder with the four Fashion-MNIST IDX files (default: ${DATA_DIR_ENV}, else "
-        f"{DEFAULT_DATA_DIR})",
-    )
-    parser.add_argument(
-        "--train-fraction",
-        type=float,
-        default=_DEFAULTS["train_fraction"],
-        help="fraction of the training set",
-    )
+    add_run_dir(parser, None, "run folder, reused to resume (default: runs/lenet_<norm>)")
+    add_data_dir(parser)
+    add_train_fraction(parser, _DEFAULTS["train_fraction"])
     parser.add_argument(
         "--drop-remainder",
         action=argparse.BooleanOptionalAction,
@@ -94,17 +82,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS["export"],
         help="export an inference SavedModel",
     )
-    parser.add_argument(
-        "--export-dir",
-        default=str(_DEFAULTS["export_dir"]),
-        help="parent folder of the SavedModel export",
-    )
-    parser.add_argument(
-        "--jit-compile",
-        action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS["jit_compile"],
-        help="compile the training step with XLA",
-    )
+    add_export_dir(parser, _DEFAULTS["export_dir"], "parent folder of the SavedModel export")
+    add_jit_compile(parser, _DEFAULTS["jit_compile"], "compile the training step with XLA")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, NORMS, STRATEGIES, TUNERS, TuneConfig
+from tfbn.cli.options import (
+    add_batch_size,
+    add_data_dir,
+    add_run_dir,
+    add_seed,
+    add_strategy,
+    add_train_fraction,
+)
+from tfbn.config import NORMS, STRATEGIES, TUNERS, TuneConfig
 
 # The defaults of `tfbn.tune`, from the one place that holds them.
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(TuneConfig)}
@@ -52,12 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS["executions_per_trial"],
         help="trainings per trial",
     )
-    parser.add_argument(
-        "--train-fraction",
-        type=float,
-        default=_DEFAULTS["train_fraction"],
-        help="fraction of the training set to use",
-    )
+    add_train_fraction(parser, _DEFAULTS["train_fraction"])
     parser.add_argument(
         "--validation-fraction",
         type=float,
@@ -70,35 +73,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS["tune_momentum"],
         help="also search the SGD momentum",
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=_DEFAULTS["batch_size"], help="global batch size"
-    )
-    parser.add_argument(
-        "--run-dir",
-        default=str(_DEFAULTS["directory"]),
-        help="folder of the tuner projects, tables and plot",
-    )
+    add_batch_size(parser, _DEFAULTS["batch_size"], "global batch size")
+    add_run_dir(parser, _DEFAULTS["directory"], "folder of the tuner projects, tables and plot")
     parser.add_argument(
         "--project-name", default=_DEFAULTS["project_name"], help="project name prefix"
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="start afresh instead of continuing the search"
     )
-    parser.add_argument(
-        "--strategy",
-        default=_DEFAULTS["strategy"],
-        choices=[s for s in STRATEGIES if s != "multi_worker"],
-        help="tf.distribute strategy",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=_DEFAULTS["seed"], help="seed of the oracles and weights"
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help=f"folder with the four Fashion-MNIST IDX files (default: ${DATA_DIR_ENV}, else "
-        f"{DEFAULT_DATA_DIR})",
-    )
+    add_strategy(parser, _DEFAULTS["strategy"], [s for s in STRATEGIES if s != "multi_worker"])
+    add_seed(parser, _DEFAULTS["seed"], "seed of the oracles and weights")
+    add_data_dir(parser)
 
 
 def run(args: argparse.Namespace) -> int:
