@@ -45,8 +45,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfbn.files import check_writable_dir
 from tfbn.folding import fold_batch_norm
-from tfbn.versioned import check_writable, write_version
+from tfbn.versioned import write_version
 
 __all__ = [
     "DEFAULT_NAME",
@@ -354,7 +355,7 @@ def _model_root(directory, name) -> pathlib.Path:
         )
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
-    check_writable(root)
+    check_writable_dir(root)
     return root
 
 

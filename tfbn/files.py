@@ -58,12 +58,15 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
 
     Raises:
         NotADirectoryError: if `path`, or the nearest of its ancestors that exists, is not a folder.
+        FileNotFoundError: if the way to `path` goes through a dangling symbolic link.
         OSError: (e.g. `PermissionError`, or errno `EROFS` on a read-only file system) if no file
             can be created there; `filename` is the folder that refused.
     """
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: creating through it fails
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(existing))
         existing = existing.parent
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))

@@ -676,8 +676,8 @@ def recalibrate_file(
     from tfbn import data
     from tfbn.distribute import get_strategy, resolve_strategy_name
     from tfbn.errors import UsageError
+    from tfbn.files import check_writable_dir
     from tfbn.saving import check_keras_file, load_model
-    from tfbn.versioned import check_writable
 
     model_path = check_keras_file(model_path)
     output = Path(output) if output else _default_output(model_path)
@@ -685,7 +685,7 @@ def recalibrate_file(
         raise UsageError(f"--output must end in '.keras'; received '{output}'.")
     if output.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
-    check_writable(output.parent)  # before the data and the passes
+    check_writable_dir(output.parent)  # before the data and the passes
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}; received '{mode}'.")
     if batch_size <= 0:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import pathlib
 import shutil
@@ -33,7 +32,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["check_writable", "existing_versions", "write_version"]
+__all__ = ["existing_versions", "write_version"]
 
 _TEMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
@@ -44,28 +43,6 @@ def existing_versions(root: pathlib.Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
-
-
-def check_writable(path: pathlib.Path) -> None:
-    """Raises the `OSError` that creating and writing into folder `path` would raise, if any.
-
-    Nothing is created: the nearest existing ancestor must be a folder this process can write to,
-    on a file system mounted read-write, and `path` itself, if it exists, a folder.
-    """
-    path = pathlib.Path(path)
-    existing = path
-    while not existing.exists():
-        if existing.is_symlink():  # a dangling link: creating through it fails
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(existing))
-        existing = existing.parent
-    for ancestor in (existing, *existing.parents):
-        if ancestor.exists() and not ancestor.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(ancestor))
-    if os.access(existing, os.W_OK | os.X_OK):
-        return
-    read_only = hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY
-    code = errno.EROFS if read_only else errno.EACCES
-    raise OSError(code, os.strerror(code), str(existing))
 
 
 @contextlib.contextmanager
