@@ -5,6 +5,13 @@ time, before any test module touches TensorFlow.
 """
 
 import os
+import signal
+
+# A suite started in the background of a script (`cmd &`) inherits SIGINT ignored, and an ignored
+# signal stays ignored in every process it starts; the tests that send SIGINT to a `tfbn` process
+# need Python's default. A handled signal is reset to the default in a started program.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
