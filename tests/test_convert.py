@@ -172,20 +172,26 @@ def test_a_subclassed_model_is_refused_naming_its_batch_norms():
         convert(net)
 
 
-def test_a_layer_hiding_a_batch_norm_is_refused_by_name():
-    @keras.saving.register_keras_serializable(package="test_convert")
-    class Block(keras.layers.Layer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.norm = keras.layers.BatchNormalization()
+@keras.saving.register_keras_serializable(package="test_convert")
+class Block(keras.layers.Layer):
+    """A custom layer holding a batch norm that convert cannot reach."""
 
-        def call(self, x):
-            return self.norm(x)
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = keras.layers.BatchNormalization()
 
+    def call(self, x):
+        return self.norm(x)
+
+
+def _hidden_batch_norm_model() -> keras.Model:
     inputs = keras.Input((3,))
-    model = keras.Model(inputs, Block(name="hidden_block")(inputs))
+    return keras.Model(inputs, Block(name="hidden_block")(inputs))
+
+
+def test_a_layer_hiding_a_batch_norm_is_refused_by_name():
     with pytest.raises(ValueError, match=r"layer 'hidden_block' \(Block\).*batch-norm"):
-        convert(model)
+        convert(_hidden_batch_norm_model())
 
 
 def test_a_layer_that_cannot_be_rebuilt_is_named():
@@ -278,21 +284,11 @@ def test_tfbn_convert_bad_output_is_one_line_before_loading(rng, tmp_path, capsy
 
 
 def test_tfbn_convert_refusal_names_the_layer_and_keeps_the_old_output(tmp_path, capsys):
-    @keras.saving.register_keras_serializable(package="test_convert_cli")
-    class Hidden(keras.layers.Layer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.norm = keras.layers.BatchNormalization()
-
-        def call(self, x):
-            return self.norm(x)
-
-    inputs = keras.Input((3,))
-    source = _saved(keras.Model(inputs, Hidden(name="hidden_block")(inputs)), tmp_path / "in.keras")
+    source = _saved(_hidden_batch_norm_model(), tmp_path / "in.keras")
     target = tmp_path / "out.keras"
     target.write_bytes(b"previous")
     code, out, err = _convert_cli(source, target, capsys=capsys)
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("tfbn convert: error: Cannot convert layer 'hidden_block' (Hidden)")
+    assert err[0].startswith("tfbn convert: error: Cannot convert layer 'hidden_block' (Block)")
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.keras", "out.keras"]
