@@ -9,8 +9,41 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
-__all__ = ["check_backend", "check_epsilon", "check_floating_dtype", "check_momentum"]
+from tfbn import ops
+
+__all__ = [
+    "KERAS_ARGUMENTS",
+    "check_backend",
+    "check_epsilon",
+    "check_floating_dtype",
+    "check_momentum",
+    "keras_arguments",
+]
+
+#: The constructor arguments that both layers hand on to their base class: Keras 3's and
+#: tf-keras's `BatchNormalization` take them with the same names and meanings.
+KERAS_ARGUMENTS = (
+    "axis",
+    "momentum",
+    "epsilon",
+    "center",
+    "scale",
+    "beta_initializer",
+    "gamma_initializer",
+    "moving_mean_initializer",
+    "moving_variance_initializer",
+    "beta_regularizer",
+    "gamma_regularizer",
+    "beta_constraint",
+    "gamma_constraint",
+    "renorm",
+    "renorm_clipping",
+    "renorm_momentum",
+    "synchronized",
+)
+_FLAGS = ("center", "scale", "renorm", "synchronized")
 
 
 def _is_real(value) -> bool:
@@ -68,3 +101,26 @@ def check_backend(backend: str) -> None:
             f"tfbn.BatchNorm needs the TensorFlow Keras backend; the Keras backend is "
             f"{backend!r}. Set KERAS_BACKEND=tensorflow before importing keras."
         )
+
+
+def keras_arguments(given: Mapping) -> dict:
+    """The keyword arguments of the Keras base class, from a layer's constructor arguments.
+
+    Args:
+        given: The layer's constructor arguments by name (its `locals()`), holding every name of
+            `KERAS_ARGUMENTS`, with `axis`, `momentum`, `renorm_momentum` and `epsilon` already
+            checked.
+
+    Returns:
+        A new dict of the names of `KERAS_ARGUMENTS`: `center`, `scale`, `renorm` and
+        `synchronized` as bools, `renorm_clipping` checked (`tfbn.ops.check_renorm_clipping`:
+        a dict of floats, `{}` for `None`), the others as given.
+
+    Raises:
+        ValueError: for a bad `renorm_clipping`, naming it.
+    """
+    forwarded = {name: given[name] for name in KERAS_ARGUMENTS}
+    for name in _FLAGS:
+        forwarded[name] = bool(forwarded[name])
+    forwarded["renorm_clipping"] = ops.check_renorm_clipping(forwarded["renorm_clipping"])
+    return forwarded

@@ -174,7 +174,8 @@ class BatchNorm(keras.layers.BatchNormalization):
                 "Argument `fused=True` cannot be combined with `synchronized=True`: the fused "
                 "kernel computes per-replica statistics. Use fused=None or fused=False."
             )
-        clipping = ops.check_renorm_clipping(renorm_clipping)
+        base = arguments.keras_arguments(locals())
+        clipping = base["renorm_clipping"]
         virtual_batch_size = ops.check_virtual_batch_size(virtual_batch_size, bool(synchronized))
         adjustment = ops.check_adjustment(adjustment)
         if fused:
@@ -189,26 +190,7 @@ class BatchNorm(keras.layers.BatchNormalization):
                         f"has no such option; received fused=True, {name}={value!r}. "
                         "Use fused=None (the default) or fused=False."
                     )
-        super().__init__(
-            axis=axis,
-            momentum=momentum,
-            epsilon=epsilon,
-            center=bool(center),
-            scale=bool(scale),
-            beta_initializer=beta_initializer,
-            gamma_initializer=gamma_initializer,
-            moving_mean_initializer=moving_mean_initializer,
-            moving_variance_initializer=moving_variance_initializer,
-            beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint,
-            gamma_constraint=gamma_constraint,
-            renorm=bool(renorm),
-            renorm_clipping=clipping,
-            renorm_momentum=renorm_momentum,
-            synchronized=bool(synchronized),
-            **kwargs,
-        )
+        super().__init__(**base, **kwargs)
         arguments.check_floating_dtype(
             self.name, self.dtype_policy.variable_dtype, self.dtype_policy.compute_dtype
         )

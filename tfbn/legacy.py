@@ -71,16 +71,11 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         axis: Integer or list of integers: the axes that keep their own statistics (not 0).
         momentum: Momentum of the moving averages, a number in `[0, 1)`.
         epsilon: Small positive, finite float added to the variance.
-        center: If `True`, add the learned offset `beta`.
-        scale: If `True`, multiply by the learned scale `gamma`.
-        beta_initializer: Initializer for `beta`.
-        gamma_initializer: Initializer for `gamma`.
-        moving_mean_initializer: Initializer for `moving_mean`.
-        moving_variance_initializer: Initializer for `moving_variance`.
-        beta_regularizer: Optional regularizer for `beta`.
-        gamma_regularizer: Optional regularizer for `gamma`.
-        beta_constraint: Optional constraint for `beta`.
-        gamma_constraint: Optional constraint for `gamma`.
+        center, scale, beta_initializer, gamma_initializer, moving_mean_initializer,
+            moving_variance_initializer, beta_regularizer, gamma_regularizer, beta_constraint,
+            gamma_constraint: As in `tfbn.BatchNorm` (and tf-keras's layer): whether to add the
+            offset `beta` and the scale `gamma`, and the initializers, regularizers and
+            constraints of the variables they name.
         synchronized: If `True`, under a `tf.distribute` strategy the statistics are those of the
             global batch across replicas.
         renorm: Batch renormalization (see `tfbn.BatchNorm`); adds `moving_stddev`,
@@ -148,26 +143,11 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         epsilon = arguments.check_epsilon(epsilon)
         if fused not in (None, True, False):
             raise ValueError(f"Argument `fused` must be None, True or False; received {fused!r}.")
-        clipping = ops.check_renorm_clipping(renorm_clipping)
+        base = arguments.keras_arguments(locals())
+        clipping = base["renorm_clipping"]
         virtual_batch_size = ops.check_virtual_batch_size(virtual_batch_size, bool(synchronized))
         super().__init__(
-            axis=axis,
-            momentum=momentum,
-            epsilon=epsilon,
-            center=bool(center),
-            scale=bool(scale),
-            beta_initializer=beta_initializer,
-            gamma_initializer=gamma_initializer,
-            moving_mean_initializer=moving_mean_initializer,
-            moving_variance_initializer=moving_variance_initializer,
-            beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint,
-            gamma_constraint=gamma_constraint,
-            synchronized=bool(synchronized),
-            renorm=bool(renorm),
-            renorm_clipping=clipping,
-            renorm_momentum=renorm_momentum,
+            **base,
             fused=fused,
             trainable=trainable,
             virtual_batch_size=virtual_batch_size,
