@@ -228,12 +228,12 @@ def test_adjustment_applies_between_normalization_and_gamma(rng):
 # ------------------------------------------------------------------------------ Bessel, updates
 def test_bessel_corrected_is_numpy_ddof_1(rng):
     x = rng.normal(size=(5, 2, 3))
-    stats = ops.bessel_corrected(ops.channel_moments(tf.constant(x, tf.float32), -1))
+    stats = ops.bessel_corrected(ops.centred(tf.constant(x, tf.float32), -1).moments)
     np.testing.assert_allclose(stats.variance.numpy(), x.reshape(-1, 3).var(0, ddof=1), rtol=1e-5)
 
 
 def test_moving_update_skips_a_batch_without_examples():
-    empty = ops.channel_moments(tf.zeros((0, 3)), -1)
+    empty = ops.centred(tf.zeros((0, 3)), -1).moments
     moving = {"moving_mean": tf.fill([3], 2.0), "moving_variance": tf.fill([3], 3.0)}
     new = ops.moving_statistics_update(empty, moving, momentum=0.9, epsilon=1e-3)
     np.testing.assert_array_equal(new["moving_mean"].numpy(), [2.0] * 3)

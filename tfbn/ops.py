@@ -110,6 +110,11 @@ class Centred(NamedTuple):
     shifted: tf.Tensor
     offset: tf.Tensor
 
+    @property
+    def moments(self) -> Moments:
+        """The per-channel `mean`, `variance` and `count` alone, as `Moments`."""
+        return Moments(self.mean, self.variance, self.count)
+
 
 def centred_moments(
     layout: reduction.ChannelLayout,
@@ -199,7 +204,14 @@ def centred(
     """`centred_moments` of `x` (channel `axis`, any floating dtype, computed in
     `statistics_dtype`) in its `reduction.channel_layout`, pivoted on each channel's first value
     (with weights, on the weighted mean, since the first value may not count); `shifted` comes
-    back in the shape of `x`."""
+    back in the shape of `x`. `.moments` holds the per-channel mean, biased variance and count.
+
+    Args:
+        x: Input of rank >= 2, computed in `statistics_dtype(x.dtype)`.
+        axis: The channel axis.
+        weights: Optional non-negative weights broadcastable to `x` (0: the value does not count).
+        synchronized: Statistics of the global batch across `tf.distribute` replicas.
+    """
     x = tf.convert_to_tensor(x)
     axis = canonical_axis(axis, x.shape.rank)
     dtype = statistics_dtype(x.dtype)
@@ -218,25 +230,6 @@ def centred(
     )
     shifted = tf.ensure_shape(tf.reshape(stats.shifted, tf.shape(x)), x.shape)
     return stats._replace(shifted=shifted)
-
-
-def channel_moments(
-    x: tf.Tensor,
-    axis: int,
-    *,
-    weights: tf.Tensor | None = None,
-    synchronized: bool = False,
-) -> Moments:
-    """Per-channel mean, biased variance and count of `x` (channel `axis`) by `centred`.
-
-    Args:
-        x: Input of rank >= 2, computed in `statistics_dtype(x.dtype)`.
-        axis: The channel axis.
-        weights: Optional non-negative weights broadcastable to `x` (0: the value does not count).
-        synchronized: Statistics of the global batch across `tf.distribute` replicas.
-    """
-    stats = centred(x, axis, weights=weights, synchronized=synchronized)
-    return Moments(stats.mean, stats.variance, stats.count)
 
 
 def _mask_weights(mask: tf.Tensor, x: tf.Tensor, axis: int, dtype: tf.DType) -> tf.Tensor:
@@ -668,6 +661,22 @@ def ghost_view(x: tf.Tensor, axis: int, virtual_batch_size: int) -> GhostView:
     return GhostView(to_merged(x), grouped_shape[1], to_merged, from_merged)
 
 
+def _weighted_input(x: tf.Tensor, axis: int, mask, weights):
+    """`(x, axis, dtype, weights)`: `x` cast to its `statistics_dtype` (`dtype`), `axis` as
+    `canonical_axis` gives it, and the weights: those of `mask` (`_mask_weights`) when a mask is
+    given, else `weights` as given (`None` or broadcastable to `x`).
+
+    Raises:
+        ValueError: for an axis out of range or a mask whose rank is not `rank(x) - 1`.
+    """
+    axis = canonical_axis(axis, x.shape.rank)
+    dtype = statistics_dtype(x.dtype)
+    x = tf.cast(x, dtype)
+    if mask is not None:
+        weights = _mask_weights(mask, x, axis, dtype)
+    return x, axis, dtype, weights
+
+
 def ghost_moments(
     x: tf.Tensor,
     axis: int,
@@ -684,26 +693,22 @@ def ghost_moments(
         virtual_batch_size: Examples per virtual batch; there are `g = n // virtual_batch_size`
             of them, grouped as described in `virtual_batch_view`.
         mask: Optional boolean tensor of rank `rank(x) - 1`, Keras's meaning (`_mask_weights`).
-        weights: Optional weights broadcastable to `x` (as in `channel_moments`).
+        weights: Optional non-negative weights broadcastable to `x` (0: the value does not
+            count).
 
     Returns:
         `Moments` with `mean`, biased `variance` and `count` of shape `(g, channels)`, float32
-        (float64 for float64 inputs), by `channel_moments` on the merged view (`ghost_view`).
+        (float64 for float64 inputs), by `centred` on the merged view (`ghost_view`).
 
     Raises:
         ValueError: if the batch size is known and not a multiple of `virtual_batch_size`, or the
             mask does not have rank `rank(x) - 1`.
     """
-    rank = x.shape.rank
-    axis = canonical_axis(axis, rank)
-    dtype = statistics_dtype(x.dtype)
-    x = tf.cast(x, dtype)
-    if mask is not None:
-        weights = _mask_weights(mask, x, axis, dtype)
+    x, axis, dtype, weights = _weighted_input(x, axis, mask, weights)
     view = ghost_view(x, axis, virtual_batch_size)
     if weights is not None:
         weights = view.to_merged(tf.broadcast_to(tf.cast(weights, dtype), tf.shape(x)))
-    stats = channel_moments(view.merged, axis, weights=weights)
+    stats = centred(view.merged, axis, weights=weights).moments
     channels = x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
     return Moments(*(tf.reshape(t, [-1, channels]) for t in stats))
 
@@ -814,11 +819,7 @@ def batch_norm_training(
         virtual batches), from this replica or, if synchronized, from the global batch.
     """
     rank = x.shape.rank
-    axis = canonical_axis(axis, rank)
-    dtype = statistics_dtype(x.dtype)
-    x = tf.cast(x, dtype)
-    if mask is not None:
-        weights = _mask_weights(mask, x, axis, dtype)
+    x, axis, dtype, weights = _weighted_input(x, axis, mask, weights)
     if weights is not None:
         weights = tf.broadcast_to(tf.cast(weights, dtype), tf.shape(x))
     ghost = None
@@ -828,7 +829,7 @@ def batch_norm_training(
         weights = None if weights is None else ghost.to_merged(weights)
     merged = x if ghost is None else ghost.merged
     stats = centred(merged, axis, weights=weights, synchronized=synchronized)
-    moments_ = Moments(stats.mean, stats.variance, stats.count)
+    moments_ = stats.moments
     if ghost is not None:
         channels = x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
         moments_ = pool_moments(Moments(*(tf.reshape(t, [-1, channels]) for t in moments_)))
