@@ -1,4 +1,4 @@
-"""Models, images and files shared by the export and serving tests."""
+"""Models, images and files shared by the export, serving and recalibration tests."""
 
 import gzip
 import pathlib
@@ -49,6 +49,21 @@ def lenet(norm: str, rng, use_bias: bool = True):
     train_briefly(model, rng)
     randomize_batch_norms(model, rng)
     return model
+
+
+def mixed_norms_mlp():
+    """6 inputs -> Dense(4) -> tfbn.BatchNorm 'bn_tfbn' -> sigmoid -> Dense(3) -> Keras's
+    BatchNormalization 'bn_keras' (built in the current strategy scope, if any)."""
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4),
+            tfbn.BatchNorm(name="bn_tfbn"),
+            keras.layers.Activation("sigmoid"),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(name="bn_keras"),
+        ]
+    )
 
 
 def keras_reference(model, images: np.ndarray) -> np.ndarray:

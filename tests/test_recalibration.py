@@ -1,5 +1,6 @@
 """Population statistics: recalibrated moving statistics against float64 NumPy references."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -7,12 +8,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from model_helpers import mixed_norms_mlp
 from workers import run_workers
 
 import tfbn
 from tfbn import data
 from tfbn.recalibration import batch_norm_layers, recalibrate
 
+TESTS = pathlib.Path(__file__).parent
 BN_KINDS = {
     "tfbn": lambda **kw: tfbn.BatchNorm(**kw),
     "keras": lambda **kw: keras.layers.BatchNormalization(**kw),
@@ -79,6 +82,12 @@ def _inputs(model, rng, n):
     return rng.normal(2.0, 3.0, shape).astype(np.float32)
 
 
+def _randomized_inputs(model, rng, n):
+    """`n` random inputs for `model`, whose weights are randomized first (`_randomize`)."""
+    _randomize(model, rng)
+    return _inputs(model, rng, n)
+
+
 def _reference(model, x):
     """Population statistics computed independently: NumPy float64 on each BN input, layer by
     layer, earlier BN layers set to their reference values first. Works on a copy of the model."""
@@ -112,8 +121,7 @@ def _assert_matches_reference(model, reference, report=None):
 @pytest.mark.parametrize("kind", ["tfbn", "keras"])
 def test_sequential_moving_stats_equal_float64_population_stats(kind, rng):
     model = _sequential(kind)
-    _randomize(model, rng)
-    x = _inputs(model, rng, 300)
+    x = _randomized_inputs(model, rng, 300)
     reference = _reference(model, x)
     old = {layer.name: layer.moving_mean.numpy().copy() for layer in batch_norm_layers(model)}
     # Batches of 64 with a short last batch; (x, y) pairs, labels ignored.
@@ -130,8 +138,7 @@ def test_sequential_moving_stats_equal_float64_population_stats(kind, rng):
 
 def test_functional_model_with_both_layer_kinds(rng):
     model = _functional_mixed()
-    _randomize(model, rng)
-    x = _inputs(model, rng, 257)
+    x = _randomized_inputs(model, rng, 257)
     reference = _reference(model, x)
     # A dataset of bare inputs (no labels).
     recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(50), verbose=0)
@@ -141,8 +148,7 @@ def test_functional_model_with_both_layer_kinds(rng):
 @pytest.mark.parametrize("kind", ["tfbn", "keras"])
 def test_channels_first_axis(kind, rng):
     model = _channels_first(kind)
-    _randomize(model, rng)
-    x = _inputs(model, rng, 120)
+    x = _randomized_inputs(model, rng, 120)
     reference = _reference(model, x)
     report = recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(32), verbose=0)
     _assert_matches_reference(model, reference, report)
@@ -167,8 +173,7 @@ def test_large_mean_small_spread_is_accurate(rng):
 
 def test_steps_limits_the_batches(rng):
     model = _sequential("tfbn")
-    _randomize(model, rng)
-    x = _inputs(model, rng, 200)
+    x = _randomized_inputs(model, rng, 200)
     reference = _reference(model, x[:100])
     recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(25), steps=4, verbose=0)
     _assert_matches_reference(model, reference)
@@ -316,8 +321,7 @@ def _chain(depth: int):
 
 def test_one_pass_per_level_and_each_layer_computed_once_when_the_activations_fit(rng):
     model = _chain(4)
-    _randomize(model, rng)
-    x = _inputs(model, rng, 100)
+    x = _randomized_inputs(model, rng, 100)
     reference = _reference(model, x)
     dataset = tf.data.Dataset.from_tensor_slices(x).batch(30)
     counter = model.get_layer("counter").seen
@@ -396,8 +400,7 @@ def _training_mode_inputs(model, x):
 @pytest.mark.parametrize("kind", ["tfbn", "keras"])
 def test_one_fast_pass_measures_inputs_normalized_with_batch_statistics(kind, rng):
     model = _sequential(kind)
-    _randomize(model, rng)
-    x = _inputs(model, rng, 128)
+    x = _randomized_inputs(model, rng, 128)
     expected = _training_mode_inputs(model, x)
     report = recalibrate(model, [x], mode="fast", verbose=0)  # one batch: batch = population
     for layer, activations in zip(batch_norm_layers(model), expected, strict=True):
@@ -410,8 +413,7 @@ def test_one_fast_pass_measures_inputs_normalized_with_batch_statistics(kind, rn
 
 def test_fast_passes_reach_the_exact_statistics_after_one_pass_per_level(rng):
     model = _chain(3)
-    _randomize(model, rng)
-    x = _inputs(model, rng, 200)
+    x = _randomized_inputs(model, rng, 200)
     dataset = tf.data.Dataset.from_tensor_slices(x).batch(50)
     weights = model.get_weights()
     exact = recalibrate(model, dataset, verbose=0)
@@ -501,23 +503,14 @@ import numpy as np
 import tensorflow as tf
 
 strategy = tf.distribute.MultiWorkerMirroredStrategy()  # from TF_CONFIG, before any op runs
-import keras  # noqa: E402
+sys.path.insert(0, sys.argv[2])  # the tests folder
+from model_helpers import mixed_norms_mlp  # noqa: E402
 
-import tfbn  # noqa: E402
 from tfbn.recalibration import batch_norm_layers, recalibrate  # noqa: E402
 
 rng = np.random.default_rng(11)
 with strategy.scope():
-    model = keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(4),
-            tfbn.BatchNorm(name="bn_tfbn"),
-            keras.layers.Activation("sigmoid"),
-            keras.layers.Dense(3),
-            keras.layers.BatchNormalization(name="bn_keras"),
-        ]
-    )
+    model = mixed_norms_mlp()
 model.set_weights([rng.normal(0.5, 0.7, w.shape).astype("float32") for w in model.get_weights()])
 x = rng.normal(2.0, 3.0, (263, 6)).astype("float32")
 dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(263))).batch(40)
@@ -537,21 +530,14 @@ def test_multi_worker_statistics_equal_single_device(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     run_workers(
-        [[str(script), str(tmp_path / f"worker{index}.npz")] for index in range(2)], tmp_path, 240
+        [[str(script), str(tmp_path / f"worker{index}.npz"), str(TESTS)] for index in range(2)],
+        tmp_path,
+        240,
     )
 
     first, second = (dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2))
     # The single-device reference: the same model and data, recalibrated in this process.
-    model = keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(4),
-            tfbn.BatchNorm(name="bn_tfbn"),
-            keras.layers.Activation("sigmoid"),
-            keras.layers.Dense(3),
-            keras.layers.BatchNormalization(name="bn_keras"),
-        ]
-    )
+    model = mixed_norms_mlp()
     model.set_weights([first[f"w{i}"] for i in range(len(model.get_weights()))])
     x = first["x"]
     reference = _reference(model, x)
