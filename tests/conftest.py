@@ -59,6 +59,14 @@ def tfds_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def images():
+    """uint8 images `(48, 28, 28)` with some structure (`model_helpers.structured_images`)."""
+    from model_helpers import structured_images
+
+    return structured_images()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

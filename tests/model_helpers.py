@@ -66,6 +66,12 @@ def mixed_norms_mlp():
     )
 
 
+def lenets(rng) -> dict:
+    """The two exported LeNets by kind: `"tfbn"` and `"keras"` (without biases), as `lenet`
+    makes them, in that order from `rng`."""
+    return {"tfbn": lenet("tfbn", rng), "keras": lenet("keras", rng, use_bias=False)}
+
+
 def keras_reference(model, images: np.ndarray) -> np.ndarray:
     """The Keras model's logits for uint8 images `(n, 28, 28)`, scaled by 1/255."""
     return model.predict(images[..., None].astype(np.float32) / np.float32(255.0), verbose=0)

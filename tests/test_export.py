@@ -16,9 +16,8 @@ import pytest
 import tensorflow as tf
 from model_helpers import (
     keras_reference,
-    lenet,
+    lenets,
     randomize_batch_norms,
-    structured_images,
     train_briefly,
     write_idx,
 )
@@ -79,18 +78,9 @@ AFFINE_IN_FUNCTIONAL = {"bn_after_pool", "bn_shared", "bn_after_act", "bn_wrong_
 
 
 @pytest.fixture(scope="module")
-def images():
-    return structured_images()
-
-
-@pytest.fixture(scope="module")
 def models():
     rng = np.random.default_rng(0)
-    return {
-        "tfbn": lenet("tfbn", rng),
-        "keras": lenet("keras", rng, use_bias=False),
-        "functional": _functional_model(rng),
-    }
+    return {**lenets(rng), "functional": _functional_model(rng)}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import pytest
 import tensorflow as tf
-from model_helpers import keras_reference, lenet, structured_images, write_idx
+from model_helpers import keras_reference, lenets, structured_images, write_idx
 
 import tfbn
 from tfbn import cli, serving
@@ -23,14 +23,8 @@ from tfbn.config import CLASS_NAMES
 
 
 @pytest.fixture(scope="module")
-def images():
-    return structured_images()
-
-
-@pytest.fixture(scope="module")
 def models():
-    rng = np.random.default_rng(0)
-    return {"tfbn": lenet("tfbn", rng), "keras": lenet("keras", rng, use_bias=False)}
+    return lenets(np.random.default_rng(0))
 
 
 @pytest.fixture(scope="module")
