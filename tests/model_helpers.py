@@ -1,4 +1,4 @@
-"""Models, images and files shared by the export, serving and recalibration tests."""
+"""Models, images, files and layer arguments shared by several test modules."""
 
 import gzip
 import pathlib
@@ -8,6 +8,31 @@ import numpy as np
 import tensorflow as tf
 
 import tfbn
+
+
+def batch_norm_arguments(library) -> dict:
+    """One non-default value per argument of Keras 3's `keras.layers.BatchNormalization`, all of
+    which tf-keras's takes too, with the initializers, regularizers and constraints of `library`
+    (the module `keras` or `tf_keras`)."""
+    return {
+        "axis": 1,
+        "momentum": 0.5,
+        "epsilon": 0.1,
+        "center": False,
+        "scale": False,
+        "beta_initializer": library.initializers.Constant(0.3),
+        "gamma_initializer": library.initializers.Constant(1.7),
+        "moving_mean_initializer": library.initializers.Constant(0.2),
+        "moving_variance_initializer": library.initializers.Constant(2.0),
+        "beta_regularizer": library.regularizers.L2(0.1),
+        "gamma_regularizer": library.regularizers.L1(0.2),
+        "beta_constraint": library.constraints.MaxNorm(0.01, axis=0),
+        "gamma_constraint": library.constraints.NonNeg(),
+        "renorm": True,
+        "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1},
+        "renorm_momentum": 0.6,
+        "synchronized": True,
+    }
 
 
 def structured_images(n: int = 48, seed: int = 7) -> np.ndarray:

@@ -26,6 +26,7 @@ from legacy_helpers import (  # noqa: F401 - _tf_keras_state is an autouse fixtu
     step,
     weights_by_name,
 )
+from model_helpers import batch_norm_arguments
 from tf_keras.src.layers.normalization import batch_normalization as tfk_bn
 
 import tfbn
@@ -56,28 +57,12 @@ def _adjustment(shape):
 # One non-default value per argument of tf_keras.layers.BatchNormalization and of the base class
 # that receives the rest of its keyword arguments (tf-keras 2.21).
 TF_KERAS_ARGUMENTS = {
-    "axis": 1,
-    "momentum": 0.5,
-    "epsilon": 0.1,
-    "center": False,
-    "scale": False,
-    "beta_initializer": tf_keras.initializers.Constant(0.3),
-    "gamma_initializer": tf_keras.initializers.Constant(1.7),
-    "moving_mean_initializer": tf_keras.initializers.Constant(0.2),
-    "moving_variance_initializer": tf_keras.initializers.Constant(2.0),
-    "beta_regularizer": tf_keras.regularizers.L2(0.1),
-    "gamma_regularizer": tf_keras.regularizers.L1(0.2),
-    "beta_constraint": tf_keras.constraints.MaxNorm(0.01, axis=0),
-    "gamma_constraint": tf_keras.constraints.NonNeg(),
-    "renorm": True,
-    "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1},
-    "renorm_momentum": 0.6,
+    **batch_norm_arguments(tf_keras),
     "fused": False,
     "trainable": False,
     "virtual_batch_size": 2,
     "adjustment": _adjustment,
     "name": "bn_named",
-    "synchronized": True,
 }
 # Further values worth their own comparison.
 EXTRA_CASES = {

@@ -1,10 +1,13 @@
 """Batch-norm options (masks, ghost batches, batch renormalization, adjustment): the stateless
 math in `tfbn.ops` against float64 NumPy and against Keras 3's own BatchNormalization layer."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from model_helpers import batch_norm_arguments
 from replica_helpers import replica_values
 
 from tfbn import ops
@@ -153,6 +156,17 @@ def test_renorm_correction_matches_numpy(rng):
     np.testing.assert_allclose(d.numpy(), expected_d, rtol=1e-5, atol=1e-6)
 
 
+def _probed(function, x, probe, variables):
+    """`(out, gradients)`: `out = function(x)` and the gradients of `sum(y * probe)` with respect
+    to `x`, then each of `variables`, where `y` is `out`, or `out[0]` if `out` is a tuple."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = function(x)
+        y = out[0] if isinstance(out, tuple) else out
+        loss = tf.reduce_sum(y * probe)
+    return out, tape.gradient(loss, [x, *variables])
+
+
 def _keras_renorm_variables(layer):
     names = ["moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"]
     return {name: tf.Variable(getattr(layer, name).numpy(), name=name) for name in names}
@@ -172,25 +186,19 @@ def test_renorm_training_steps_match_keras_layer(rng, clipping):
     for step in range(4):
         x = tf.constant(rng.normal(size=(16, 4)) * (step + 1) + step, tf.float32)
         probe = tf.constant(rng.normal(size=(16, 4)), tf.float32)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y_keras = layer(x, training=True)
-            loss = tf.reduce_sum(y_keras * probe)
-        grads_keras = tape.gradient(loss, [x, layer.gamma, layer.beta])
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y, stats = ops.batch_norm_training(
-                x,
-                -1,
-                beta=layer.beta,
-                gamma=layer.gamma,
-                epsilon=layer.epsilon,
-                renorm_mean=moving["renorm_mean"],
-                renorm_stddev=moving["renorm_stddev"],
-                renorm_clipping=clipping,
-            )
-            loss = tf.reduce_sum(y * probe)
-        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        variables = [layer.gamma, layer.beta]
+        y_keras, grads_keras = _probed(functools.partial(layer, training=True), x, probe, variables)
+        reference = functools.partial(
+            ops.batch_norm_training,
+            axis=-1,
+            beta=layer.beta,
+            gamma=layer.gamma,
+            epsilon=layer.epsilon,
+            renorm_mean=moving["renorm_mean"],
+            renorm_stddev=moving["renorm_stddev"],
+            renorm_clipping=clipping,
+        )
+        (y, stats), grads = _probed(reference, x, probe, variables)
         update = ops.moving_statistics_update(
             stats, moving, momentum=0.8, epsilon=layer.epsilon, renorm_momentum=0.7
         )
@@ -253,11 +261,8 @@ def test_masked_batch_norm_matches_keras_layer(rng):
     results = []
     for layer in (ours, theirs):
         layer.build(x.shape)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True, mask=mask)
-            loss = tf.reduce_sum(y * probe)
-        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        call = functools.partial(layer, training=True, mask=mask)
+        y, grads = _probed(call, x, probe, [layer.gamma, layer.beta])
         results.append((y, grads, layer.moving_mean.numpy(), layer.moving_variance.numpy()))
     (y, grads, mean, var), (y_k, grads_k, mean_k, var_k) = results
     np.testing.assert_allclose(y.numpy(), y_k.numpy(), atol=ATOL)
@@ -310,25 +315,7 @@ def _assert_same(ours, theirs, atol=ATOL):
 
 
 # One non-default value per argument of keras.layers.BatchNormalization (Keras 3.15).
-KERAS_ARGUMENTS = {
-    "axis": 1,
-    "momentum": 0.5,
-    "epsilon": 0.1,
-    "center": False,
-    "scale": False,
-    "beta_initializer": keras.initializers.Constant(0.3),
-    "gamma_initializer": keras.initializers.Constant(1.7),
-    "moving_mean_initializer": keras.initializers.Constant(0.2),
-    "moving_variance_initializer": keras.initializers.Constant(2.0),
-    "beta_regularizer": keras.regularizers.L2(0.1),
-    "gamma_regularizer": keras.regularizers.L1(0.2),
-    "beta_constraint": keras.constraints.MaxNorm(0.01, axis=0),
-    "gamma_constraint": keras.constraints.NonNeg(),
-    "renorm": True,
-    "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1},
-    "renorm_momentum": 0.6,
-    "synchronized": True,
-}
+KERAS_ARGUMENTS = batch_norm_arguments(keras)
 
 
 def test_argument_table_covers_keras_signature():
@@ -426,18 +413,17 @@ def test_ghost_layer_matches_numpy_and_reference_path(rng, shape, axis):
     layer.gamma.assign(rng.normal(size=layer.channels) + 1)
     xt = tf.constant(x, tf.float32)
     probe = tf.constant(rng.normal(size=shape), tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = layer(xt, training=True)
-        loss = tf.reduce_sum(y * probe)
-    grads = tape.gradient(loss, [xt, layer.gamma, layer.beta])
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y_ref, _ = ops.batch_norm_training(
-            xt, axis, gamma=layer.gamma, beta=layer.beta, epsilon=1e-3, virtual_batch_size=4
-        )
-        loss = tf.reduce_sum(y_ref * probe)
-    grads_ref = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+    variables = [layer.gamma, layer.beta]
+    y, grads = _probed(functools.partial(layer, training=True), xt, probe, variables)
+    reference = functools.partial(
+        ops.batch_norm_training,
+        axis=axis,
+        gamma=layer.gamma,
+        beta=layer.beta,
+        epsilon=1e-3,
+        virtual_batch_size=4,
+    )
+    (y_ref, _), grads_ref = _probed(reference, xt, probe, variables)
     groups = shape[0] // 4
     channel_axis = axis % len(shape)
     gamma = layer.gamma.numpy().reshape([-1 if i == channel_axis else 1 for i in range(len(shape))])
