@@ -141,24 +141,32 @@ def test_missing_folder_from_environment_variable(tmp_path, monkeypatch):
         data.check_data_dir()
 
 
-def test_truncated_file_raises_data_error_before_preparing(tmp_path):
-    truncated = (SOURCE / "t10k-images-idx3-ubyte.gz").read_bytes()[:100_000]
-    folder = _folder_with(tmp_path, replace={"t10k-images-idx3-ubyte.gz": truncated})
+def _truncated(name):
+    return (SOURCE / name).read_bytes()[:100_000]
+
+
+def _one_label_changed(name):
+    content = bytearray(gzip.decompress((SOURCE / name).read_bytes()))
+    content[100] = (content[100] + 1) % 10  # one label changed: same header, same size
+    return gzip.compress(bytes(content), 9)
+
+
+@pytest.mark.parametrize(
+    "name, damage, match",
+    [
+        ("t10k-images-idx3-ubyte.gz", _truncated, "t10k-images-idx3-ubyte.gz is corrupt"),
+        (
+            "t10k-labels-idx1-ubyte.gz",
+            _one_label_changed,
+            "t10k-labels-idx1-ubyte.gz is corrupt.*SHA-256",
+        ),
+    ],
+)
+def test_damaged_content_raises_data_error_before_preparing(tmp_path, name, damage, match):
+    folder = _folder_with(tmp_path, replace={name: damage(name)})
     data.check_data_dir(folder)  # the header is intact: only the full check can tell
     tfds_dir = tmp_path / "tfds"
-    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz is corrupt"):
-        data.load_fashion_mnist(data_dir=folder, tfds_dir=tfds_dir)
-    _assert_nothing_prepared(tfds_dir)
-
-
-def test_wrong_content_recompressed_raises_data_error(tmp_path):
-    content = bytearray(gzip.decompress((SOURCE / "t10k-labels-idx1-ubyte.gz").read_bytes()))
-    content[100] = (content[100] + 1) % 10  # one label changed: same header, same size
-    folder = _folder_with(
-        tmp_path, replace={"t10k-labels-idx1-ubyte.gz": gzip.compress(bytes(content), 9)}
-    )
-    tfds_dir = tmp_path / "tfds"
-    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz is corrupt.*SHA-256"):
+    with pytest.raises(data.DataError, match=match):
         data.load_fashion_mnist(data_dir=folder, tfds_dir=tfds_dir)
     _assert_nothing_prepared(tfds_dir)
 
