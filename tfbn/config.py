@@ -80,6 +80,36 @@ def _refuse(name: str, value, expected: str) -> None:
     raise ValueError(f"Argument `{name}` must be {expected}; received {name}={value!r}.")
 
 
+def _check_verbose(value) -> None:
+    """`verbose` must be 0, 1 or 2 (Keras's meaning; a bool is refused), else a ValueError."""
+    if value not in (0, 1, 2) or isinstance(value, bool):
+        _refuse("verbose", value, "0, 1 or 2")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """Argument `name` must be one of `choices`, else a ValueError naming them."""
+    if value not in choices:
+        _refuse(name, value, f"one of {choices}")
+
+
+def _check_flags(config, names: tuple[str, ...]) -> None:
+    """Each attribute of `config` named in `names` must be a bool, else a ValueError naming it."""
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            _refuse(name, getattr(config, name), "True or False")
+
+
+def _set_positive_ints(config, names: tuple[str, ...]) -> None:
+    """Each attribute of the frozen dataclass `config` named in `names` must be a positive
+    integer (NumPy's count, bools do not) and is stored as a Python int; else a ValueError
+    naming the first that is not."""
+    for name in names:
+        value = getattr(config, name)
+        if not _is_int(value) or value <= 0:
+            _refuse(name, value, "a positive integer")
+        object.__setattr__(config, name, int(value))
+
+
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which `keras.utils.set_random_seed` uses
 
 
@@ -137,9 +167,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._check_choices()
         self._check_numbers()
-        for name in ("drop_remainder", "recalibrate", "export", "jit_compile"):
-            if not isinstance(getattr(self, name), bool):
-                _refuse(name, getattr(self, name), "True or False")
+        _check_flags(self, ("drop_remainder", "recalibrate", "export", "jit_compile"))
         if not isinstance(self.export_name, str) or not self.export_name:
             _refuse("export_name", self.export_name, "a non-empty string")
         run_dir = Path("runs") / f"lenet_{self.norm}" if self.run_dir is None else self.run_dir
@@ -150,24 +178,18 @@ class TrainConfig:
             object.__setattr__(self, "data_dir", Path(self.data_dir))
 
     def _check_choices(self) -> None:
-        if self.verbose not in (0, 1, 2) or isinstance(self.verbose, bool):
-            _refuse("verbose", self.verbose, "0, 1 or 2")
-        if self.norm not in NORMS:
-            _refuse("norm", self.norm, f"one of {NORMS}")
-        if self.loop not in LOOPS:
-            _refuse("loop", self.loop, f"one of {LOOPS}")
+        _check_verbose(self.verbose)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("loop", self.loop, LOOPS)
+        expected = f"one of {STRATEGIES} or a tf.distribute.Strategy"
         if isinstance(self.strategy, str):
             if self.strategy not in STRATEGIES:
-                _refuse(
-                    "strategy", self.strategy, f"one of {STRATEGIES} or a tf.distribute.Strategy"
-                )
+                _refuse("strategy", self.strategy, expected)
         else:
             import tensorflow as tf
 
             if not isinstance(self.strategy, tf.distribute.Strategy):
-                _refuse(
-                    "strategy", self.strategy, f"one of {STRATEGIES} or a tf.distribute.Strategy"
-                )
+                _refuse("strategy", self.strategy, expected)
         if self.loop == "fit" and self.strategy == "multi_worker":
             raise ValueError(
                 "Argument `loop`: loop='fit' does not work with strategy='multi_worker' in Keras 3 "
@@ -175,11 +197,7 @@ class TrainConfig:
             )
 
     def _check_numbers(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                _refuse(name, value, "a positive integer")
-            object.__setattr__(self, name, int(value))
+        _set_positive_ints(self, ("epochs", "batch_size"))
         rate = RECIPE.lr_for(self.norm) if self.learning_rate is None else self.learning_rate
         if not _is_real(rate) or not math.isfinite(rate) or rate <= 0:
             _refuse("learning_rate", self.learning_rate, "a positive finite number")
@@ -255,32 +273,23 @@ class TuneConfig:
         object.__setattr__(self, "variants", _tune_variants(self.variants))
         self._check_choices()
         self._check_learning_rates()
-        for name in ("trials", "epochs", "executions_per_trial", "batch_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                _refuse(name, value, "a positive integer")
-            object.__setattr__(self, name, int(value))
+        _set_positive_ints(self, ("trials", "epochs", "executions_per_trial", "batch_size"))
         self._check_fractions()
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             _refuse("seed", self.seed, f"an integer in [0, {MAX_SEED}]")
         name = self.project_name
         if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
             _refuse("project_name", name, "a non-empty name without '/'")
-        for flag in ("tune_momentum", "overwrite"):
-            if not isinstance(getattr(self, flag), bool):
-                _refuse(flag, getattr(self, flag), "True or False")
+        _check_flags(self, ("tune_momentum", "overwrite"))
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "directory", Path(self.directory))
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", Path(self.data_dir))
 
     def _check_choices(self) -> None:
-        if self.verbose not in (0, 1, 2) or isinstance(self.verbose, bool):
-            _refuse("verbose", self.verbose, "0, 1 or 2")
-        if self.tuner not in TUNERS:
-            _refuse("tuner", self.tuner, f"one of {TUNERS}")
-        if self.strategy not in STRATEGIES:
-            _refuse("strategy", self.strategy, f"one of {STRATEGIES}")
+        _check_verbose(self.verbose)
+        _check_choice("tuner", self.tuner, TUNERS)
+        _check_choice("strategy", self.strategy, STRATEGIES)
         if self.strategy == "multi_worker":
             raise ValueError(
                 "Argument `strategy='multi_worker'` is not supported for tuning (Keras's fit fails "
