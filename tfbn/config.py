@@ -110,6 +110,12 @@ def _set_positive_ints(config, names: tuple[str, ...]) -> None:
         object.__setattr__(config, name, int(value))
 
 
+def defaults(config_class) -> dict[str, Any]:
+    """The defaults of a config dataclass (`TrainConfig`, `TuneConfig`) by field name, e.g. for
+    the command line's defaults."""
+    return {field.name: field.default for field in dataclasses.fields(config_class)}
+
+
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which `keras.utils.set_random_seed` uses
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tfbn.cli.options import add_switch
+
 HELP = "benchmark tfbn.BatchNorm against keras.layers.BatchNormalization"
 
 
@@ -30,12 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--name", default="results", help="file stem of the results")
     parser.add_argument("--note", default="", help="free text kept with the results")
-    parser.add_argument(
-        "--xla",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time the layer under XLA",
-    )
+    add_switch(parser, "--xla", True, "also time the layer under XLA")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from tfbn.cli.options import add_export_dir, add_jit_compile, add_keras_model
+from tfbn.cli.options import (
+    add_export_dir,
+    add_jit_compile,
+    add_keras_model,
+    add_switch,
+)
 
 HELP = "export a trained .keras model as an inference-only SavedModel"
 
@@ -17,12 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--version", type=int, default=None, help="version number (default: the next free one)"
     )
-    parser.add_argument(
-        "--fold",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="fold batch normalization into the layer before it",
-    )
+    add_switch(parser, "--fold", True, "fold batch normalization into the layer before it")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the version folder if it exists"
     )

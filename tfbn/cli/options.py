@@ -12,6 +12,11 @@ from collections.abc import Sequence
 from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, STRATEGIES
 
 
+def add_switch(parser: argparse.ArgumentParser, flag: str, default: bool, help: str) -> None:
+    """`flag` and its `--no-` form: a boolean (argparse's `BooleanOptionalAction`)."""
+    parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
 def add_keras_model(parser: argparse.ArgumentParser, help: str = "trained model file (.keras)"):
     """The positional `model`: a `.keras` file to read."""
     parser.add_argument("model", help=help)
@@ -56,9 +61,7 @@ def add_seed(parser: argparse.ArgumentParser, default: int | None, help: str) ->
 
 def add_jit_compile(parser: argparse.ArgumentParser, default: bool, help: str) -> None:
     """`--jit-compile` / `--no-jit-compile`: XLA compilation."""
-    parser.add_argument(
-        "--jit-compile", action=argparse.BooleanOptionalAction, default=default, help=help
-    )
+    add_switch(parser, "--jit-compile", default, help)
 
 
 def add_run_dir(parser: argparse.ArgumentParser, default: str | None, help: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from tfbn.cli.options import (
     add_batch_size,
@@ -13,17 +12,13 @@ from tfbn.cli.options import (
     add_run_dir,
     add_seed,
     add_strategy,
+    add_switch,
     add_train_fraction,
 )
-from tfbn.config import (
-    LOOPS,
-    NORMS,
-    RECIPE,
-    TrainConfig,
-)
+from tfbn.config import LOOPS, NORMS, RECIPE, TrainConfig, defaults
 
 # The defaults of `tfbn.train`, from the one place that holds them.
-_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+_DEFAULTS = defaults(TrainConfig)
 
 HELP = "train LeNet with BatchNorm on Fashion-MNIST and export it"
 DESCRIPTION = (
@@ -64,24 +59,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_run_dir(parser, None, "run folder, reused to resume (default: runs/lenet_<norm>)")
     add_data_dir(parser)
     add_train_fraction(parser, _DEFAULTS["train_fraction"])
-    parser.add_argument(
+    add_switch(
+        parser,
         "--drop-remainder",
-        action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS["drop_remainder"],
-        help="leave the short last batch out of every training epoch",
+        _DEFAULTS["drop_remainder"],
+        "leave the short last batch out of every training epoch",
     )
-    parser.add_argument(
+    add_switch(
+        parser,
         "--recalibrate",
-        action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS["recalibrate"],
-        help="recompute the BatchNorm population statistics after training",
+        _DEFAULTS["recalibrate"],
+        "recompute the BatchNorm population statistics after training",
     )
-    parser.add_argument(
-        "--export",
-        action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS["export"],
-        help="export an inference SavedModel",
-    )
+    add_switch(parser, "--export", _DEFAULTS["export"], "export an inference SavedModel")
     add_export_dir(parser, _DEFAULTS["export_dir"], "parent folder of the SavedModel export")
     add_jit_compile(parser, _DEFAULTS["jit_compile"], "compile the training step with XLA")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from tfbn.cli.options import (
     add_batch_size,
@@ -11,12 +10,13 @@ from tfbn.cli.options import (
     add_run_dir,
     add_seed,
     add_strategy,
+    add_switch,
     add_train_fraction,
 )
-from tfbn.config import NORMS, STRATEGIES, TUNERS, TuneConfig
+from tfbn.config import NORMS, STRATEGIES, TUNERS, TuneConfig, defaults
 
 # The defaults of `tfbn.tune`, from the one place that holds them.
-_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TuneConfig)}
+_DEFAULTS = defaults(TuneConfig)
 
 HELP = "search learning rates with Keras Tuner, with and without BatchNorm"
 DESCRIPTION = (
@@ -67,11 +67,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS["validation_fraction"],
         help="fraction of the training set held out for the objective",
     )
-    parser.add_argument(
-        "--tune-momentum",
-        action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS["tune_momentum"],
-        help="also search the SGD momentum",
+    add_switch(
+        parser, "--tune-momentum", _DEFAULTS["tune_momentum"], "also search the SGD momentum"
     )
     add_batch_size(parser, _DEFAULTS["batch_size"], "global batch size")
     add_run_dir(parser, _DEFAULTS["directory"], "folder of the tuner projects, tables and plot")
