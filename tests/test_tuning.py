@@ -375,7 +375,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
     )
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lr_max" in err[0]
+    assert len(err) == 1 and "--learning-rate-max" in err[0]  # the flag, not only `lr_max`
     assert not (tmp_path / "out").exists()
 
 

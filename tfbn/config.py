@@ -76,8 +76,11 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _refuse(name: str, value, expected: str) -> None:
-    raise ValueError(f"Argument `{name}` must be {expected}; received {name}={value!r}.")
+def _refuse(name: str, value, expected: str, flag: str | None = None) -> None:
+    """Raises the ValueError of argument `name`; `flag`, the command line's spelling where it
+    differs from the Python name, is named beside it."""
+    named = f"`{name}`" if flag is None else f"`{name}` ({flag})"
+    raise ValueError(f"Argument {named} must be {expected}; received {name}={value!r}.")
 
 
 def _check_verbose(value) -> None:
@@ -220,6 +223,9 @@ class TrainConfig:
 
 CONVERGED_ACCURACY = 0.8
 
+# `tfbn tune`'s flags of the two `TuneConfig` fields its messages name by both spellings.
+LEARNING_RATE_FLAGS = {"lr_min": "--learning-rate-min", "lr_max": "--learning-rate-max"}
+
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
@@ -304,17 +310,18 @@ class TuneConfig:
             )
 
     def _check_learning_rates(self) -> None:
-        for name in ("lr_min", "lr_max"):
+        for name, flag in LEARNING_RATE_FLAGS.items():
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value):
-                _refuse(name, value, "a finite number")
+                _refuse(name, value, "a finite number", flag)
             object.__setattr__(self, name, float(value))
+        low, high = LEARNING_RATE_FLAGS.values()
         if self.lr_min <= 0:
-            _refuse("lr_min", self.lr_min, "positive (the range is searched on a log scale)")
+            _refuse("lr_min", self.lr_min, "positive (the range is searched on a log scale)", low)
         if self.lr_max <= self.lr_min:
             raise ValueError(
-                f"Arguments `lr_min` < `lr_max` must give a non-empty range; received "
-                f"lr_min={self.lr_min}, lr_max={self.lr_max}."
+                f"Arguments `lr_min` < `lr_max` ({low} < {high}) must give a non-empty range; "
+                f"received lr_min={self.lr_min}, lr_max={self.lr_max}."
             )
 
     def _check_fractions(self) -> None:

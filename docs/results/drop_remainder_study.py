@@ -29,7 +29,7 @@ for drop in (False, True):
             drop_remainder=drop,
             run_dir=tempfile.mkdtemp(),
             export=False,
-            progress=False,
+            verbose=2,
         )
         # Last: training mode also moves the moving statistics.
         batch_stats = batch_statistics_accuracy(result.model, tfbn.load_fashion_mnist(256).test)

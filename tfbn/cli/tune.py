@@ -13,7 +13,7 @@ from tfbn.cli.options import (
     add_switch,
     add_train_fraction,
 )
-from tfbn.config import NORMS, STRATEGIES, TUNERS, TuneConfig, defaults
+from tfbn.config import LEARNING_RATE_FLAGS, NORMS, STRATEGIES, TUNERS, TuneConfig, defaults
 
 # The defaults of `tfbn.tune`, from the one place that holds them.
 _DEFAULTS = defaults(TuneConfig)
@@ -41,15 +41,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tuner", choices=TUNERS, default=_DEFAULTS["tuner"], help="search algorithm"
     )
-    parser.add_argument(
-        "--learning-rate-min",
-        type=float,
-        default=_DEFAULTS["lr_min"],
-        help="smallest learning rate",
-    )
-    parser.add_argument(
-        "--learning-rate-max", type=float, default=_DEFAULTS["lr_max"], help="largest learning rate"
-    )
+    for name, extreme in (("lr_min", "smallest"), ("lr_max", "largest")):
+        parser.add_argument(
+            LEARNING_RATE_FLAGS[name],
+            type=float,
+            default=_DEFAULTS[name],
+            help=f"{extreme} learning rate",
+        )
     parser.add_argument(
         "--trials", type=int, default=_DEFAULTS["trials"], help="trials per variant"
     )
