@@ -6,6 +6,7 @@ Every holder is a separate interpreter (tests/holders.py), killed when its test 
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -135,14 +136,41 @@ def test_racing_processes_never_hold_the_folder_together(tmp_path):
     ]
     try:
         codes = [racer.wait(timeout=120) for racer in racers]
+        errors = [r.stderr.read() if c else "" for r, c in zip(racers, codes, strict=True)]
     finally:
         for racer in racers:
             kill(racer)
             racer.stdout.close()
             racer.stderr.close()
-    assert codes == [0, 0, 0]
+    assert codes == [0, 0, 0], errors
     lines = log.read_text().splitlines()
     assert len(lines) == 3 * 40 * 2
     # Each "in" is followed by the same process's "out": no two holders at once.
     for enter, leave in zip(lines[::2], lines[1::2], strict=True):
         assert enter.startswith("in ") and leave == "out " + enter[3:]
+
+
+def test_a_folder_removed_while_mkdir_checks_it_is_created_again(tmp_path, monkeypatch):
+    # Another holder's release removes the folder between mkdir finding it (EEXIST) and
+    # checking that it is a folder: pathlib then raises FileExistsError for a missing folder.
+    folder = tmp_path / "run"
+    real_mkdir, raced = pathlib.Path.mkdir, []
+
+    def mkdir_losing_one_race(self, *args, **kwargs):
+        if self == folder and not raced:
+            raced.append(True)
+            raise FileExistsError(17, "File exists", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir_losing_one_race)
+    with FolderLock(folder) as lock:
+        assert lock.locked and raced
+        assert read_holder(folder).pid == os.getpid()
+
+
+def test_a_file_in_the_folders_place_raises_at_once(tmp_path):
+    blocker = tmp_path / "run"
+    blocker.write_text("not a folder")
+    with pytest.raises(FileExistsError):
+        FolderLock(blocker).acquire()
+    assert blocker.read_text() == "not a folder"

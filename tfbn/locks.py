@@ -110,6 +110,21 @@ def read_holder(folder: str | os.PathLike) -> Holder | None:
     return _parse(text)
 
 
+def _make_folder(folder: pathlib.Path) -> bool:
+    """Creates `folder` and its parents; False if a holder's release removed it meanwhile.
+
+    `mkdir(exist_ok=True)` raises FileExistsError when it finds the folder and then, checking,
+    no longer does: that race is retried; a file in the folder's place is raised.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        if folder.exists() and not folder.is_dir():
+            raise
+        return False
+    return True
+
+
 def _remove_empty(folders: list[pathlib.Path]) -> None:
     """Removes `folders` (innermost first) where they are empty; leaves the others alone."""
     for folder in folders:
@@ -155,7 +170,8 @@ class FolderLock:
         created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         try:
             while self._fd is None:
-                self.folder.mkdir(parents=True, exist_ok=True)
+                if not _make_folder(self.folder):
+                    continue
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 except FileNotFoundError:  # removed by a holder's release meanwhile: again
