@@ -477,7 +477,7 @@ def models_run(tmp_path_factory):
     """The two real-model cases, quick, on MobileNetV2 alone at 32x32 (batch 2)."""
     out = tmp_path_factory.mktemp("bench_models")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(bench._QUICK, "models", {"MobileNetV2": 32})
+        mp.setitem(bench._SIZES, "models", (bench.MODEL_SIZES, {"MobileNetV2": 32}))
         results = bench.run_benchmarks(
             cases="models,models_export", quick=True, repeats=2, output_dir=out, verbose=0
         )

@@ -4,6 +4,7 @@ one line and an exit code per error, alike for every command."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -42,6 +43,56 @@ def _env_without_tf_logging() -> dict[str, str]:
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(sub.choices)
+
+
+# ---------------------------------------------------------------------------------- forwarding
+# Each command, what it needs on the command line, the function it runs, the options it passes
+# by position, and those that reach the function under another keyword (or changed: None).
+FORWARDED = {
+    "train": (["train", "--norm", "keras"], "tfbn.training.train", ("norm",), {}),
+    "recalibrate": (
+        ["recalibrate", "m.keras"],
+        "tfbn.recalibration.recalibrate_file",
+        ("model", "output"),
+        {},
+    ),
+    "export": (
+        ["export", "m.keras", "--class-names", "a,b"],
+        "tfbn.export.export_keras_file",
+        ("model", "export_dir"),
+        {"check_data": "check_files", "class_names": None, "pixel_range": None, "verbose": None},
+    ),
+    "tune": (
+        ["tune", "--variants", "keras,tfbn"],
+        "tfbn.tuning.tune",
+        ("variants",),
+        {"learning_rate_min": "lr_min", "learning_rate_max": "lr_max", "run_dir": "directory"},
+    ),
+}
+
+
+@pytest.mark.parametrize("command", sorted(FORWARDED))
+def test_every_option_reaches_the_function_the_command_runs(command, monkeypatch, capsys):
+    argv, target, positional, renamed = FORWARDED[command]
+    args = cli.build_parser().parse_args(argv)
+    calls = []
+
+    def record(*given, **keywords):
+        calls.append((given, keywords))
+        return argparse.Namespace(summary=str, table=str, role="chief")
+
+    module, function = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), function, record)
+    assert args._run(args) == 0
+    ((given, keywords),) = calls
+    capsys.readouterr()
+    options = {name: value for name, value in vars(args).items() if name not in ("command", "_run")}
+    assert len(given) == len(positional)
+    expected = {renamed.get(name) or name for name in options if name not in positional}
+    assert set(keywords) == expected
+    for name, value in options.items():
+        if name not in positional and renamed.get(name, name) is not None:
+            assert keywords[renamed.get(name, name)] == value, name
 
 
 # ------------------------------------------------------------------------------------- parsing

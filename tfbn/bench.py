@@ -80,31 +80,22 @@ TARGETS += tuple(
     )
 )
 
-_FULL = {
-    "shapes": {"4d": (128, 32, 32, 64), "4d-nchw": (128, 64, 32, 32), "2d": (4096, 1024)},
-    "repeats": 15,
-    "min_sample_s": 0.05,
-    "lenet_batch": 256,
-    "pipeline_batches": 200,
-    "export_batches": (1, 256),
-    "export_seconds": 1.0,
-    "export_repeats": 5,
-    "models": MODEL_SIZES,
-    "models_batch": 32,
-    "models_export_batch": 64,
-}
-_QUICK = {
-    "shapes": {"4d": (8, 4, 4, 8), "4d-nchw": (8, 8, 4, 4), "2d": (16, 32)},
-    "repeats": 3,
-    "min_sample_s": 0.0,
-    "lenet_batch": 32,
-    "pipeline_batches": 5,
-    "export_batches": (1, 256),
-    "export_seconds": 0.05,
-    "export_repeats": 2,
-    "models": dict.fromkeys(MODEL_SIZES, 32),
-    "models_batch": 2,
-    "models_export_batch": 2,
+# Each setting of a run: (full, --quick).
+_SIZES = {
+    "shapes": (
+        {"4d": (128, 32, 32, 64), "4d-nchw": (128, 64, 32, 32), "2d": (4096, 1024)},
+        {"4d": (8, 4, 4, 8), "4d-nchw": (8, 8, 4, 4), "2d": (16, 32)},
+    ),
+    "repeats": (15, 3),
+    "min_sample_s": (0.05, 0.0),
+    "lenet_batch": (256, 32),
+    "pipeline_batches": (200, 5),
+    "export_batches": ((1, 256), (1, 256)),
+    "export_seconds": (1.0, 0.05),
+    "export_repeats": (5, 2),
+    "models": (MODEL_SIZES, dict.fromkeys(MODEL_SIZES, 32)),
+    "models_batch": (32, 2),
+    "models_export_batch": (64, 2),
 }
 # The channel axis of each layer shape (default: last): "4d-nchw" is channels-first, the layout
 # cuDNN prefers.
@@ -1005,7 +996,8 @@ def _check_arguments(cases, repeats, output_dir, name, note) -> tuple[str, ...]:
 
 
 def _settings(quick: bool, repeats: int | None, xla: bool) -> dict:
-    settings = dict(_QUICK if quick else _FULL, quick=bool(quick), xla=bool(xla))
+    settings = {name: sizes[bool(quick)] for name, sizes in _SIZES.items()}
+    settings.update(quick=bool(quick), xla=bool(xla))
     if repeats is not None:
         settings["repeats"] = repeats
         settings["export_repeats"] = min(repeats, settings["export_repeats"])

@@ -109,6 +109,10 @@ def kernel_for(
     return kernel
 
 
+# The options only the reference path (`tfbn.ops.batch_norm_training`) implements.
+_REFERENCE_ONLY = ("mask", "weights", "renorm_mean")
+
+
 def training_batch_norm(
     inputs: tf.Tensor,
     axis: int,
@@ -117,14 +121,10 @@ def training_batch_norm(
     beta: tf.Tensor | None = None,
     epsilon: float = 1e-3,
     fused: bool | None = None,
-    mask: tf.Tensor | None = None,
-    weights: tf.Tensor | None = None,
     synchronized: bool = False,
     virtual_batch_size: int | None = None,
-    renorm_mean: tf.Tensor | None = None,
-    renorm_stddev: tf.Tensor | None = None,
-    renorm_clipping: dict | None = None,
     adjustment: tuple | None = None,
+    **reference_options,
 ) -> tuple[tf.Tensor, ops.Moments]:
     """Training-mode batch normalization by the kernel `kernel_for` picks.
 
@@ -135,16 +135,13 @@ def training_batch_norm(
         beta: Per-channel offset or `None`.
         epsilon: Variance epsilon.
         fused: `True`, `False` or `None` (choose), as the layer's argument.
-        mask: Optional boolean tensor of rank `rank(inputs) - 1`, Keras's meaning
-            (`tfbn.ops._mask_weights`).
-        weights: Optional weights broadcastable to `inputs` (0: the value does not count).
         synchronized: Global-batch statistics across `tf.distribute` replicas.
         virtual_batch_size: Ghost batches (`tfbn.ops.ghost_view`).
-        renorm_mean: With `renorm_stddev`, batch renormalization (`tfbn.ops.renorm_correction`).
-        renorm_stddev: The renorm moving standard deviation.
-        renorm_clipping: Clipping of the renorm correction.
         adjustment: Optional `(scale, bias)` broadcastable to `inputs`, applied to the normalized
             value before `gamma` and `beta`; folded into them when both are per channel.
+        **reference_options: `mask`, `weights`, `renorm_mean`, `renorm_stddev` and
+            `renorm_clipping`, as `tfbn.ops.batch_norm_training` takes them; a mask, weights or
+            renorm statistics (not None) run that reference path.
 
     Returns:
         `(outputs, moments)`: `outputs` in the statistics dtype, or in the input's with the fused
@@ -164,12 +161,8 @@ def training_batch_norm(
         fused=fused,
         synchronized=synchronized,
         virtual_batch_size=virtual_batch_size,
-        reference=(
-            mask is not None
-            or weights is not None
-            or renorm_mean is not None
-            or adjustment is not None
-        ),
+        reference=adjustment is not None
+        or any(reference_options.get(name) is not None for name in _REFERENCE_ONLY),
     )
     if kernel == "reference":
         return ops.batch_norm_training(
@@ -178,14 +171,10 @@ def training_batch_norm(
             beta=beta,
             gamma=gamma,
             epsilon=epsilon,
-            mask=mask,
-            weights=weights,
             synchronized=synchronized,
             virtual_batch_size=virtual_batch_size,
-            renorm_mean=renorm_mean,
-            renorm_stddev=renorm_stddev,
-            renorm_clipping=renorm_clipping,
             adjustment=None if adjustment is None else (lambda shape: adjustment),
+            **reference_options,
         )
     if kernel == "ghost":
         return ghost_composed_batch_norm(inputs, gamma, beta, epsilon, axis, virtual_batch_size)

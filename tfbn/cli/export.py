@@ -9,6 +9,7 @@ from tfbn.cli.options import (
     add_jit_compile,
     add_keras_model,
     add_switch,
+    keywords,
 )
 
 HELP = "export a trained .keras model as an inference-only SavedModel"
@@ -63,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
     target = export_keras_file(
         args.model,
         args.export_dir,
-        name=args.name,
-        version=args.version,
-        fold=args.fold,
-        overwrite=args.overwrite,
-        jit_compile=args.jit_compile,
+        **keywords(args, "name", "version", "fold", "overwrite", "jit_compile"),
         check_files=args.check_data,
         class_names=names,
         pixel_range=tuple(args.pixel_range),

@@ -12,6 +12,11 @@ from collections.abc import Sequence
 from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, STRATEGIES
 
 
+def keywords(args: argparse.Namespace, *names: str) -> dict:
+    """`{name: args.name}` for `names`: the parsed options a command passes on as they are."""
+    return {name: getattr(args, name) for name in names}
+
+
 def add_switch(parser: argparse.ArgumentParser, flag: str, default: bool, help: str) -> None:
     """`flag` and its `--no-` form: a boolean (argparse's `BooleanOptionalAction`)."""
     parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from tfbn.cli.options import add_batch_size, add_data_dir, add_keras_model, add_strategy
+from tfbn.cli.options import (
+    add_batch_size,
+    add_data_dir,
+    add_keras_model,
+    add_strategy,
+    keywords,
+)
 
 HELP = "recompute the BatchNorm population statistics of a model"
 
@@ -39,17 +45,8 @@ def run(args: argparse.Namespace) -> int:
     """Runs `recalibrate_file` with the parsed arguments."""
     from tfbn.recalibration import recalibrate_file
 
-    output = recalibrate_file(
-        args.model,
-        args.output,
-        data_dir=args.data_dir,
-        tfds_dir=args.tfds_dir,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        strategy=args.strategy,
-        mode=args.mode,
-        verbose=args.verbose,
-    )
+    passed = ("data_dir", "tfds_dir", "batch_size", "steps", "strategy", "mode", "verbose")
+    output = recalibrate_file(args.model, args.output, **keywords(args, *passed))
     if args.verbose == 0:
         print(output)
     return 0

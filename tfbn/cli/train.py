@@ -14,6 +14,7 @@ from tfbn.cli.options import (
     add_strategy,
     add_switch,
     add_train_fraction,
+    keywords,
 )
 from tfbn.config import LOOPS, NORMS, RECIPE, TrainConfig, defaults
 
@@ -80,24 +81,9 @@ def run(args: argparse.Namespace) -> int:
     """Runs `tfbn.train` with the parsed arguments."""
     from tfbn.training import train
 
-    result = train(
-        args.norm,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        strategy=args.strategy,
-        loop=args.loop,
-        run_dir=args.run_dir,
-        data_dir=args.data_dir,
-        train_fraction=args.train_fraction,
-        drop_remainder=args.drop_remainder,
-        recalibrate=args.recalibrate,
-        export=args.export,
-        export_dir=args.export_dir,
-        jit_compile=args.jit_compile,
-        verbose=args.verbose,
-    )
+    # Every option but the model is a `tfbn.train` keyword of the same name.
+    passed = [name for name in vars(args) if name not in ("command", "_run", "norm")]
+    result = train(args.norm, **keywords(args, *passed))
     if args.verbose == 0:
         print(result.summary())
     return 0
