@@ -1,6 +1,7 @@
 """Models, images, files and layer arguments shared by several test modules."""
 
 import gzip
+import inspect
 import pathlib
 
 import keras
@@ -111,3 +112,12 @@ def write_idx(path, array: np.ndarray) -> None:
     if str(path).endswith(".gz"):
         data = gzip.compress(data)
     pathlib.Path(path).write_bytes(data)
+
+
+def init_parameters(init) -> list[tuple[str, object, object]]:
+    """`(name, kind, default)` of each parameter of `init` but `self` and `**kwargs`."""
+    return [
+        (p.name, p.kind, p.default)
+        for p in inspect.signature(init).parameters.values()
+        if p.name not in ("self", "kwargs")
+    ]

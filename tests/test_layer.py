@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from model_helpers import init_parameters
 
 import tfbn
 from tfbn import reduction
@@ -806,3 +807,11 @@ def test_the_kernel_chosen_is_what_the_layer_runs(monkeypatch):
     assert seen == [3]
     assert tfbn.BatchNorm(fused=False)(x, training=True) is not None
     assert len(seen) == 1  # fused=False never takes the fused kernel
+
+
+def test_the_signature_is_keras_own_then_tfbn_options():
+    # Code that passes Keras's arguments by position or by name means the same with tfbn.
+    keras_own = init_parameters(keras.layers.BatchNormalization.__init__)
+    ours = init_parameters(tfbn.BatchNorm.__init__)
+    assert ours[: len(keras_own)] == keras_own
+    assert {name for name, _, _ in ours[len(keras_own) :]} >= {"fused", "virtual_batch_size"}

@@ -26,7 +26,7 @@ from legacy_helpers import (  # noqa: F401 - _tf_keras_state is an autouse fixtu
     step,
     weights_by_name,
 )
-from model_helpers import batch_norm_arguments
+from model_helpers import batch_norm_arguments, init_parameters
 from tf_keras.src.layers.normalization import batch_normalization as tfk_bn
 
 import tfbn
@@ -567,3 +567,11 @@ def test_tfbn_imports_without_tf_keras():
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "LEGACY-IMPORT-ERROR-OK" in proc.stdout
+
+
+def test_the_signature_is_tf_keras_own_then_its_keyword_options():
+    # tf-keras's arguments in its order, the rest (renorm, fused, ...) by keyword as tf-keras's.
+    tf_keras_own = init_parameters(tf_keras.layers.BatchNormalization.__init__)
+    ours = init_parameters(legacy.BatchNorm.__init__)
+    assert ours[: len(tf_keras_own)] == tf_keras_own
+    assert all(kind is inspect.Parameter.KEYWORD_ONLY for _, kind, _ in ours[len(tf_keras_own) :])

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tfbn.cli.options import (
-    add_export_dir,
-    add_jit_compile,
-    add_keras_model,
-    add_switch,
-    keywords,
-)
+from tfbn.cli.options import add_export_dir, add_jit_compile, add_keras_model, add_switch, keywords
 
 HELP = "export a trained .keras model as an inference-only SavedModel"
 

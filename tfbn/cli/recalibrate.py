@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tfbn.cli.options import (
-    add_batch_size,
-    add_data_dir,
-    add_keras_model,
-    add_strategy,
-    keywords,
-)
+from tfbn.cli.options import add_batch_size, add_data_dir, add_keras_model, add_strategy, keywords
 
 HELP = "recompute the BatchNorm population statistics of a model"
 
