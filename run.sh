@@ -5,7 +5,8 @@
 #   bash run.sh setup                        only install
 # Environment: PYTHON (interpreter for the virtual environment, default python3), TFBN_VENV (its
 # folder, default .venv), TFBN_DATA_DIR (a folder holding the Fashion-MNIST files: no apt-get),
-# TFBN_APT_LOCK_WAIT (seconds to wait for another package manager to finish, default 600).
+# TFBN_APT_LOCK_WAIT (seconds to wait for another package manager to finish, default 600),
+# TFBN_TEST_WORKERS (test processes, default 2).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -15,6 +16,7 @@ APT_LOCK_WAIT=${TFBN_APT_LOCK_WAIT:-600}
 # The locks apt-get and dpkg take (fcntl locks); TFBN_APT_LOCKS overrides the list.
 read -r -a APT_LOCKS <<<"${TFBN_APT_LOCKS:-/var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock /var/cache/apt/archives/lock}"
 EXTRAS="workflow,notebook,test,legacy"
+TEST_WORKERS=${TFBN_TEST_WORKERS:-2}
 
 say() { echo "[run.sh] $*" >&2; }
 
@@ -107,8 +109,9 @@ lint() {
 
 run_tests() {
     local rc=0
-    # -v names each test as it starts, so that no long test looks like a hang.
-    "$VENV/bin/python" -m pytest -v "$@" || rc=$?
+    # -v names each test as it ends, so that no long test looks like a hang; -n runs the tests in
+    # TFBN_TEST_WORKERS processes (pytest-xdist; `-n 0` among the options: one process).
+    "$VENV/bin/python" -m pytest -v -n "$TEST_WORKERS" "$@" || rc=$?
     if [ "$rc" -eq 5 ]; then
         say "pytest collected no tests: failing"
         return 1

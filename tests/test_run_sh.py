@@ -108,7 +108,8 @@ def test_test_command_names_each_test(tree):
     project, env = tree
     result = _run_sh(project, env, "test")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "tests/test_one.py::test_one PASSED" in result.stdout
+    # pytest-xdist's worker line: "[gw0] [100%] PASSED tests/test_one.py::test_one".
+    assert "PASSED tests/test_one.py::test_one" in result.stdout
 
 
 def test_no_test_collected_fails_the_run(tree):

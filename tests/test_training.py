@@ -489,31 +489,19 @@ def test_default_pipeline_on_fashion_mnist(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_chapter_recipe_targets(tmp_path):
-    # The chapter's recipe (lr 1.0, 10 epochs, batch 256, full batches only) with tfbn.BatchNorm
-    # for three seeds, and plain LeNet (lr 0.9): the book printed test acc 0.874-0.883.
-    results, lines = [], []
-    for seed in (0, 1, 2):
-        r = tfbn.train(
-            "tfbn", seed=seed, run_dir=tmp_path / f"tfbn_{seed}", export=False, verbose=0
-        )
-        results.append(r)
-        lines.append(
-            f"tfbn seed {seed}: train acc {r.train_acc:.3f}, test acc "
-            f"{r.test_acc_before_recalibration:.3f} -> {r.test_acc:.3f} recalibrated, "
-            f"{r.wall_time:.0f} s"
-        )
-    plain = tfbn.train("none", seed=0, run_dir=tmp_path / "plain", export=False, verbose=0)
-    lines.append(f"plain seed 0: train acc {plain.train_acc:.3f}, test acc {plain.test_acc:.3f}")
-    print("\n".join(lines))
-    report = "\n".join(lines)
-
-    for r in results:
-        assert r.train_acc >= 0.90, report
-        assert r.test_acc >= 0.875, report
-    # Population statistics do not make the model worse on average.
-    mean_before = float(np.mean([r.test_acc_before_recalibration for r in results]))
-    assert float(np.mean([r.test_acc for r in results])) >= mean_before, report
-    assert plain.test_acc >= 0.78, report
+    # The chapter's recipe (lr 1.0, 10 epochs, batch 256, full batches only) with tfbn.BatchNorm:
+    # the book printed test acc 0.874-0.883. More seeds and plain LeNet, measured with the same
+    # call: docs/results/chapter_recipe_seeds.txt.
+    r = tfbn.train("tfbn", seed=0, run_dir=tmp_path / "tfbn_0", export=False, verbose=0)
+    report = (
+        f"tfbn seed 0: train acc {r.train_acc:.3f}, test acc "
+        f"{r.test_acc_before_recalibration:.3f} -> {r.test_acc:.3f} recalibrated"
+    )
+    print(report)
+    assert r.train_acc >= 0.90, report
+    assert r.test_acc >= 0.875, report
+    # Population statistics do not make the model worse.
+    assert r.test_acc >= r.test_acc_before_recalibration, report
 
 
 def test_progress_bar_counts_the_epochs_of_the_run(tmp_path, capsys):
