@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs `tfbn.train` with the parsed arguments."""
     from tfbn.training import train
 
-    # Every option but the model is a `tfbn.train` keyword of the same name.
+    # Every option but --norm (passed by position) is a `tfbn.train` keyword of the same name.
     passed = [name for name in vars(args) if name not in ("command", "_run", "norm")]
     result = train(args.norm, **keywords(args, *passed))
     if args.verbose == 0:
