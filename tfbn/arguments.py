@@ -1,8 +1,8 @@
-"""Checks of the batch-norm layers' constructor arguments, shared by `tfbn.BatchNorm` and
-`tfbn.legacy.BatchNorm`.
+"""Checks of arguments: the batch-norm layers' constructor arguments, shared by `tfbn.BatchNorm`
+and `tfbn.legacy.BatchNorm`, and the counts the workflow's functions take.
 
-Each check raises a `ValueError` that names the argument and the value received, before the
-layer does any work, and returns the value in the form the layer keeps.
+Each check raises a `ValueError` that names the argument and the value received, before any
+work is done, and returns the value in the form the caller keeps.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ import math
 import numbers
 from collections.abc import Mapping
 
+import numpy as np
+
 from tfbn import ops
 
 __all__ = [
     "KERAS_ARGUMENTS",
     "check_backend",
+    "check_count",
     "check_epsilon",
     "check_floating_dtype",
     "check_momentum",
@@ -48,6 +51,32 @@ _FLAGS = ("center", "scale", "renorm", "synchronized")
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_count(name: str, value, minimum: int = 1, *, none: bool = False, error=ValueError):
+    """An integer `>= minimum` (a size, a number of steps, a seed, ...), as an `int`.
+
+    Args:
+        name: The argument's name, for the message.
+        value: What the caller received; a Python or NumPy integer, not a bool.
+        minimum: The smallest value allowed.
+        none: If `True`, `None` is allowed and returned as is.
+        error: The exception class raised (a `ValueError` subclass, e.g. `UsageError`).
+
+    Raises:
+        error: for anything else, naming the argument and the value received.
+    """
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}"
+        )
+        raise error(
+            f"Argument `{name}` must be {kind}{' or None' if none else ''}; "
+            f"received {name}={value!r}."
+        )
+    return int(value)
 
 
 def check_momentum(name: str, value) -> float:

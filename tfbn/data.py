@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfbn import config
+from tfbn.arguments import check_count
 from tfbn.config import CLASS_NAMES
 
 __all__ = [
@@ -556,11 +557,8 @@ class FashionMNIST:
         Raises:
             ValueError: if `epoch` is not a non-negative integer.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(
-                f"Argument `epoch` must be a non-negative integer; received epoch={epoch!r}."
-            )
-        key = _epoch_key(self._epoch_seed, int(epoch)) if self._shuffle else None
+        epoch = check_count("epoch", epoch, 0)
+        key = _epoch_key(self._epoch_seed, epoch) if self._shuffle else None
         return _finish(
             _batches(self._train_whole, self.batch_size, self.num_train, key, self.drop_remainder)
         )
@@ -574,11 +572,8 @@ class FashionMNIST:
         Raises:
             ValueError: unless `0 <= initial_epoch <= epochs`.
         """
-        for name, value in (("initial_epoch", initial_epoch), ("epochs", epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(
-                    f"Argument `{name}` must be a non-negative integer; received {name}={value!r}."
-                )
+        initial_epoch = check_count("initial_epoch", initial_epoch, 0)
+        epochs = check_count("epochs", epochs, 0)
         if initial_epoch > epochs:
             raise ValueError(
                 f"Argument `initial_epoch` must not exceed `epochs`; received "
@@ -645,6 +640,22 @@ def _whole_split(builder, split: str, indices: np.ndarray | None) -> tf.data.Dat
     return dataset.cache()
 
 
+def _reshuffled_batches(
+    whole: tf.data.Dataset, batch_size: int, n: int, epoch_seed: int, drop_remainder: bool
+) -> tf.data.Dataset:
+    """One epoch of batches from a new permutation at every pass over the dataset.
+
+    The permutation keys follow from `epoch_seed` alone, so a run with a seed repeats its order.
+    """
+    keys = tf.data.Dataset.random(seed=epoch_seed, rerandomize_each_iteration=True).take(1)
+    seed = tf.constant(epoch_seed, tf.int64)
+    batches = keys.flat_map(
+        lambda r: _batches(whole, batch_size, n, tf.stack([seed, r]), drop_remainder)
+    )
+    cardinality = _num_batches(n, batch_size, drop_remainder)
+    return batches.apply(tf.data.experimental.assert_cardinality(cardinality))
+
+
 def load_fashion_mnist(
     batch_size: int = 256,
     *,
@@ -690,29 +701,16 @@ def load_fashion_mnist(
         DataError: (a `ValueError`) when the dataset is not prepared yet and a file is missing
             or corrupt.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(
-            f"Argument `batch_size` must be a positive integer; received batch_size={batch_size!r}."
-        )
-    if batch_size <= 0:
-        raise ValueError(
-            f"Argument `batch_size` must be a positive integer; received batch_size={batch_size}."
-        )
+    batch_size = check_count("batch_size", batch_size)
     validation_fraction = _check_fraction("validation_fraction", validation_fraction, True, False)
     train_fraction = _check_fraction("train_fraction", train_fraction, False, True)
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
-    ):
-        raise ValueError(
-            f"Argument `seed` must be a non-negative integer or None; received seed={seed!r}."
-        )
-    batch_size = int(batch_size)
+    seed = check_count("seed", seed, 0, none=True)
     drop_remainder = bool(drop_remainder)
 
     builder = prepare(data_dir, tfds_dir)
     num_examples = builder.info.splits["train"].num_examples
     train_idx, validation_idx = _split_indices(
-        num_examples, validation_fraction, train_fraction, 0 if seed is None else int(seed)
+        num_examples, validation_fraction, train_fraction, 0 if seed is None else seed
     )
     if len(train_idx) == num_examples:
         train_whole = _whole_split(builder, "train", None)
@@ -720,24 +718,9 @@ def load_fashion_mnist(
         train_whole = _whole_split(builder, "train", train_idx)
     num_train = len(train_idx)
 
-    epoch_seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
+    epoch_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
     if shuffle:
-        # A new permutation key at every pass over `train`; the keys follow from the seed alone.
-        keys = tf.data.Dataset.random(seed=epoch_seed, rerandomize_each_iteration=True).take(1)
-        train = keys.flat_map(
-            lambda r: _batches(
-                train_whole,
-                batch_size,
-                num_train,
-                tf.stack([tf.constant(epoch_seed, tf.int64), r]),
-                drop_remainder,
-            )
-        )
-        train = train.apply(
-            tf.data.experimental.assert_cardinality(
-                _num_batches(num_train, batch_size, drop_remainder)
-            )
-        )
+        train = _reshuffled_batches(train_whole, batch_size, num_train, epoch_seed, drop_remainder)
     else:
         train = _batches(train_whole, batch_size, num_train, None, drop_remainder)
 
@@ -762,7 +745,7 @@ def load_fashion_mnist(
         num_test=num_test,
         class_names=tuple(builder.info.features["label"].names),
         batch_size=batch_size,
-        seed=None if seed is None else int(seed),
+        seed=seed,
         drop_remainder=drop_remainder,
         train_examples=_finish(_batches(train_whole, batch_size, num_train, None)),
         _train_whole=train_whole,
@@ -790,10 +773,7 @@ def pipeline_rate(dataset: tf.data.Dataset, batches: int = 200, *, warmup: bool 
     Raises:
         ValueError: if `batches` is not a positive integer.
     """
-    if isinstance(batches, bool) or not isinstance(batches, (int, np.integer)) or batches <= 0:
-        raise ValueError(
-            f"Argument `batches` must be a positive integer; received batches={batches!r}."
-        )
+    batches = check_count("batches", batches)
     if warmup:
         for _ in dataset:
             pass

@@ -45,6 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfbn.arguments import check_count
 from tfbn.files import check_writable_dir
 from tfbn.folding import fold_batch_norm
 from tfbn.versioned import write_version
@@ -360,12 +361,8 @@ def _model_root(directory, name) -> pathlib.Path:
 
 
 def _check_version(root: pathlib.Path, version, overwrite: bool) -> None:
-    if version is None:
+    if check_count("version", version, none=True) is None:
         return
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
-        raise ValueError(
-            f"Argument `version` must be a positive integer or None; received version={version!r}."
-        )
     target = root / str(int(version))
     if target.exists() and not overwrite:
         raise ValueError(

@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfbn import graph, ops
+from tfbn.arguments import check_count
 from tfbn.files import save_model_atomically
 
 __all__ = ["batch_norm_layers", "recalibrate", "recalibrate_file"]
@@ -521,15 +522,9 @@ def _check_arguments(model, mode, passes, steps, max_cache_bytes) -> int:
         )
     if mode not in MODES:
         raise ValueError(f"Argument `mode` must be one of {MODES}; received mode={mode!r}.")
-    for name, value in (("steps", steps), ("passes", passes), ("max_cache_bytes", max_cache_bytes)):
-        minimum = 0 if name == "max_cache_bytes" else 1
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
-        ):
-            raise ValueError(
-                f"Argument `{name}` must be an integer >= {minimum} or None; received "
-                f"{name}={value!r}."
-            )
+    check_count("steps", steps, none=True)
+    check_count("passes", passes, none=True)
+    check_count("max_cache_bytes", max_cache_bytes, 0, none=True)
     if passes is not None and mode == "exact":
         raise ValueError(
             "Argument `passes` applies to mode='fast' only: the exact mode makes one pass per "

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tfbn.arguments import check_count
 from tfbn.config import CLASS_NAMES
 from tfbn.errors import UsageError
 
@@ -400,13 +401,6 @@ def predict_files(model_dir: str | os.PathLike, inputs, *, k: int = 3) -> FilePr
 
 
 # ----------------------------------------------------------------------------------- throughput
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(
-            f"Argument `{name}` must be a positive integer; received {name}={value!r}."
-        )
-
-
 def _fixed_batch(spec: tf.TensorSpec, batch_size: int) -> tf.Tensor:
     rng = np.random.default_rng(0)
     shape = (batch_size, *spec.shape[1:])
@@ -443,10 +437,10 @@ def inference_throughput(
         UsageError: (a `ValueError`) if an argument is invalid or `signature` is not in the
             SavedModel.
     """
-    _check_positive_int("batch_size", batch_size)
+    check_count("batch_size", batch_size, error=UsageError)
     if not seconds > 0:
         raise UsageError(f"Argument `seconds` must be positive; received seconds={seconds!r}.")
-    _check_positive_int("repeats", repeats)
+    check_count("repeats", repeats, error=UsageError)
     function = _signature(load_model(model_dir).loaded, signature)
     batch = _fixed_batch(_input_spec(function), batch_size)
 
