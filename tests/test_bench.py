@@ -235,6 +235,7 @@ def test_targets_pass_fail_follow_values(quick_run):
         "pipeline_ratio": cases["pipeline"].get("ratio"),
         "export_folded_ratio": cases["export"].get("batches", {}).get("256", {}).get("ratio"),
         **{f"{name.lower()}_{kind}_ratio": None for name in MODELS for kind in ("train", "export")},
+        **{f"{name.lower()}_export_of_bound": None for name in MODELS},
     }
     thresholds = {
         "layer_4d_train_ratio": ("<=", 0.5),
@@ -247,6 +248,7 @@ def test_targets_pass_fail_follow_values(quick_run):
         "export_folded_ratio": (">=", 1.2),
         **{f"{name.lower()}_train_ratio": ("<=", 0.9) for name in MODELS},
         **{f"{name.lower()}_export_ratio": (">=", 1.2) for name in MODELS},
+        **{f"{name.lower()}_export_of_bound": (">=", 0.95) for name in MODELS},
     }
     for target in results["targets"]:
         value = sources[target["key"]]
@@ -474,7 +476,10 @@ def test_cli_bad_option_is_one_error_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- real models
 @pytest.fixture(scope="module")
 def models_run(tmp_path_factory):
-    """The two real-model cases, quick, on MobileNetV2 alone at 32x32 (batch 2)."""
+    """The two real-model cases, quick, on MobileNetV2 alone at 32x32 (batch 2).
+
+    The export case times three SavedModels of it: folded, unfolded and without batch norm.
+    """
     out = tmp_path_factory.mktemp("bench_models")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(bench._SIZES, "models", (bench.MODEL_SIZES, {"MobileNetV2": 32}))
@@ -524,17 +529,121 @@ def test_real_model_export_ratio_and_targets(models_run):
     results, markdown = models_run
     row = results["cases"]["models_export"]["models"]["MobileNetV2"]
     assert (row["batch_size"], row["folded_layers"]) == (2, 52)
-    folded = statistics.median(row["folded"]["samples_examples_per_s"])
-    unfolded = statistics.median(row["unfolded"]["samples_examples_per_s"])
-    assert _close(row["ratio"], folded / unfolded)
+    medians = {}
+    for kind in ("folded", "unfolded", "no_bn"):
+        samples = row[kind]["samples_examples_per_s"]
+        assert len(samples) == 2 and all(s > 0 for s in samples)  # the quick export repeats
+        medians[kind] = statistics.median(samples)
+        assert _close(row[kind]["median_examples_per_s"], medians[kind])
+    assert _close(row["ratio"], medians["folded"] / medians["unfolded"])
+    assert _close(row["bound_ratio"], medians["no_bn"] / medians["unfolded"])
+    assert _close(row["of_bound"], medians["folded"] / medians["no_bn"])
     targets = {t["key"]: t for t in results["targets"]}
     train_ratio = results["cases"]["models"]["models"]["MobileNetV2"]["ratio"]
     assert targets["mobilenetv2_train_ratio"]["value"] == train_ratio
     assert targets["mobilenetv2_train_ratio"]["pass"] == (train_ratio <= 0.9)
     assert targets["mobilenetv2_export_ratio"]["pass"] == (row["ratio"] >= 1.2)
+    of_bound = targets["mobilenetv2_export_of_bound"]
+    assert (of_bound["value"], of_bound["comparison"], of_bound["threshold"]) == (
+        row["of_bound"],
+        ">=",
+        0.95,
+    )
+    assert of_bound["pass"] == (row["of_bound"] >= 0.95)
+    assert of_bound["description"] == "MobileNetV2 export: folded / no-BN throughput"
     assert targets["resnet50_train_ratio"]["pass"] is None  # not measured in this run
     (train_line,) = _table(markdown, "| model | input | batch | BN layers")
     assert train_line[:4] == ["MobileNetV2", "32x32", "2", "52"]
     assert train_line[6] == f"{train_ratio:.2f}"
-    (export_line,) = _table(markdown, "| model | input | batch | folded BN")
-    assert export_line[3] == "52" and export_line[6] == f"{row['ratio']:.2f}"
+    export_header = (
+        "| model | input | batch | folded BN | folded examples/s | unfolded examples/s "
+        "| no-BN examples/s | folded / unfolded | no BN / unfolded | folded / no BN |"
+    )
+    (export_line,) = _table(markdown, export_header)
+    assert export_line == [
+        "MobileNetV2",
+        "32x32",
+        "2",
+        "52",
+        *(f"{row[kind]['median_examples_per_s']:.0f}" for kind in ("folded", "unfolded", "no_bn")),
+        *(f"{row[key]:.2f}" for key in ("ratio", "bound_ratio", "of_bound")),
+    ]
+    assert "copy of the converted one whose batch norms pass their input through" in markdown
+
+
+def _residual_model():
+    """Conv2D, batch norm, ReLU, a nested Sequential block (Conv2D, batch norm), residual Add."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 3), name="images")
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    block = keras.Sequential(
+        [
+            keras.Input((8, 8, 4)),
+            keras.layers.Conv2D(4, 3, padding="same", name="conv2"),
+            keras.layers.BatchNormalization(name="bn2"),
+        ],
+        name="block",
+    )
+    x = keras.layers.Add(name="add")([x, block(x)])
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
+    # Statistics far from the identity's, so that a batch norm left in place shows.
+    rng = np.random.default_rng(1)
+    for bn in (model.get_layer("bn1"), block.get_layer("bn2")):
+        gamma, beta, mean, variance = (w.shape for w in bn.get_weights())
+        bn.set_weights(
+            [
+                rng.uniform(2.0, 3.0, gamma),
+                rng.uniform(1.0, 2.0, beta),
+                rng.uniform(0.5, 1.0, mean),
+                rng.uniform(0.1, 0.2, variance),
+            ]
+        )
+    return model
+
+
+def _batch_norms(model) -> list[str]:
+    """The names of the batch-norm layers in `model`, nested models included."""
+    import keras
+
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found += _batch_norms(layer)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer.name)
+    return found
+
+
+def test_no_batch_norm_copy_is_the_model_with_identity_batch_norms():
+    from tfbn.conversion import convert
+    from tfbn.folding import FoldedAway
+
+    model = convert(_residual_model())
+    x = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype("float32")
+    before = np.asarray(model(x, training=False))
+    bare = bench._without_batch_norm(model)
+
+    assert _batch_norms(model) == ["bn1", "bn2"] and _batch_norms(bare) == []
+    assert [layer.name for layer in bare.layers] == [layer.name for layer in model.layers]
+    block = bare.get_layer("block")
+    assert [layer.name for layer in block.layers] == ["conv2", "bn2"]
+    assert isinstance(bare.get_layer("bn1"), FoldedAway)
+    assert isinstance(block.get_layer("bn2"), FoldedAway)
+
+    # The converted model's own layers called in order, each batch norm skipped.
+    def layer(name):
+        return model.get_layer(name)
+
+    h = layer("relu1")(layer("conv1")(x))
+    inner = layer("block").get_layer("conv2")(h)
+    reference = np.asarray(layer("logits")(layer("pool")(layer("add")([h, inner]))))
+    got = np.asarray(bare(x, training=False))
+    np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-6)
+    # The batch norms do change the output, and the model itself is left as it was.
+    assert np.abs(before - reference).max() > 0.1
+    np.testing.assert_array_equal(np.asarray(model(x, training=False)), before)

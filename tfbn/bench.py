@@ -27,8 +27,10 @@ Cases (`BENCH_CASES`, one `Case` each: a function that measures, one that render
 - `models` (not run by default): a training step (SGD, batch 32, synthetic data) of ResNet50 at
   64x64, MobileNetV2 and EfficientNetB0 at 96x96 (`keras.applications`, `weights=None`, 10
   classes) with Keras's layer against the same model converted by `tfbn.convert`.
-- `models_export` (not run by default): the converted models exported folded and unfolded, their
-  `serving_float` throughput at batch 64.
+- `models_export` (not run by default): the converted models exported folded and unfolded, and
+  a copy of each whose batch norms pass their input through (`no_bn`: no batch norm at all, the
+  most any folding can gain), exported unfolded; their `serving_float` throughput at batch 64,
+  timed interleaved: folded / unfolded, no_bn / unfolded (the bound) and folded / no_bn.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ TRAIN_EXAMPLES = 60000
 # Compulsory traffic, in passes over the tensor (one read or one write of it).
 MIN_PASSES = {"train": 5, "inference": 2}
 
-# (key, description, comparison, threshold); see `_targets` for what each value is.
+# (key, description, comparison, threshold); see `_target_values` for what each value is.
 TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("layer_4d_train_ratio", "layer 4D fwd+bwd, no XLA: tfbn / keras time", "<=", 0.5),
     ("layer_4d_train_xla_ratio", "layer 4D fwd+bwd, XLA: tfbn / keras time", "<=", 1.0),
@@ -77,6 +79,12 @@ TARGETS += tuple(
     for target in (
         (f"{name.lower()}_train_ratio", f"{name} train step: converted / keras time", "<=", 0.9),
         (f"{name.lower()}_export_ratio", f"{name} export: folded / unfolded throughput", ">=", 1.2),
+        (
+            f"{name.lower()}_export_of_bound",
+            f"{name} export: folded / no-BN throughput",
+            ">=",
+            0.95,
+        ),
     )
 )
 
@@ -409,8 +417,14 @@ def _export_pair(work_dir: Path) -> dict[str, Path]:
 
 def _throughput_samples(
     paths: dict[str, Path], batch: int, settings: dict, signature: str = "serving_default"
-) -> dict:
-    """Folded and unfolded throughput at one batch size, interleaved, with their ratio."""
+) -> dict[str, dict]:
+    """The throughput of each SavedModel in `paths` at one batch size, timed interleaved.
+
+    Each model runs once as a warm-up (loading, tracing), then once per repeat
+    (`settings["export_repeats"]`, `settings["export_seconds"]` each), the order rotated at every
+    repeat. Returns, for each key of `paths`, `median_examples_per_s` and
+    `samples_examples_per_s` (one sample per repeat).
+    """
     from tfbn.serving import inference_throughput
 
     def rate(name):
@@ -427,26 +441,28 @@ def _throughput_samples(
         rate(name)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(settings["export_repeats"]):
-        for name in names[r % 2 :] + names[: r % 2]:
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
             samples[name].append(rate(name))
-    rows = {
+    return {
         name: {"median_examples_per_s": statistics.median(v), "samples_examples_per_s": v}
         for name, v in samples.items()
     }
-    rows["ratio"] = (
-        rows["folded"]["median_examples_per_s"] / rows["unfolded"]["median_examples_per_s"]
-    )
-    return rows
+
+
+def _median_ratio(rows: dict[str, dict], over: str, under: str) -> float:
+    """The median throughput of `rows[over]` divided by that of `rows[under]`."""
+    return rows[over]["median_examples_per_s"] / rows[under]["median_examples_per_s"]
 
 
 def _export_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
     tick("export")
     with tempfile.TemporaryDirectory(prefix="tfbn-bench-export-") as work_dir:
         paths = _export_pair(Path(work_dir))
-        batches = {
-            str(batch): _throughput_samples(paths, batch, settings)
-            for batch in settings["export_batches"]
-        }
+        batches = {}
+        for batch in settings["export_batches"]:
+            rows = _throughput_samples(paths, batch, settings)
+            batches[str(batch)] = {**rows, "ratio": _median_ratio(rows, "folded", "unfolded")}
     return {
         "id": "export",
         "seconds_per_sample": settings["export_seconds"],
@@ -502,20 +518,69 @@ def _models_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> di
     return {"id": "models", "repeats": settings["repeats"], "models": rows}
 
 
+def _without_batch_norm(model):
+    """A copy of `model` whose batch norms pass their input through: no batch norm at all.
+
+    Each batch-norm layer (Keras's, tfbn's or a subclass) becomes a `tfbn.folding.FoldedAway` of
+    the same name, the pass-through folding leaves in a batch norm's place; every other layer is
+    rebuilt from its config with its weights copied, inside nested Sequential and functional
+    models too. The copy has the same layers and names as `model`, which is not modified, and
+    computes what `model` would if each batch norm were the identity.
+    """
+    import keras
+
+    from tfbn.folding import FoldedAway
+
+    pairs = []
+
+    def clone_layer(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return FoldedAway(name=layer.name)
+        clone = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, clone))
+        return clone
+
+    bare = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    for source, clone in pairs:
+        clone.set_weights(source.get_weights())
+    return bare
+
+
 def _model_export_row(name: str, size: int, settings: dict, work_dir: Path) -> dict:
+    """A converted model exported folded, unfolded and without batch norm, timed interleaved.
+
+    Returns the `serving_float` throughput at batch `settings["models_export_batch"]` of each
+    SavedModel (`folded`, `unfolded`, `no_bn`: `_throughput_samples`'s rows), the ratios of their
+    medians `ratio` (folded / unfolded), `bound_ratio` (no_bn / unfolded: the most any folding
+    can gain) and `of_bound` (folded / no_bn), the input size, the batch size and how many batch
+    norms `fold_plan` folds into the layer before them (`folded_layers`).
+    """
     from tfbn.conversion import convert
     from tfbn.export import export_saved_model
     from tfbn.folding import fold_plan
 
     model = convert(_application(name, size))
     folds = sum(step.into is not None for step in fold_plan(model).values())
+    variants = (
+        ("folded", model, True),
+        ("unfolded", model, False),
+        ("no_bn", _without_batch_norm(model), False),
+    )
     paths = {
-        kind: Path(export_saved_model(model, work_dir, name=f"{name}_{kind}", fold=fold))
-        for kind, fold in (("folded", True), ("unfolded", False))
+        kind: Path(export_saved_model(m, work_dir, name=f"{name}_{kind}", fold=fold))
+        for kind, m, fold in variants
     }
     batch = settings["models_export_batch"]
-    row = _throughput_samples(paths, batch, settings, signature="serving_float")
-    return {**row, "input_size": size, "batch_size": batch, "folded_layers": folds}
+    rows = _throughput_samples(paths, batch, settings, signature="serving_float")
+    return {
+        **rows,
+        "ratio": _median_ratio(rows, "folded", "unfolded"),
+        "bound_ratio": _median_ratio(rows, "no_bn", "unfolded"),
+        "of_bound": _median_ratio(rows, "folded", "no_bn"),
+        "input_size": size,
+        "batch_size": batch,
+        "folded_layers": folds,
+    }
 
 
 def _models_export_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
@@ -599,7 +664,8 @@ def _find_layer(cases: dict, shape: str, mode: str, xla: bool) -> dict | None:
     return None
 
 
-def _targets(cases: dict) -> list[dict]:
+def _target_values(cases: dict) -> dict[str, float | None]:
+    """The value of each target in `TARGETS` found in `cases` (a case's results); absent: None."""
     values: dict[str, float | None] = {}
     for xla, suffix in ((False, ""), (True, "_xla")):
         row = _find_layer(cases, "4d", "train", xla)
@@ -612,10 +678,24 @@ def _targets(cases: dict) -> list[dict]:
     values["pipeline_ratio"] = cases.get("pipeline", {}).get("ratio")
     export = cases.get("export", {}).get("batches", {})
     values["export_folded_ratio"] = export.get("256", {}).get("ratio")
+    fields = (
+        ("models", "train_ratio", "ratio"),
+        ("models_export", "export_ratio", "ratio"),
+        ("models_export", "export_of_bound", "of_bound"),
+    )
     for name in MODEL_SIZES:
-        for case, suffix in (("models", "train"), ("models_export", "export")):
+        for case, suffix, field in fields:
             row = cases.get(case, {}).get("models", {}).get(name, {})
-            values[f"{name.lower()}_{suffix}_ratio"] = row.get("ratio")
+            values[f"{name.lower()}_{suffix}"] = row.get(field)
+    return values
+
+
+def _targets(cases: dict) -> list[dict]:
+    """Each target of `TARGETS`: key, description, comparison, threshold, value and `pass`.
+
+    `pass` is whether the value meets the threshold, `None` where the run did not measure it.
+    """
+    values = _target_values(cases)
     targets = []
     for key, description, op, threshold in TARGETS:
         value = values.get(key)
@@ -858,13 +938,17 @@ def _models_export_markdown(result: dict) -> list[str]:
     return [
         "## Real models: exported SavedModel inference (`serving_float`), folded vs unfolded",
         "",
+        "The no-BN model is a copy of the converted one whose batch norms pass their input "
+        "through, exported unfolded: the most any folding can gain.",
+        "",
         *_table(
             ("model", "input", "batch", "folded BN", "folded examples/s", "unfolded examples/s",
-             "folded / unfolded"),
+             "no-BN examples/s", "folded / unfolded", "no BN / unfolded", "folded / no BN"),
             (
                 (name, f"{r['input_size']}x{r['input_size']}", r["batch_size"], r["folded_layers"],
-                 _fmt(r["folded"]["median_examples_per_s"], 0),
-                 _fmt(r["unfolded"]["median_examples_per_s"], 0), _fmt(r["ratio"]))
+                 *(_fmt(r[kind]["median_examples_per_s"], 0)
+                   for kind in ("folded", "unfolded", "no_bn")),
+                 _fmt(r["ratio"]), _fmt(r["bound_ratio"]), _fmt(r["of_bound"]))
                 for name, r in result["models"].items()
             ),
         ),
