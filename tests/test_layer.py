@@ -388,6 +388,7 @@ def test_config_round_trip_and_keras_file_reload_without_custom_objects(tmp_path
         ({"dtype": "int32"}, "`dtype`.*dtype='int32'"),
         ({"axis": 1.5}, "axis"),
         ({"fused": "yes"}, "fused"),
+        ({"fused": 1}, "`fused`.*fused=1"),
         ({"fused": True, "synchronized": True}, "fused"),
     ],
 )

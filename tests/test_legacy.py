@@ -435,6 +435,7 @@ def test_fit_under_mirrored_strategy_keeps_replicas_identical(rng, strategy):
         ({"fused": True, "renorm": True}, "renorm"),
         ({"fused": True, "axis": 2}, "axis"),
         ({"fused": "yes"}, "fused"),
+        ({"fused": 1}, "`fused`.*fused=1"),
         ({"axis": "last"}, "axis"),
         ({"momentum": 1.0}, "momentum=1.0"),
         ({"momentum": None}, "momentum=None"),

@@ -7,7 +7,6 @@ work is done, and returns the value in the form the caller keeps.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 
@@ -19,8 +18,8 @@ __all__ = [
     "KERAS_ARGUMENTS",
     "check_backend",
     "check_count",
-    "check_epsilon",
     "check_floating_dtype",
+    "check_fused",
     "check_momentum",
     "keras_arguments",
 ]
@@ -92,17 +91,15 @@ def check_momentum(name: str, value) -> float:
     return float(value)
 
 
-def check_epsilon(value) -> float:
-    """A finite real number > 0 (the variance epsilon), as a float.
+def check_fused(value) -> bool | None:
+    """`fused`: `None` (tfbn picks the kernel), `True` or `False`.
 
     Raises:
-        ValueError: for anything else (`0`, a negative number, `inf`, NaN, `None`, ...).
+        ValueError: for anything else (`1`, `0`, `"yes"`, ...).
     """
-    if not _is_real(value) or not (math.isfinite(float(value)) and float(value) > 0.0):
-        raise ValueError(
-            f"Argument `epsilon` must be a finite number > 0; received epsilon={value!r}."
-        )
-    return float(value)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"Argument `fused` must be None, True or False; received fused={value!r}.")
+    return value
 
 
 def check_floating_dtype(layer_name: str, variable_dtype: str, compute_dtype: str) -> None:
@@ -137,18 +134,23 @@ def keras_arguments(given: Mapping) -> dict:
 
     Args:
         given: The layer's constructor arguments by name (its `locals()`), holding every name of
-            `KERAS_ARGUMENTS`, with `axis`, `momentum`, `renorm_momentum` and `epsilon` already
-            checked.
+            `KERAS_ARGUMENTS`, with `axis` already checked.
 
     Returns:
-        A new dict of the names of `KERAS_ARGUMENTS`: `center`, `scale`, `renorm` and
-        `synchronized` as bools, `renorm_clipping` checked (`tfbn.ops.check_renorm_clipping`:
-        a dict of floats, `{}` for `None`), the others as given.
+        A new dict of the names of `KERAS_ARGUMENTS`: `momentum` and `renorm_momentum` checked
+        (`check_momentum`) and `epsilon` (`tfbn.ops.check_epsilon`), as floats; `center`,
+        `scale`, `renorm` and `synchronized` as bools; `renorm_clipping` checked
+        (`tfbn.ops.check_renorm_clipping`: a dict of floats, `{}` for `None`); the others as
+        given.
 
     Raises:
-        ValueError: for a bad `renorm_clipping`, naming it.
+        ValueError: for a bad `momentum`, `renorm_momentum`, `epsilon` or `renorm_clipping`,
+            naming it.
     """
     forwarded = {name: given[name] for name in KERAS_ARGUMENTS}
+    for name in ("momentum", "renorm_momentum"):
+        forwarded[name] = check_momentum(name, forwarded[name])
+    forwarded["epsilon"] = ops.check_epsilon(forwarded["epsilon"])
     for name in _FLAGS:
         forwarded[name] = bool(forwarded[name])
     forwarded["renorm_clipping"] = ops.check_renorm_clipping(forwarded["renorm_clipping"])

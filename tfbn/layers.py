@@ -162,19 +162,13 @@ class BatchNorm(keras.layers.BatchNormalization):
         arguments.check_backend(keras.backend.backend())
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"Argument `axis` must be an integer; received axis={axis!r}.")
-        momentum = arguments.check_momentum("momentum", momentum)
-        renorm_momentum = arguments.check_momentum("renorm_momentum", renorm_momentum)
-        epsilon = arguments.check_epsilon(epsilon)
-        if fused not in (None, True, False):
-            raise ValueError(
-                f"Argument `fused` must be None, True or False; received fused={fused!r}."
-            )
+        base = arguments.keras_arguments(locals())
+        fused = arguments.check_fused(fused)
         if fused and synchronized:
             raise ValueError(
                 "Argument `fused=True` cannot be combined with `synchronized=True`: the fused "
                 "kernel computes per-replica statistics. Use fused=None or fused=False."
             )
-        base = arguments.keras_arguments(locals())
         clipping = base["renorm_clipping"]
         virtual_batch_size = ops.check_virtual_batch_size(virtual_batch_size, bool(synchronized))
         adjustment = ops.check_adjustment(adjustment)

@@ -138,12 +138,8 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         **kwargs,
     ):
         _check_axis(axis)
-        momentum = arguments.check_momentum("momentum", momentum)
-        renorm_momentum = arguments.check_momentum("renorm_momentum", renorm_momentum)
-        epsilon = arguments.check_epsilon(epsilon)
-        if fused not in (None, True, False):
-            raise ValueError(f"Argument `fused` must be None, True or False; received {fused!r}.")
         base = arguments.keras_arguments(locals())
+        fused = arguments.check_fused(fused)
         clipping = base["renorm_clipping"]
         virtual_batch_size = ops.check_virtual_batch_size(virtual_batch_size, bool(synchronized))
         super().__init__(
@@ -158,7 +154,7 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         policy = self._dtype_policy
         arguments.check_floating_dtype(self.name, policy.variable_dtype, policy.compute_dtype)
         # tf-keras keeps these two only with renorm; the update function reads them always.
-        self.renorm_clipping, self.renorm_momentum = clipping, renorm_momentum
+        self.renorm_clipping, self.renorm_momentum = clipping, base["renorm_momentum"]
         self._fused_argument = fused
 
     # ----------------------------------------------------------------------------- state
