@@ -22,8 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated cases to run, from layer, lenet, pipeline, export, models (a "
         "training step of ResNet50, MobileNetV2, EfficientNetB0, keras against converted), "
-        "models_export (their folded and unfolded exports); 'all' for every case (default: all "
-        "but models and models_export)",
+        "models_export (their folded, unfolded and no-BN exports); 'all' for every case "
+        "(default: all but models and models_export)",
     )
     parser.add_argument(
         "--output-dir",
