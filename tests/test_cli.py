@@ -86,7 +86,7 @@ def test_every_option_reaches_the_function_the_command_runs(command, monkeypatch
     assert args._run(args) == 0
     ((given, keywords),) = calls
     capsys.readouterr()
-    options = {name: value for name, value in vars(args).items() if name not in ("command", "_run")}
+    options = {name: value for name, value in vars(args).items() if name not in cli.PARSER_NAMES}
     assert len(given) == len(positional)
     expected = {renamed.get(name) or name for name in options if name not in positional}
     assert set(keywords) == expected

@@ -13,6 +13,8 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+from tfbn.files import check_writable_dir
+
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top",
     "Trouser",
@@ -186,6 +188,17 @@ class TrainConfig:
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", Path(self.data_dir))
 
+    def check_outputs(self) -> None:
+        """The run folder (and the export folder, with `export`) can be written; creates nothing.
+
+        Raises:
+            OSError: the error writing there would raise (read-only, not a folder, no
+                permission), naming the folder that refused.
+        """
+        check_writable_dir(self.run_dir)
+        if self.export:
+            check_writable_dir(self.export_dir)
+
     def _check_choices(self) -> None:
         _check_verbose(self.verbose)
         _check_choice("norm", self.norm, NORMS)
@@ -297,6 +310,14 @@ class TuneConfig:
         object.__setattr__(self, "directory", Path(self.directory))
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+    def check_outputs(self) -> None:
+        """The search folder `directory` can be written; creates nothing.
+
+        Raises:
+            OSError: the error writing there would raise, naming the folder that refused.
+        """
+        check_writable_dir(self.directory)
 
     def _check_choices(self) -> None:
         _check_verbose(self.verbose)

@@ -53,7 +53,7 @@ import tensorflow as tf
 from tfbn import distribute
 from tfbn.config import CLASS_NAMES, LOOPS, RECIPE, TrainConfig
 from tfbn.errors import UsageError
-from tfbn.files import atomic_write, check_writable_dir, fsync_dir, save_model_atomically
+from tfbn.files import atomic_write, fsync_dir, save_model_atomically
 from tfbn.locks import FolderLock
 
 __all__ = ["LOOPS", "RunDir", "TrainConfig", "TrainData", "TrainResult", "format_summary", "train"]
@@ -197,9 +197,7 @@ def _check_locations(config: TrainConfig, dataset) -> None:
         _check_data_dir(config.data_dir)
     else:
         _check_dataset(dataset)
-    check_writable_dir(config.run_dir)
-    if config.export:
-        check_writable_dir(config.export_dir)
+    config.check_outputs()
 
 
 def _strategy_name(strategy) -> str:

@@ -82,7 +82,7 @@ import numpy as np
 from tfbn import data as tfbn_data
 from tfbn import models
 from tfbn.config import CONVERGED_ACCURACY, NORMS, TuneConfig
-from tfbn.files import atomic_write, atomic_write_text, check_writable_dir
+from tfbn.files import atomic_write, atomic_write_text
 from tfbn.locks import FolderLock
 
 VARIANTS: tuple[str, ...] = NORMS
@@ -796,7 +796,7 @@ def _check_outputs(config: TuneConfig, role: str) -> dict[str, Path]:
 
     Raises the `OSError` (naming the path) that writing there would raise; creates nothing.
     """
-    check_writable_dir(config.directory)
+    config.check_outputs()
     paths = _output_paths(config)
     if role != "worker":
         for key in ("json", "markdown", "plot"):

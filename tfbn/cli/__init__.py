@@ -3,7 +3,9 @@
 Building the parser imports no TensorFlow, so `tfbn --help`, `tfbn <command> --help` and
 `tfbn --version` answer at once. Each command is a module of this package with `HELP` (one line),
 `configure(parser)` (its arguments, every default shown in `--help`) and `run(args) -> int`, which
-imports the module it drives and makes one call into the Python API. Every command has
+imports the module it drives and makes one call into the Python API. A command may have
+`check(args)` too, TensorFlow-free: `train` and `tune` check their settings and output folders
+there, so that a bad one is told at once rather than after TensorFlow's import. Every command has
 `--verbose` (0, 1 or 2, as Keras's `verbose`); TensorFlow's own log lines show only at 2.
 
 Errors are handled here, alike for every command: bad arguments or inputs (`ValueError`, of which
@@ -44,6 +46,9 @@ WORKFLOW_MODULES = frozenset(
     {"tensorflow_datasets", "keras_tuner", "tensorboard", "matplotlib", "tqdm", "scipy", "sklearn"}
 )
 WORKFLOW_INSTALL = 'pip install "tfbn[workflow]"'
+
+# What the parser adds to every command's arguments beside its options.
+PARSER_NAMES = ("command", "_run", "_check")
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -100,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         module.configure(command)
         _add_verbose(command)
-        command.set_defaults(_run=module.run)
+        command.set_defaults(_run=module.run, _check=getattr(module, "check", None))
     return parser
 
 
@@ -196,11 +201,17 @@ def _os_error_line(error: OSError) -> str:
     return f"{path}: {reason}"
 
 
-def run_command(command: str, run, args: argparse.Namespace) -> int:
-    """Runs one command's `run(args)` and turns its errors into one line and an exit code."""
+def run_command(command: str, run, args: argparse.Namespace, check=None) -> int:
+    """Runs one command's `run(args)` and turns its errors into one line and an exit code.
+
+    `check(args)`, where the command has one, runs first, before TensorFlow is imported: bad
+    settings and unwritable outputs are told at once rather than after the import.
+    """
     prefix = f"tfbn {command}:"
     try:
         with _sigterm_raises():
+            if check is not None:
+                check(args)
             import_tensorflow(getattr(args, "verbose", 1))
             return int(run(args) or 0)
     except KeyboardInterrupt as error:
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    return run_command(args.command, args._run, args)
+    return run_command(args.command, args._run, args, args._check)
 
 
 if __name__ == "__main__":

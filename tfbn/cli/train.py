@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tfbn.cli import PARSER_NAMES
 from tfbn.cli.options import (
     add_batch_size,
     add_data_dir,
@@ -77,13 +78,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_jit_compile(parser, _DEFAULTS["jit_compile"], "compile the training step with XLA")
 
 
+def _keywords(args: argparse.Namespace) -> dict:
+    """Every option but --norm (passed by position): a `tfbn.train` keyword of the same name."""
+    passed = [name for name in vars(args) if name not in (*PARSER_NAMES, "norm")]
+    return keywords(args, *passed)
+
+
+def check(args: argparse.Namespace) -> None:
+    """The settings and the output folders, checked as `tfbn.train` will (TensorFlow-free)."""
+    TrainConfig(args.norm, **_keywords(args)).check_outputs()
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs `tfbn.train` with the parsed arguments."""
     from tfbn.training import train
 
-    # Every option but --norm (passed by position) is a `tfbn.train` keyword of the same name.
-    passed = [name for name in vars(args) if name not in ("command", "_run", "norm")]
-    result = train(args.norm, **keywords(args, *passed))
+    result = train(args.norm, **_keywords(args))
     if args.verbose == 0:
         print(result.summary())
     return 0

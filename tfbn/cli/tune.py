@@ -81,12 +81,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs `tfbn.tune` with the parsed arguments."""
-    from tfbn.tuning import tune
-
-    result = tune(
-        [variant for item in args.variants for variant in item.split(",") if variant],
+def _settings(args: argparse.Namespace) -> dict:
+    """The `tfbn.tune` keywords of the parsed options (those of `TuneConfig` by the same names)."""
+    return dict(
+        variants=[variant for item in args.variants for variant in item.split(",") if variant],
         tuner=args.tuner,
         lr_min=args.learning_rate_min,
         lr_max=args.learning_rate_max,
@@ -105,6 +103,19 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         verbose=args.verbose,
     )
+
+
+def check(args: argparse.Namespace) -> None:
+    """The settings and the search folder, checked as `tfbn.tune` will (TensorFlow-free)."""
+    TuneConfig(**_settings(args)).check_outputs()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `tfbn.tune` with the parsed arguments."""
+    from tfbn.tuning import tune
+
+    settings = _settings(args)
+    result = tune(settings.pop("variants"), **settings)
     if args.verbose == 0 and result.role != "worker":
         print(result.table())
     return 0

@@ -1,0 +1,73 @@
+"""`tfbn train` and `tfbn tune` refuse bad settings and unwritable outputs before TensorFlow is
+imported: the one line comes at once, not after the import (seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Runs the command line in a fresh interpreter and reports its exit code, its stderr and whether
+# TensorFlow was imported by the time it returned.
+_CHILD = """
+import contextlib, io, json, sys
+from tfbn import cli
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "stderr": err.getvalue(), "tf": "tensorflow" in sys.modules}))
+"""
+
+
+def _run(tmp_path, *argv):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture
+def not_a_folder(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["train", "--epochs", "0"], "error: Argument `epochs` must be a positive integer"),
+        (["train", "--learning-rate", "-1"], "error: Argument `learning_rate`"),
+        (["train", "--run-dir", "{file}/run"], "{file}: Not a directory"),
+        (["train", "--export-dir", "{file}/out"], "{file}: Not a directory"),
+        (["tune", "--trials", "0"], "error: Argument `trials`"),
+        (["tune", "--run-dir", "{file}/tune"], "{file}: Not a directory"),
+    ],
+)
+def test_the_error_comes_before_tensorflow_is_imported(tmp_path, not_a_folder, argv, words):
+    argv = [a.format(file=not_a_folder) for a in argv]
+    result = _run(tmp_path, *argv)
+    assert result["code"] == 2
+    (line,) = result["stderr"].splitlines()
+    assert line.startswith(f"tfbn {argv[0]}: ")
+    assert words.format(file=not_a_folder) in line
+    assert not result["tf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created
+
+
+def test_good_settings_go_on_to_import_tensorflow(tmp_path, not_a_folder):
+    # The same check passes good settings through: the command then fails later, on the
+    # missing data folder, after TensorFlow is imported.
+    result = _run(tmp_path, "train", "--epochs", "1", "--data-dir", str(not_a_folder / "no"))
+    assert result["code"] == 2 and result["tf"]
+    assert "data_dir" in result["stderr"]
