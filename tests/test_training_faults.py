@@ -108,6 +108,28 @@ def _hidden_files(run_dir) -> list[pathlib.Path]:
 
 
 # ------------------------------------------------------------------------------------ the lock
+def test_only_the_chief_locks_the_run_dir(tmp_path):
+    # Every worker of a multi-worker run opens the same folder; the chief alone takes its lock
+    # (two processes of one run on one machine would otherwise refuse each other).
+    from tfbn.errors import UsageError
+    from tfbn.locks import LOCK_NAME, FolderLock
+    from tfbn.training import RunDir
+
+    folder = tmp_path / "run"
+    with RunDir(folder, chief=False).lock():
+        assert not folder.exists()  # a worker creates no lock file
+    held = FolderLock(folder).acquire()  # another run's chief holds the folder
+    try:
+        with RunDir(folder, chief=False).lock():
+            pass  # a worker is not refused
+        with pytest.raises(UsageError, match="in use"), RunDir(folder, chief=True).lock():
+            pass  # a second chief is
+    finally:
+        held.release()
+    with RunDir(folder, chief=True).lock():
+        assert (folder / LOCK_NAME).is_file()
+
+
 def test_held_run_dir_refused_at_once_and_a_killed_runs_lock_taken_over(
     tmp_path, reference, stopped
 ):
