@@ -1,5 +1,6 @@
-"""`tfbn train` and `tfbn tune` refuse bad settings and unwritable outputs before TensorFlow is
-imported: the one line comes at once, not after the import (seconds)."""
+"""`tfbn train`, `tune`, `convert`, `recalibrate` and `export` refuse bad settings, bad input
+models and unwritable outputs before TensorFlow is imported: the one line comes at once, not after
+the import (seconds)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -52,17 +54,32 @@ def not_a_folder(tmp_path):
         (["train", "--export-dir", "{file}/out"], "{file}: Not a directory"),
         (["tune", "--trials", "0"], "error: Argument `trials`"),
         (["tune", "--run-dir", "{file}/tune"], "{file}: Not a directory"),
+        (["convert", "absent.keras", "out.keras"], "absent.keras: No such file or directory"),
+        (["convert", "{file}", "out.keras"], "a model must be a .keras file"),
+        (["convert", "{model}", "out.h5"], "Argument `output` must end in '.keras'"),
+        (["convert", "{model}", "{file}/out.keras"], "{file}: Not a directory"),
+        (["recalibrate", "{model}", "--output", "{file}/r.keras"], "{file}: Not a directory"),
+        (["recalibrate", "absent.keras"], "absent.keras: No such file or directory"),
+        (["export", "{model}", "--export-dir", "{file}/e"], "{file}: Not a directory"),
+        (["export", "{broken}"], "corrupt or truncated .keras file"),
     ],
 )
 def test_the_error_comes_before_tensorflow_is_imported(tmp_path, not_a_folder, argv, words):
-    argv = [a.format(file=not_a_folder) for a in argv]
+    # A valid .keras archive (the check reads it, no model is built) and a truncated one.
+    model, broken = tmp_path / "m.keras", tmp_path / "broken.keras"
+    with zipfile.ZipFile(model, "w") as archive:
+        archive.writestr("config.json", json.dumps({"class_name": "Sequential"}))
+    broken.write_bytes(model.read_bytes()[:-10])
+    places = {"file": not_a_folder, "model": model, "broken": broken}
+    argv = [a.format(**places) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
     result = _run(tmp_path, *argv)
     assert result["code"] == 2
     (line,) = result["stderr"].splitlines()
     assert line.startswith(f"tfbn {argv[0]}: ")
-    assert words.format(file=not_a_folder) in line
+    assert words.format(**places) in line
     assert not result["tf"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
 
 
 def test_good_settings_go_on_to_import_tensorflow(tmp_path, not_a_folder):

@@ -469,8 +469,12 @@ def test_cli_rejects_bad_arguments_before_work(tmp_path, capsys):
     assert "corrupt.keras: corrupt or truncated .keras file" in error(corrupt)
     model_path = tmp_path / "m.keras"
     _sequential("tfbn").save(model_path)
-    assert "--output" in error(model_path, "--output", tmp_path / "out.h5")
-    assert "--batch-size" in error(model_path, "--batch-size", "0")
+    assert "Argument `output` must end in '.keras'" in error(
+        model_path, "--output", tmp_path / "out.h5"
+    )
+    assert "Argument `batch_size` must be a positive integer" in error(
+        model_path, "--batch-size", "0"
+    )
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     line = error(model_path, "--output", blocker / "o.keras")

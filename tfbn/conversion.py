@@ -13,7 +13,6 @@ what the original computes, in inference and in training mode.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
@@ -179,17 +178,11 @@ def convert_file(
         OSError: if the input cannot be read or the output folder cannot be written (checked
             before the model is loaded), or writing fails; with the path concerned.
     """
-    from tfbn.errors import UsageError
-    from tfbn.files import check_writable_dir, save_model_atomically
-    from tfbn.saving import check_keras_file, load_model
+    from tfbn.files import save_model_atomically
+    from tfbn.saving import check_keras_file, check_keras_output, load_model
 
     model_path = check_keras_file(model_path)
-    output = Path(output)
-    if output.suffix != ".keras":
-        raise UsageError(f"Argument `output` must end in '.keras'; received output='{output}'.")
-    if output.is_dir():
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
-    check_writable_dir(output.parent)  # before the model is loaded
+    output = check_keras_output(output)  # before the model is loaded
     model = load_model(model_path)
     converted = convert(model)
     replaced = [

@@ -33,9 +33,7 @@ Sequential or functional model, nested Sequential and functional models included
 
 from __future__ import annotations
 
-import errno
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
@@ -513,6 +511,11 @@ def _fast_passes(plan: _Plan, batches: _Batches, passes: int, progress) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the API
+def _check_mode(mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"Argument `mode` must be one of {MODES}; received mode={mode!r}.")
+
+
 def _check_arguments(model, mode, passes, steps, max_cache_bytes) -> int:
     """Validates the arguments of `recalibrate`; returns the number of fast passes."""
     if not isinstance(model, keras.Model):
@@ -520,8 +523,7 @@ def _check_arguments(model, mode, passes, steps, max_cache_bytes) -> int:
             f"Argument `model` must be a keras.Model; received an object of type "
             f"{type(model).__name__}."
         )
-    if mode not in MODES:
-        raise ValueError(f"Argument `mode` must be one of {MODES}; received mode={mode!r}.")
+    _check_mode(mode)
     check_count("steps", steps, none=True)
     check_count("passes", passes, none=True)
     check_count("max_cache_bytes", max_cache_bytes, 0, none=True)
@@ -670,23 +672,14 @@ def recalibrate_file(
     """
     from tfbn import data
     from tfbn.distribute import get_strategy, resolve_strategy_name
-    from tfbn.errors import UsageError
-    from tfbn.files import check_writable_dir
-    from tfbn.saving import check_keras_file, load_model
+    from tfbn.saving import check_keras_file, check_keras_output, load_model
 
     model_path = check_keras_file(model_path)
-    output = Path(output) if output else _default_output(model_path)
-    if output.suffix != ".keras":
-        raise UsageError(f"--output must end in '.keras'; received '{output}'.")
-    if output.is_dir():
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
-    check_writable_dir(output.parent)  # before the data and the passes
-    if mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}; received '{mode}'.")
-    if batch_size <= 0:
-        raise ValueError(f"--batch-size must be a positive integer; received {batch_size}.")
-    if steps is not None and steps <= 0:
-        raise ValueError(f"--steps must be a positive integer; received {steps}.")
+    # Before the data and the passes:
+    output = check_keras_output(output or _default_output(model_path))
+    _check_mode(mode)
+    check_count("batch_size", batch_size)
+    check_count("steps", steps, none=True)
     resolve_strategy_name(strategy)
     if not data.is_prepared(tfds_dir):
         data.check_data_dir(data_dir)

@@ -17,6 +17,7 @@ import pathlib
 import zipfile
 
 from tfbn.errors import UsageError
+from tfbn.files import check_writable_dir
 
 __all__ = ["check_keras_file", "load_model"]
 
@@ -79,6 +80,26 @@ def check_keras_file(path: str | os.PathLike) -> pathlib.Path:
         f"{path}: corrupt or truncated .keras file ({reason}); save the model again or copy "
         "the complete file."
     )
+
+
+def check_keras_output(path: str | os.PathLike) -> pathlib.Path:
+    """Checks that a model can be saved at `path`, creating nothing.
+
+    Returns:
+        `path` as a `pathlib.Path`.
+
+    Raises:
+        UsageError: if the name does not end in `.keras`.
+        IsADirectoryError: if `path` is a folder.
+        OSError: if its folder cannot be written (`tfbn.files.check_writable_dir`), naming it.
+    """
+    path = pathlib.Path(path)
+    if path.suffix != ".keras":
+        raise UsageError(f"Argument `output` must end in '.keras'; received output='{path}'.")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    check_writable_dir(path.parent)
+    return path
 
 
 def load_model(path: str | os.PathLike, *, compile: bool = False):

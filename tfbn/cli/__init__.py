@@ -4,8 +4,9 @@ Building the parser imports no TensorFlow, so `tfbn --help`, `tfbn <command> --h
 `tfbn --version` answer at once. Each command is a module of this package with `HELP` (one line),
 `configure(parser)` (its arguments, every default shown in `--help`) and `run(args) -> int`, which
 imports the module it drives and makes one call into the Python API. A command may have
-`check(args)` too, TensorFlow-free: `train` and `tune` check their settings and output folders
-there, so that a bad one is told at once rather than after TensorFlow's import. Every command has
+`check(args)` too, TensorFlow-free: `train`, `tune`, `convert`, `recalibrate` and `export` check
+their settings, input model and output folders there, so that a bad one is told at once rather
+than after TensorFlow's import. Every command has
 `--verbose` (0, 1 or 2, as Keras's `verbose`); TensorFlow's own log lines show only at 2.
 
 Errors are handled here, alike for every command: bad arguments or inputs (`ValueError`, of which

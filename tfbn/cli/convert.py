@@ -20,6 +20,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="where to save the converted model (.keras)")
 
 
+def check(args: argparse.Namespace) -> None:
+    """The input model and the output's folder, checked as `convert_file` will (TensorFlow-free)."""
+    from tfbn.saving import check_keras_file, check_keras_output
+
+    check_keras_file(args.model)
+    check_keras_output(args.output)
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs `convert_file` with the parsed arguments."""
     from tfbn.conversion import convert_file

@@ -47,6 +47,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check(args: argparse.Namespace) -> None:
+    """The input model and the export folder, checked before TensorFlow's import."""
+    from tfbn.files import check_writable_dir
+    from tfbn.saving import check_keras_file
+
+    check_keras_file(args.model)
+    check_writable_dir(args.export_dir)
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs `export_keras_file` with the parsed arguments."""
     from tfbn.config import CLASS_NAMES

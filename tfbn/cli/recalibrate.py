@@ -35,6 +35,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check(args: argparse.Namespace) -> None:
+    """The input model and a given output, checked as `recalibrate_file` will (TensorFlow-free)."""
+    from tfbn.saving import check_keras_file, check_keras_output
+
+    check_keras_file(args.model)
+    if args.output:
+        check_keras_output(args.output)
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs `recalibrate_file` with the parsed arguments."""
     from tfbn.recalibration import recalibrate_file
