@@ -1056,13 +1056,10 @@ def _check_cases(cases) -> tuple[str, ...]:
 
 
 def _check_arguments(cases, repeats, output_dir, name, note) -> tuple[str, ...]:
+    from tfbn.arguments import check_count
+
     selected = _check_cases(cases)
-    if repeats is not None and (
-        isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1
-    ):
-        raise UsageError(
-            f"Argument `repeats` must be a positive integer; received repeats={repeats!r}."
-        )
+    check_count("repeats", repeats, none=True, error=UsageError)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UsageError(
             f"Argument `name` must be a file stem of letters, digits, '.', '_' or '-'; received "
