@@ -361,9 +361,10 @@ def _model_root(directory, name) -> pathlib.Path:
 
 
 def _check_version(root: pathlib.Path, version, overwrite: bool) -> None:
-    if check_count("version", version, none=True) is None:
+    version = check_count("version", version, none=True)
+    if version is None:
         return
-    target = root / str(int(version))
+    target = root / str(version)
     if target.exists() and not overwrite:
         raise ValueError(
             f"Argument `version`: {str(target)!r} already exists; pass overwrite=True "
