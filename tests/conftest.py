@@ -52,7 +52,7 @@ def cpu_devices():
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory):
     """A TFDS data directory where Fashion-MNIST is prepared once from the IDX files."""
-    from tfbn import data
+    from tfbn.workflow import data
 
     path = tmp_path_factory.mktemp("tfds")
     data.prepare(data.DEFAULT_DATA_DIR, path)

@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     from train_helpers import bn_moving_statistics, synthetic_data
 
     import tfbn
-    import tfbn.models
+    import tfbn.workflow.models
 
     if args.synchronized:
         # LeNet with cross-worker batch statistics in every BatchNorm layer.
-        tfbn.models.BatchNorm = functools.partial(tfbn.BatchNorm, synchronized=True)
+        tfbn.workflow.models.BatchNorm = functools.partial(tfbn.BatchNorm, synchronized=True)
 
     data = synthetic_data(num_train=256, batch_size=64)
     result = tfbn.train(

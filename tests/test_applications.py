@@ -17,7 +17,7 @@ import tensorflow as tf
 from replica_helpers import replica_values
 
 import tfbn
-from tfbn.folding import fold_plan
+from tfbn.tools.folding import fold_plan
 
 HERE = Path(__file__).parent
 ARCHITECTURES = ("ResNet50", "MobileNetV2", "EfficientNetB0")

@@ -1,10 +1,10 @@
-"""`tfbn.arguments.check_count`, the one check of the counts the workflow's functions take."""
+"""`tfbn.utils.arguments.check_count`, the one check of the counts the workflow's functions take."""
 
 import numpy as np
 import pytest
 
-from tfbn.arguments import check_count
-from tfbn.errors import UsageError
+from tfbn.utils.arguments import check_count
+from tfbn.utils.errors import UsageError
 
 
 @pytest.mark.parametrize("value", [1, 7, np.int64(3), np.int32(1)])

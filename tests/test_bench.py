@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from os_faults import python_code, run_on_tmpfs
 
-from tfbn import bench, cli
+from tfbn import cli
+from tfbn.workflow import bench
 
 # The quick shapes and their channel axes, stated independently.
 LAYER_SHAPES = {"4d": (8, 4, 4, 8), "4d-nchw": (8, 8, 4, 4), "2d": (16, 32)}
@@ -397,7 +398,7 @@ def test_output_dir_that_cannot_be_a_folder_is_refused_before_any_work(
 
 _READ_ONLY_RUN = """
 import os
-from tfbn import bench
+from tfbn.workflow import bench
 
 def must_not_run(*args, **kwargs):
     raise AssertionError("started before the output folder was checked")
@@ -620,8 +621,8 @@ def _batch_norms(model) -> list[str]:
 
 
 def test_no_batch_norm_copy_is_the_model_with_identity_batch_norms():
-    from tfbn.conversion import convert
-    from tfbn.folding import FoldedAway
+    from tfbn.tools.conversion import convert
+    from tfbn.tools.folding import FoldedAway
 
     model = convert(_residual_model())
     x = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype("float32")

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 
 from tfbn import cli
-from tfbn.errors import Terminated, UsageError
+from tfbn.utils.errors import Terminated, UsageError
 
 TIMEOUT_S = 240
 # TensorFlow's C++ log lines: "I0000 00:00:1796160659.613185    7403 port.cc:153] ...".
@@ -49,22 +49,22 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 # Each command, what it needs on the command line, the function it runs, the options it passes
 # by position, and those that reach the function under another keyword (or changed: None).
 FORWARDED = {
-    "train": (["train", "--norm", "keras"], "tfbn.training.train", ("norm",), {}),
+    "train": (["train", "--norm", "keras"], "tfbn.workflow.training.train", ("norm",), {}),
     "recalibrate": (
         ["recalibrate", "m.keras"],
-        "tfbn.recalibration.recalibrate_file",
+        "tfbn.tools.recalibration.recalibrate_file",
         ("model", "output"),
         {},
     ),
     "export": (
         ["export", "m.keras", "--class-names", "a,b"],
-        "tfbn.export.export_keras_file",
+        "tfbn.tools.export.export_keras_file",
         ("model", "export_dir"),
         {"check_data": "check_files", "class_names": None, "pixel_range": None, "verbose": None},
     ),
     "tune": (
         ["tune", "--variants", "keras,tfbn"],
-        "tfbn.tuning.tune",
+        "tfbn.workflow.tuning.tune",
         ("variants",),
         {"learning_rate_min": "lr_min", "learning_rate_max": "lr_max", "run_dir": "directory"},
     ),

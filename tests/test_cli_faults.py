@@ -28,7 +28,7 @@ import pytest
 from model_helpers import write_idx
 from os_faults import needs_mounts, run_on_tmpfs
 
-from tfbn.data import IDX_FILES
+from tfbn.workflow.data import IDX_FILES
 
 TIMEOUT_S = 300
 _SRC = str(pathlib.Path(__file__).resolve().parent.parent)
@@ -112,7 +112,7 @@ _CHILD = (
     + """
 import contextlib, io, json, os, sys, traceback
 ENV = dict(os.environ)  # as this process was started
-import keras, tfbn.bench, tfbn.data
+import keras, tfbn.workflow.bench, tfbn.workflow.data
 from tfbn import cli
 
 started = []
@@ -123,8 +123,8 @@ def recorder(kind, real):
     return record
 
 keras.saving.load_model = recorder("model", keras.saving.load_model)
-tfbn.data.load_fashion_mnist = recorder("data", tfbn.data.load_fashion_mnist)
-tfbn.bench._run_cases = recorder("bench", tfbn.bench._run_cases)
+tfbn.workflow.data.load_fashion_mnist = recorder("data", tfbn.workflow.data.load_fashion_mnist)
+tfbn.workflow.bench._run_cases = recorder("bench", tfbn.workflow.bench._run_cases)
 
 cases, results_path = json.loads(sys.argv[1]), sys.argv[2]
 results = {}

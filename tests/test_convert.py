@@ -15,7 +15,7 @@ import pytest
 
 import tfbn
 from tfbn import cli
-from tfbn.conversion import convert
+from tfbn.tools.conversion import convert
 
 
 def _randomize(model, rng):

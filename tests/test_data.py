@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tfbn import data
-from tfbn.config import CLASS_NAMES
+from tfbn.workflow import data
+from tfbn.workflow.config import CLASS_NAMES
 
 SOURCE = data.DEFAULT_DATA_DIR
 

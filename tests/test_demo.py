@@ -4,7 +4,7 @@ what it is."""
 import numpy as np
 
 from tfbn import cli
-from tfbn.demo import EPSILON, MOMENTUM, demo, describe
+from tfbn.workflow.demo import EPSILON, MOMENTUM, demo, describe
 
 NAMES = (
     "input", "batch_mean", "batch_variance", "train_output", "train_output_mean",

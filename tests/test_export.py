@@ -23,8 +23,10 @@ from model_helpers import (
 )
 
 import tfbn
-from tfbn import cli, export, folding, serving
-from tfbn.config import CLASS_NAMES
+from tfbn import cli
+from tfbn.tools import export, folding
+from tfbn.workflow import serving
+from tfbn.workflow.config import CLASS_NAMES
 
 HERE = pathlib.Path(__file__).resolve().parent
 FOLD_TOL = 1e-4

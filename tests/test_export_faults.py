@@ -16,7 +16,7 @@ import pytest
 from model_helpers import lenet
 
 import tfbn
-from tfbn.saving import load_model
+from tfbn.utils.saving import load_model
 
 WORKTREE = pathlib.Path(__file__).resolve().parent.parent
 
@@ -64,8 +64,8 @@ _INTERRUPTED = """
 import os, pathlib, signal, sys, time
 import tensorflow as tf
 import tfbn
-from tfbn.saving import load_model
-from tfbn.saving import load_model
+from tfbn.utils.saving import load_model
+from tfbn.utils.saving import load_model
 
 model_path, export_dir, mode, ready = sys.argv[1:]
 

@@ -8,7 +8,12 @@ import os
 import pytest
 from os_faults import python_code, run_on_tmpfs
 
-from tfbn.files import atomic_write, atomic_write_text, check_writable_dir, save_model_atomically
+from tfbn.utils.files import (
+    atomic_write,
+    atomic_write_text,
+    check_writable_dir,
+    save_model_atomically,
+)
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -60,7 +65,7 @@ def test_writable_dir_check_names_the_file_in_the_way(tmp_path):
 # Run in a process whose tmpfs at M is read-only or full; prints what was raised.
 _PROBE = """
 import json, os, sys
-from tfbn.files import atomic_write_text, check_writable_dir
+from tfbn.utils.files import atomic_write_text, check_writable_dir
 m = os.environ["M"]
 out = {}
 calls = {

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import tfbn
-from tfbn import folding
-from tfbn.folding import FoldStep, fold_batch_norm, fold_plan
+from tfbn.tools import folding
+from tfbn.tools.folding import FoldStep, fold_batch_norm, fold_plan
 
 # name -> (input shape, producer factory, batch-norm axis)
 # TensorFlow's CPU Conv2D has no float64 kernel for channels_first: that case runs in float32, with

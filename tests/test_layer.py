@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from model_helpers import init_parameters
 
 import tfbn
-from tfbn import reduction
+from tfbn.ops import reduction
 
 # ---------------------------------------------------------------- NumPy reference (float64)
 
@@ -586,7 +586,7 @@ def test_a_mask_of_ones_with_size_one_axes_counts_every_value_it_covers():
     ],
 )
 def test_every_fused_kernel_equals_the_composed_kernel(rng, shape, axis, kernel):
-    from tfbn import fast
+    from tfbn.ops import kernels as fast
 
     assert fast.kernel_for(shape, axis, tf.float32) == kernel
     assert fast.kernel_for((None, *shape[1:]), axis, tf.float32) == "fused_or_composed"
@@ -621,7 +621,7 @@ def test_every_fused_kernel_equals_the_composed_kernel(rng, shape, axis, kernel)
 def _check_composed_against_numpy(rng, shape, axis, spec, jit_compile):
     """Runs `fast.composed_batch_norm` (forward, gradients, statistics) traced with input spec
     `spec` and compares it with the float64 formulas; returns the traced step."""
-    from tfbn import fast
+    from tfbn.ops import kernels as fast
 
     x = rng.normal(size=shape) * 3.0 + 1.5
     dy = rng.normal(size=shape)
@@ -722,7 +722,7 @@ def test_xla_channel_sums_equal_float64_numpy(rng, rows, known_rows, inner):
 
 def test_composed_kernel_variance_is_stable_for_large_means(rng):
     # Mean 1e4, std 1: E[x^2] - E[x]^2 in float32 would lose the variance entirely.
-    from tfbn import fast
+    from tfbn.ops import kernels as fast
 
     x = rng.normal(size=(16, 6, 6, 6)) + 1e4
     _, stats = fast.composed_batch_norm(tf.constant(x, tf.float32), None, None, 1e-5, -1)
@@ -745,7 +745,7 @@ def test_xla_compiled_training_keeps_the_variance_of_large_means(rng):
 
 
 def test_xla_compiled_layer_takes_the_composed_kernel(monkeypatch, rng):
-    from tfbn import fast
+    from tfbn.ops import kernels as fast
 
     calls = []
     for name in ("fused_batch_norm", "composed_batch_norm"):
@@ -774,7 +774,7 @@ def test_xla_compiled_layer_takes_the_composed_kernel(monkeypatch, rng):
 def test_composed_kernel_under_xla_broadcasts_instead_of_tiling():
     # Channels-last with lanes > 1: outside XLA a tiled `(rows, lanes * C)` view summed by matrix
     # products; under XLA a `(rows, lanes, C)` view, blocked sums and no tiling.
-    from tfbn import fast
+    from tfbn.ops import kernels as fast
 
     x = tf.zeros((96, 4, 4, 32))
     assert reduction.channel_lanes(x.shape, 32) == 8
@@ -791,7 +791,7 @@ def test_composed_kernel_under_xla_broadcasts_instead_of_tiling():
 
 
 def test_the_kernel_chosen_is_what_the_layer_runs(monkeypatch):
-    from tfbn import fast
+    from tfbn.ops import kernels as fast
 
     seen = []
     original = fast.fused_batch_norm

@@ -1,5 +1,5 @@
-"""tfbn.locks.FolderLock with real processes: a live holder refuses, a killed holder's lock is taken
-over with a notice, another host's lock is refused, and racing processes never overlap.
+"""tfbn.workflow.locks.FolderLock with real processes: a live holder refuses, a killed holder's lock
+is taken over with a notice, another host's lock is refused, and racing processes never overlap.
 
 Every holder is a separate interpreter (tests/holders.py), killed when its test ends.
 """
@@ -15,12 +15,12 @@ import time
 import pytest
 from holders import kill, lock_held
 
-from tfbn.errors import UsageError
-from tfbn.locks import LOCK_NAME, FolderLock, read_holder
+from tfbn.utils.errors import UsageError
+from tfbn.workflow.locks import LOCK_NAME, FolderLock, read_holder
 
 HOLD = """
 import sys, time
-from tfbn.locks import FolderLock
+from tfbn.workflow.locks import FolderLock
 lock = FolderLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
@@ -103,8 +103,8 @@ def test_an_unwritable_folder_raises_the_os_error_with_the_path(tmp_path):
 
 RACE = """
 import os, sys, time
-from tfbn.errors import UsageError
-from tfbn.locks import FolderLock
+from tfbn.utils.errors import UsageError
+from tfbn.workflow.locks import FolderLock
 folder, log, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 done = 0
 deadline = time.monotonic() + 60

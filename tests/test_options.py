@@ -1,5 +1,5 @@
 """Batch-norm options (masks, ghost batches, batch renormalization, adjustment): the stateless
-math in `tfbn.ops` against float64 NumPy and against Keras 3's own BatchNormalization layer."""
+math in `tfbn.ops.nn` against float64 NumPy and against Keras 3's own BatchNormalization layer."""
 
 import functools
 
@@ -10,7 +10,7 @@ import tensorflow as tf
 from model_helpers import batch_norm_arguments
 from replica_helpers import replica_values
 
-from tfbn import ops
+from tfbn.ops import nn as ops
 
 ATOL = 1e-5
 

@@ -24,7 +24,13 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 CORE_REQUIREMENTS = {"tensorflow", "keras", "numpy"}
 WORKFLOW_MODULES = ("tensorflow_datasets", "keras_tuner", "matplotlib", "tqdm", "tensorboard")
-CORE_MODULES = ("tfbn", "tfbn.layers", "tfbn.ops", "tfbn.recalibration", "tfbn.export")
+CORE_MODULES = (
+    "tfbn",
+    "tfbn.layers.batch_norm",
+    "tfbn.ops.nn",
+    "tfbn.tools.recalibration",
+    "tfbn.tools.export",
+)
 TIMEOUT_S = 300
 
 pytestmark = pytest.mark.slow

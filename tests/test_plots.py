@@ -10,7 +10,7 @@ import math
 import matplotlib.image
 import pytest
 
-from tfbn import plots
+from tfbn.workflow import plots
 
 HISTORY = [
     {"epoch": 1, "loss": 0.75, "train_acc": 0.73, "test_acc": 0.80},

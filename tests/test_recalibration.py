@@ -12,8 +12,8 @@ from model_helpers import mixed_norms_mlp
 from workers import run_workers
 
 import tfbn
-from tfbn import data
-from tfbn.recalibration import batch_norm_layers, recalibrate
+from tfbn.tools.recalibration import batch_norm_layers, recalibrate
+from tfbn.workflow import data
 
 TESTS = pathlib.Path(__file__).parent
 BN_KINDS = {
@@ -510,7 +510,7 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy()  # from TF_CONFIG, before
 sys.path.insert(0, sys.argv[2])  # the tests folder
 from model_helpers import mixed_norms_mlp  # noqa: E402
 
-from tfbn.recalibration import batch_norm_layers, recalibrate  # noqa: E402
+from tfbn.tools.recalibration import batch_norm_layers, recalibrate  # noqa: E402
 
 rng = np.random.default_rng(11)
 with strategy.scope():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import tfbn
-from tfbn.errors import UsageError
-from tfbn.saving import check_keras_file, load_model
+from tfbn.utils.errors import UsageError
+from tfbn.utils.saving import check_keras_file, load_model
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ import tensorflow as tf
 from model_helpers import keras_reference, lenets, structured_images, write_idx
 
 import tfbn
-from tfbn import cli, serving
-from tfbn.config import CLASS_NAMES
+from tfbn import cli
+from tfbn.workflow import serving
+from tfbn.workflow.config import CLASS_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def test_predict_cli_bad_input_is_one_line_naming_it(exports, tmp_path, capsys, 
 _UNREADABLE_INPUT = """
 import gettext, locale, os, sys
 import tensorflow
-import tfbn.cli.predict, tfbn.serving
+import tfbn.cli.predict, tfbn.workflow.serving
 from tfbn import cli
 # Everything imported first (the interpreter's own files may be readable by root only); then the
 # process becomes nobody, for whom the root-owned input of mode 0600 cannot be read.

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import tfbn
-from tfbn import fast, ops
+from tfbn.ops import kernels as fast
+from tfbn.ops import nn as ops
 
 MEAN, RTOL = 1e4, 1e-4
 N = 2**20  # values per channel

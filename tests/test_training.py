@@ -18,7 +18,7 @@ import tensorflow as tf
 from train_helpers import bn_moving_statistics, reference_run, synthetic_data
 
 import tfbn
-from tfbn import training
+from tfbn.workflow import training
 
 HELPER = pathlib.Path(__file__).with_name("train_helpers.py")
 SUMMARY = re.compile(
@@ -324,11 +324,11 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    import tfbn.data
-    import tfbn.models
+    import tfbn.workflow.data
+    import tfbn.workflow.models
 
-    monkeypatch.setattr(tfbn.data, "load_fashion_mnist", forbidden)
-    monkeypatch.setattr(tfbn.models, "lenet", forbidden)
+    monkeypatch.setattr(tfbn.workflow.data, "load_fashion_mnist", forbidden)
+    monkeypatch.setattr(tfbn.workflow.models, "lenet", forbidden)
 
 
 @pytest.mark.parametrize(
@@ -440,12 +440,12 @@ def test_cli_flags_reach_train(monkeypatch):
     )
     seen.clear()
     assert cli.main(["train"]) == 0
-    assert seen["drop_remainder"] is tfbn.config.RECIPE.drop_remainder
+    assert seen["drop_remainder"] is tfbn.workflow.config.RECIPE.drop_remainder
 
 
 # ------------------------------------------------------------------------ Fashion-MNIST runs
 def test_default_pipeline_on_fashion_mnist(tmp_path, capsys):
-    # The real data through tfbn.data, recalibration and export, on 5% of the training set.
+    # The real data through tfbn.workflow.data, recalibration and export, on 5% of the training set.
     result = tfbn.train(
         "tfbn",
         epochs=1,

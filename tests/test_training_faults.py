@@ -111,9 +111,9 @@ def _hidden_files(run_dir) -> list[pathlib.Path]:
 def test_only_the_chief_locks_the_run_dir(tmp_path):
     # Every worker of a multi-worker run opens the same folder; the chief alone takes its lock
     # (two processes of one run on one machine would otherwise refuse each other).
-    from tfbn.errors import UsageError
-    from tfbn.locks import LOCK_NAME, FolderLock
-    from tfbn.training import RunDir
+    from tfbn.utils.errors import UsageError
+    from tfbn.workflow.locks import LOCK_NAME, FolderLock
+    from tfbn.workflow.training import RunDir
 
     folder = tmp_path / "run"
     with RunDir(folder, chief=False).lock():

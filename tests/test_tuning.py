@@ -1,4 +1,4 @@
-"""Learning-rate search (tfbn.tuning): outputs checked against Keras Tuner's own records.
+"""Learning-rate search (tfbn.workflow.tuning): outputs checked against Keras Tuner's own records.
 
 The reference for "best", "converged" and "diverged" is what Keras Tuner's oracle wrote to disk
 (trial_*/trial.json), read here independently of tfbn's result objects; the objective is checked
@@ -18,10 +18,10 @@ from train_helpers import NoTestSplit, search_data
 from tuner_process import oracle_records
 
 import tfbn
-import tfbn.data
-import tfbn.tuning
+import tfbn.workflow.data
+import tfbn.workflow.tuning
 from tfbn.cli import main as cli_main
-from tfbn.models import lenet
+from tfbn.workflow.models import lenet
 
 LR_MIN, LR_MAX = 0.05, 5.0
 
@@ -35,7 +35,7 @@ def _no_data_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("data loaded")
 
-    monkeypatch.setattr(tfbn.data, "load_fashion_mnist", fail)
+    monkeypatch.setattr(tfbn.workflow.data, "load_fashion_mnist", fail)
 
 
 @pytest.fixture(scope="module")
@@ -298,16 +298,16 @@ def test_sampled_learning_rate_and_momentum_reach_the_optimizer(tmp_path, monkey
 
 
 def test_trials_run_under_the_selected_strategy(tmp_path, monkeypatch):
-    import tfbn.models
+    import tfbn.workflow.models
 
     seen = []
-    real_lenet = tfbn.models.lenet
+    real_lenet = tfbn.workflow.models.lenet
 
     def spy(*args, **kwargs):
         seen.append(tf.distribute.get_strategy())
         return real_lenet(*args, **kwargs)
 
-    monkeypatch.setattr(tfbn.models, "lenet", spy)
+    monkeypatch.setattr(tfbn.workflow.models, "lenet", spy)
     result = tfbn.tune(
         ["keras"],
         trials=1,
@@ -381,13 +381,13 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
 
 def test_cli_tunes_on_a_fraction_of_fashion_mnist(tmp_path, monkeypatch):
     calls = []
-    real_load = tfbn.data.load_fashion_mnist
+    real_load = tfbn.workflow.data.load_fashion_mnist
 
     def load(*args, **kwargs):
         calls.append((args, kwargs))
         return NoTestSplit(real_load(*args, **kwargs))
 
-    monkeypatch.setattr(tfbn.data, "load_fashion_mnist", load)
+    monkeypatch.setattr(tfbn.workflow.data, "load_fashion_mnist", load)
     out = tmp_path / "out"
     argv = ["tune", "--variants", "none", "--trials", "1", "--epochs", "1"]
     argv += ["--train-fraction", "0.02", "--validation-fraction", "0.02", "--batch-size", "128"]
@@ -438,11 +438,11 @@ def test_a_worker_waits_for_its_variants_oracle_and_skips_one_already_searched(m
     # and a worker that comes late may find the chief already at a later variant.
     from types import SimpleNamespace
 
-    monkeypatch.setattr(tfbn.tuning, "_ORACLE_POLL_S", 0.0)
+    monkeypatch.setattr(tfbn.workflow.tuning, "_ORACLE_POLL_S", 0.0)
     order = ("tfbn", "keras", "none")
     late = SimpleNamespace(oracle=_ChiefOracle("tfbn", "tfbn", "keras"))
-    assert tfbn.tuning._await_own_oracle(late, "keras", order) is True
+    assert tfbn.workflow.tuning._await_own_oracle(late, "keras", order) is True
     assert late.oracle.asked == 3  # waited through the two answers of the previous oracle
     over = SimpleNamespace(oracle=_ChiefOracle("none"))
-    assert tfbn.tuning._await_own_oracle(over, "keras", order) is False
+    assert tfbn.workflow.tuning._await_own_oracle(over, "keras", order) is False
     assert over.oracle.asked == 1

@@ -15,23 +15,23 @@ from os_faults import run_on_tmpfs
 from train_helpers import search_data
 
 import tfbn
-import tfbn.data
+import tfbn.workflow.data
 from tfbn.cli import main as cli_main
-from tfbn.locks import LOCK_NAME, read_holder
+from tfbn.workflow.locks import LOCK_NAME, read_holder
 
 TIMEOUT_S = 180
 
 # A real `tfbn.tune` that holds its directory and stops where it would load the data.
 _HOLDING_SEARCH = """
 import sys, time
-import tfbn.tuning
+import tfbn.workflow.tuning
 
 def hold(*args, **kwargs):
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
 
-tfbn.tuning._trial_data = hold
-tfbn.tuning.tune(["none"], trials=1, epochs=1, directory=sys.argv[1], verbose=0)
+tfbn.workflow.tuning._trial_data = hold
+tfbn.workflow.tuning.tune(["none"], trials=1, epochs=1, directory=sys.argv[1], verbose=0)
 """
 
 
@@ -48,7 +48,7 @@ def _no_data_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("data loaded")
 
-    monkeypatch.setattr(tfbn.data, "load_fashion_mnist", fail)
+    monkeypatch.setattr(tfbn.workflow.data, "load_fashion_mnist", fail)
 
 
 def test_a_second_search_on_a_held_directory_exits_2_naming_the_holder(tmp_path):

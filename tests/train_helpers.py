@@ -33,7 +33,8 @@ import tensorflow as tf  # noqa: E402
 
 @dataclasses.dataclass
 class SyntheticData:
-    """A `tfbn.training.TrainData`: 28x28x1 images whose mean pattern depends on the label."""
+    """A `tfbn.workflow.training.TrainData`: 28x28x1 images whose mean pattern depends on the
+    label."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -224,7 +225,7 @@ def run_cli(argv: list[str]) -> int:
     options = parser.parse_args(argv)
     args = options.args[1:] if options.args[:1] == ["--"] else options.args
 
-    import tfbn.data
+    import tfbn.workflow.data
     from tfbn import cli
 
     def load(batch_size, **kwargs):
@@ -235,8 +236,8 @@ def run_cli(argv: list[str]) -> int:
     if options.slow is not None:
         _slow_epoch_2(options.pause_marker, options.slow)
 
-    tfbn.data.check_data_dir = lambda data_dir=None: pathlib.Path(".")
-    tfbn.data.load_fashion_mnist = load
+    tfbn.workflow.data.check_data_dir = lambda data_dir=None: pathlib.Path(".")
+    tfbn.workflow.data.load_fashion_mnist = load
     return cli.main(args)
 
 

@@ -47,8 +47,8 @@ def _barrier(spec: str, timeout_s: float = 120.0) -> None:
 
 def main(argv: list[str]) -> int:
     directory, result_path, trials, variants = argv[0], argv[1], int(argv[2]), argv[3]
-    import tfbn.data
-    import tfbn.tuning
+    import tfbn.workflow.data
+    import tfbn.workflow.tuning
 
     chief = "chief" in os.environ.get("KERASTUNER_TUNER_ID", "")
     if chief:
@@ -56,11 +56,11 @@ def main(argv: list[str]) -> int:
         def no_data(*args, **kwargs):
             raise AssertionError("the chief loaded data")
 
-        tfbn.data.load_fashion_mnist = no_data
+        tfbn.workflow.data.load_fashion_mnist = no_data
     else:
         dataset = search_data()
         _barrier(os.environ.get("TFBN_TEST_BARRIER", ""))
-    result = tfbn.tuning.tune(
+    result = tfbn.workflow.tuning.tune(
         variants.split(","),
         lr_min=0.01,
         lr_max=10.0,

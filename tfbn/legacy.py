@@ -3,7 +3,7 @@
 For code that still builds models with `tf_keras` (`pip install tfbn[legacy]`). The layer is a
 subclass of `tf_keras.layers.BatchNormalization`: tf-keras creates its variables, validates its
 arguments and chooses `fused`; tfbn computes the batch statistics and the normalization with the
-same functions as `tfbn.BatchNorm` (`tfbn.ops` and `tfbn.fast`).
+same functions as `tfbn.BatchNorm` (`tfbn.ops.nn` and `tfbn.ops.kernels`).
 
 This module imports `tf_keras`; `import tfbn` does not import this module, so tfbn works without
 tf-keras installed.
@@ -22,7 +22,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "tfbn.legacy needs tf-keras (Keras 2): install it with `pip install tfbn[legacy]`."
     ) from error
 
-from tfbn import arguments, fast, ops
+from tfbn.ops import kernels as fast
+from tfbn.ops import nn as ops
+from tfbn.utils import arguments
 
 __all__ = ["BatchNorm"]
 
@@ -65,7 +67,7 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
       `synchronized` and `fused` as given.
     - Bad arguments (`momentum`, `epsilon`, `renorm_clipping`, `virtual_batch_size`, a
       non-floating `dtype`, ...) raise a `ValueError` naming the argument at construction
-      (`tfbn.arguments`, the checks of `tfbn.BatchNorm`).
+      (`tfbn.utils.arguments`, the checks of `tfbn.BatchNorm`).
 
     Args:
         axis: Integer or list of integers: the axes that keep their own statistics (not 0).
@@ -87,7 +89,7 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         virtual_batch_size: Ghost batch normalization (see `tfbn.BatchNorm`): must divide every
             training batch size, a short last batch included. Variables then have tf-keras's
             shape `(1, 1, ..., channels)`. Composed kernel
-            (`tfbn.fast.ghost_composed_batch_norm`); reference path with renorm, `adjustment`
+            (`tfbn.ops.kernels.ghost_composed_batch_norm`); reference path with renorm, `adjustment`
             or a mask.
         adjustment: Optional callable `shape -> (scale, bias)`, both broadcastable to the input,
             applied to the normalized values before `gamma`/`beta`, in training only. Reference

@@ -2,7 +2,7 @@
 
 1. ResNet50 (`weights=None`, 48x48, 10 classes, 53 batch-norm layers), 256 examples: the time of
    one inference pass, of the exact mode, of the fast mode and of the former code that made one
-   pass over the data per batch-norm layer (`git show dfa8e7d:tfbn/recalibration.py`, imported
+   pass over the data per batch-norm layer (`git show dfa8e7d:tfbn/tools/recalibration.py`, imported
    from a temporary file). Interleaved, `--repeats` times; the exact and the former code must
    give the same statistics.
 2. LeNet (the chapter's recipe) trained for `--epochs` on Fashion-MNIST (tfbn's loader), seeds
@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tfbn  # noqa: E402
-from tfbn.config import RECIPE  # noqa: E402
-from tfbn.files import atomic_write_text  # noqa: E402
-from tfbn.recalibration import batch_norm_layers  # noqa: E402
+from tfbn.tools.recalibration import batch_norm_layers  # noqa: E402
+from tfbn.utils.files import atomic_write_text  # noqa: E402
+from tfbn.workflow.config import RECIPE  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FORMER = "dfa8e7d"  # the last commit with one pass over the data per batch-norm layer
@@ -45,7 +45,7 @@ FORMER = "dfa8e7d"  # the last commit with one pass over the data per batch-norm
 def former_recalibrate():
     """`recalibrate` of commit FORMER, loaded from a temporary copy of its module."""
     source = subprocess.run(
-        ["git", "show", f"{FORMER}:tfbn/recalibration.py"],
+        ["git", "show", f"{FORMER}:tfbn/tools/recalibration.py"],
         cwd=HERE, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     path = Path(tempfile.mkdtemp()) / "former_recalibration.py"

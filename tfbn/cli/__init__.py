@@ -10,9 +10,9 @@ than after TensorFlow's import. Every command has
 `--verbose` (0, 1 or 2, as Keras's `verbose`); TensorFlow's own log lines show only at 2.
 
 Errors are handled here, alike for every command: bad arguments or inputs (`ValueError`, of which
-`tfbn.errors.UsageError` is one) print `tfbn <command>: error: <message>` and exit with code 2; an
-`OSError` prints `tfbn <command>: <path>: <reason>` and exits with code 2; a missing library of
-the workflow extra says what to install (exit 2); Ctrl-C exits with 130 and SIGTERM with 143,
+`tfbn.utils.errors.UsageError` is one) print `tfbn <command>: error: <message>` and exit with code
+2; an `OSError` prints `tfbn <command>: <path>: <reason>` and exits with code 2; a missing library
+of the workflow extra says what to install (exit 2); Ctrl-C exits with 130 and SIGTERM with 143,
 without a traceback.
 """
 
@@ -28,7 +28,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-from tfbn.errors import Terminated
+from tfbn.utils.errors import Terminated
 
 # Command name -> module of this package (in the order `tfbn --help` lists them).
 COMMANDS: dict[str, str] = {

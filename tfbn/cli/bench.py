@@ -1,4 +1,4 @@
-"""`tfbn bench`: `tfbn.bench.run_benchmarks` from the command line."""
+"""`tfbn bench`: `tfbn.workflow.bench.run_benchmarks` from the command line."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmarks and prints their Markdown report."""
-    from tfbn.bench import render_markdown, run_benchmarks
+    from tfbn.workflow.bench import render_markdown, run_benchmarks
 
     results = run_benchmarks(
         cases=args.cases,

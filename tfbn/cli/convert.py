@@ -1,4 +1,4 @@
-"""`tfbn convert`: `tfbn.conversion.convert_file` from the command line."""
+"""`tfbn convert`: `tfbn.tools.conversion.convert_file` from the command line."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """The input model and the output's folder, checked as `convert_file` will (TensorFlow-free)."""
-    from tfbn.saving import check_keras_file, check_keras_output
+    from tfbn.utils.saving import check_keras_file, check_keras_output
 
     check_keras_file(args.model)
     check_keras_output(args.output)
@@ -30,7 +30,7 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `convert_file` with the parsed arguments."""
-    from tfbn.conversion import convert_file
+    from tfbn.tools.conversion import convert_file
 
     output = convert_file(args.model, args.output, verbose=int(args.verbose > 0))
     if args.verbose == 0:

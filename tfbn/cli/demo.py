@@ -1,4 +1,4 @@
-"""`tfbn demo`: `tfbn.demo.demo` from the command line."""
+"""`tfbn demo`: `tfbn.workflow.demo.demo` from the command line."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     """Prints what `demo` shows, each array after a sentence saying what it is."""
     import numpy as np
 
-    from tfbn.demo import demo, describe
+    from tfbn.workflow.demo import demo, describe
 
     np.set_printoptions(precision=4, suppress=True)
     print(describe(demo(args.seed)))

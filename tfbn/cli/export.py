@@ -1,4 +1,4 @@
-"""`tfbn export`: `tfbn.export.export_keras_file` from the command line."""
+"""`tfbn export`: `tfbn.tools.export.export_keras_file` from the command line."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """The input model and the export folder, checked before TensorFlow's import."""
-    from tfbn.files import check_writable_dir
-    from tfbn.saving import check_keras_file
+    from tfbn.utils.files import check_writable_dir
+    from tfbn.utils.saving import check_keras_file
 
     check_keras_file(args.model)
     check_writable_dir(args.export_dir)
@@ -58,8 +58,8 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `export_keras_file` with the parsed arguments."""
-    from tfbn.config import CLASS_NAMES
-    from tfbn.export import export_keras_file
+    from tfbn.tools.export import export_keras_file
+    from tfbn.workflow.config import CLASS_NAMES
 
     names = args.class_names
     if names is not None:

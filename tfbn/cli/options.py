@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tfbn.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, STRATEGIES
+from tfbn.workflow.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, STRATEGIES
 
 
 def keywords(args: argparse.Namespace, *names: str) -> dict:
@@ -50,7 +50,7 @@ def add_strategy(
     choices: Sequence[str] = STRATEGIES,
     help: str = "tf.distribute strategy",
 ) -> None:
-    """`--strategy`: a `tfbn.distribute` strategy name."""
+    """`--strategy`: a `tfbn.workflow.distribute` strategy name."""
     parser.add_argument("--strategy", default=default, choices=list(choices), help=help)
 
 

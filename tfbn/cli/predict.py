@@ -1,4 +1,4 @@
-"""`tfbn predict`: `tfbn.serving.predict_files` from the command line."""
+"""`tfbn predict`: `tfbn.workflow.serving.predict_files` from the command line."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prints the top classes and probabilities of every image."""
-    from tfbn.serving import predict_files
+    from tfbn.workflow.serving import predict_files
 
     found = predict_files(args.model_dir, args.inputs, k=args.top_k)
     print(found.model.describe())

@@ -1,4 +1,4 @@
-"""`tfbn recalibrate`: `tfbn.recalibration.recalibrate_file` from the command line."""
+"""`tfbn recalibrate`: `tfbn.tools.recalibration.recalibrate_file` from the command line."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """The input model and a given output, checked as `recalibrate_file` will (TensorFlow-free)."""
-    from tfbn.saving import check_keras_file, check_keras_output
+    from tfbn.utils.saving import check_keras_file, check_keras_output
 
     check_keras_file(args.model)
     if args.output:
@@ -46,7 +46,7 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `recalibrate_file` with the parsed arguments."""
-    from tfbn.recalibration import recalibrate_file
+    from tfbn.tools.recalibration import recalibrate_file
 
     passed = ("data_dir", "tfds_dir", "batch_size", "steps", "strategy", "mode", "verbose")
     output = recalibrate_file(args.model, args.output, **keywords(args, *passed))

@@ -17,7 +17,7 @@ from tfbn.cli.options import (
     add_train_fraction,
     keywords,
 )
-from tfbn.config import LOOPS, NORMS, RECIPE, TrainConfig, defaults
+from tfbn.workflow.config import LOOPS, NORMS, RECIPE, TrainConfig, defaults
 
 # The defaults of `tfbn.train`, from the one place that holds them.
 _DEFAULTS = defaults(TrainConfig)
@@ -91,7 +91,7 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `tfbn.train` with the parsed arguments."""
-    from tfbn.training import train
+    from tfbn.workflow.training import train
 
     result = train(args.norm, **_keywords(args))
     if args.verbose == 0:

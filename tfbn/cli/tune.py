@@ -13,7 +13,14 @@ from tfbn.cli.options import (
     add_switch,
     add_train_fraction,
 )
-from tfbn.config import LEARNING_RATE_FLAGS, NORMS, STRATEGIES, TUNERS, TuneConfig, defaults
+from tfbn.workflow.config import (
+    LEARNING_RATE_FLAGS,
+    NORMS,
+    STRATEGIES,
+    TUNERS,
+    TuneConfig,
+    defaults,
+)
 
 # The defaults of `tfbn.tune`, from the one place that holds them.
 _DEFAULTS = defaults(TuneConfig)
@@ -23,7 +30,8 @@ DESCRIPTION = (
     "Search the SGD learning rate of LeNet per batch-norm variant with Keras Tuner, scored by "
     "the accuracy on a validation split of the training set. Running the same command again "
     "continues the search; a second search on the same --run-dir is refused while one runs. "
-    "Distributed tuning: see `tfbn.tuning` (KERASTUNER_* variables; bind the chief to a private "
+    "Distributed tuning: see `tfbn.workflow.tuning` (KERASTUNER_* variables; bind the chief to "
+    "a private "
     "address, its gRPC port is unauthenticated)."
 )
 
@@ -112,7 +120,7 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `tfbn.tune` with the parsed arguments."""
-    from tfbn.tuning import tune
+    from tfbn.workflow.tuning import tune
 
     settings = _settings(args)
     result = tune(settings.pop("variants"), **settings)

@@ -13,7 +13,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-from tfbn.files import check_writable_dir
+from tfbn.utils.files import check_writable_dir
 
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -143,7 +143,7 @@ class TrainConfig:
         strategy: One of `STRATEGIES`, or a `tf.distribute.Strategy`.
         loop: One of `LOOPS`.
         run_dir: The run folder, a `pathlib.Path`; `None` becomes `runs/lenet_<norm>`.
-        data_dir: Folder of the Fashion-MNIST IDX files, or `None` (see `tfbn.data`).
+        data_dir: Folder of the Fashion-MNIST IDX files, or `None` (see `tfbn.workflow.data`).
         train_fraction: Fraction of the training set, in `(0, 1]`.
         drop_remainder: Whether each training epoch has full batches only.
         recalibrate: Whether to recompute the population statistics after training.
@@ -265,7 +265,7 @@ class TuneConfig:
         overwrite: Whether every project starts afresh.
         strategy: One of `STRATEGIES` except `"multi_worker"`.
         seed: Seed of the oracles and weights, an integer in `[0, 2**32 - 1]`.
-        data_dir: Folder of the Fashion-MNIST IDX files, or `None` (see `tfbn.data`).
+        data_dir: Folder of the Fashion-MNIST IDX files, or `None` (see `tfbn.workflow.data`).
         verbose: 0, 1 or 2, as in Keras.
         converged_accuracy: Validation accuracy from which a trial counts as converged, in
             `[0, 1]`.
@@ -327,7 +327,7 @@ class TuneConfig:
             raise ValueError(
                 "Argument `strategy='multi_worker'` is not supported for tuning (Keras's fit fails "
                 "under MultiWorkerMirroredStrategy); spread trials over machines with distributed "
-                "tuning instead (KERASTUNER_* variables, see tfbn.tuning)."
+                "tuning instead (KERASTUNER_* variables, see tfbn.workflow.tuning)."
             )
 
     def _check_learning_rates(self) -> None:

@@ -16,8 +16,8 @@ import os
 import pathlib
 import zipfile
 
-from tfbn.errors import UsageError
-from tfbn.files import check_writable_dir
+from tfbn.utils.errors import UsageError
+from tfbn.utils.files import check_writable_dir
 
 __all__ = ["check_keras_file", "load_model"]
 
@@ -91,7 +91,7 @@ def check_keras_output(path: str | os.PathLike) -> pathlib.Path:
     Raises:
         UsageError: if the name does not end in `.keras`.
         IsADirectoryError: if `path` is a folder.
-        OSError: if its folder cannot be written (`tfbn.files.check_writable_dir`), naming it.
+        OSError: if its folder cannot be written (`tfbn.utils.files.check_writable_dir`), naming it.
     """
     path = pathlib.Path(path)
     if path.suffix != ".keras":
@@ -125,7 +125,7 @@ def load_model(path: str | os.PathLike, *, compile: bool = False):
     """
     import keras
 
-    import tfbn.layers  # noqa: F401  (registers tfbn.BatchNorm)
+    import tfbn.layers.batch_norm  # noqa: F401  (registers tfbn.BatchNorm)
 
     path = check_keras_file(path)
     try:

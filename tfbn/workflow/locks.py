@@ -5,7 +5,8 @@ process id, host name and since when (JSON). The lock itself is the operating sy
 exclusive `flock` on that file, which the kernel drops when the holder ends in any way (exit,
 exception, kill -9), so a crash never leaves the folder locked. The rules:
 
-- A folder held by a live process is refused at once with a `tfbn.errors.UsageError` naming the
+- A folder held by a live process is refused at once with a `tfbn.utils.errors.UsageError` naming
+the
   holder (pid, host, since when); the command line prints it in one line and exits with code 2.
 - A lock file left by a process that is gone (its `flock` is free) is taken over, with a one-line
   notice on stderr naming the process that left it.
@@ -41,7 +42,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from tfbn.errors import UsageError
+from tfbn.utils.errors import UsageError
 
 __all__ = ["LOCK_NAME", "FolderLock", "Holder", "read_holder"]
 
@@ -139,7 +140,7 @@ class FolderLock:
         folder: The folder to lock; created (with its parents) if missing.
 
     Raises (from `acquire` and `with`):
-        tfbn.errors.UsageError: the folder is held by a live process, or its lock file was
+        tfbn.utils.errors.UsageError: the folder is held by a live process, or its lock file was
             written on another host.
         OSError: the lock file cannot be created or written (read-only folder, not a folder,
             no space, ...); the error names the path, and the folders this call created are

@@ -2,8 +2,8 @@
 
 Each function draws on a `matplotlib.figure.Figure` of its own (never pyplot, so no global backend
 is switched and a notebook keeps showing its plots), writes it as a PNG atomically
-(`tfbn.files.atomic_write`) and returns the path. matplotlib comes with `tfbn[workflow]`; it is
-imported when a figure is drawn, not when this module is.
+(`tfbn.utils.files.atomic_write`) and returns the path. matplotlib comes with `tfbn[workflow]`; it
+is imported when a figure is drawn, not when this module is.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from tfbn.files import atomic_write
+from tfbn.utils.files import atomic_write
 
 __all__ = ["learning_rate_search", "training_curves"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfbn.layers import BatchNorm
+from tfbn.layers.batch_norm import BatchNorm
 
 __all__ = ["convert", "convert_file"]
 
@@ -158,7 +158,7 @@ def convert_file(
 ) -> Path:
     """Converts a saved `.keras` model with `convert` and saves the copy atomically.
 
-    The model is loaded in Keras's safe mode (`tfbn.saving.load_model`) without its compile
+    The model is loaded in Keras's safe mode (`tfbn.utils.saving.load_model`) without its compile
     configuration; the converted copy is saved uncompiled and reloads without `custom_objects`.
     `output` may be `model_path` itself: the file is replaced only once the copy is complete.
 
@@ -178,8 +178,8 @@ def convert_file(
         OSError: if the input cannot be read or the output folder cannot be written (checked
             before the model is loaded), or writing fails; with the path concerned.
     """
-    from tfbn.files import save_model_atomically
-    from tfbn.saving import check_keras_file, check_keras_output, load_model
+    from tfbn.utils.files import save_model_atomically
+    from tfbn.utils.saving import check_keras_file, check_keras_output, load_model
 
     model_path = check_keras_file(model_path)
     output = check_keras_output(output)  # before the model is loaded

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from tfbn.config import NORMS, RECIPE
-from tfbn.layers import BatchNorm
+from tfbn.layers.batch_norm import BatchNorm
+from tfbn.workflow.config import NORMS, RECIPE
 
 
 def _norm_layer(norm: str, momentum: float, epsilon: float, name: str):

@@ -7,7 +7,9 @@ import warnings
 import keras
 import tensorflow as tf
 
-from tfbn import arguments, fast, ops
+from tfbn.ops import kernels as fast
+from tfbn.ops import nn as ops
+from tfbn.utils import arguments
 
 __all__ = ["BatchNorm"]
 
@@ -37,7 +39,7 @@ class BatchNorm(keras.layers.BatchNormalization):
       copy drift and saves the first replica's).
     - The batch statistics (every kernel, `synchronized=True` included) come from two passes
       shifted by a value of each channel, with bounded float32 sums
-      (`tfbn.ops.centred_moments`): at `|mean| / std = 1e4` with up to 2^20 values per channel
+      (`tfbn.ops.nn.centred_moments`): at `|mean| / std = 1e4` with up to 2^20 values per channel
       the variance is within 1e-4 relative of float64, where Keras's `E[x^2] - E[x]^2` loses it.
       With `synchronized=True` they equal a single-device run on the concatenated batch.
     - A replica or batch with no examples contributes nothing instead of NaN.
@@ -82,11 +84,11 @@ class BatchNorm(keras.layers.BatchNormalization):
             `synchronized`. `False`: the composed kernel, any rank, with a closed-form gradient.
             `None` (default): the fused kernel where it is expected to be faster, on the input as
             it is or viewed as rank 4, else the composed one, which also serves every input under
-            XLA (`tfbn.fast.kernel_for`). Masked calls always use the reference statistics. All
-            paths give the same results, except that under XLA the fused kernel (`fused=True`)
+            XLA (`tfbn.ops.kernels.kernel_for`). Masked calls always use the reference statistics.
+            All paths give the same results, except that under XLA the fused kernel (`fused=True`)
             is expanded into `E[x^2] - E[x]^2`, which cancels for inputs with large means.
-            `fused=True` cannot be combined with `renorm`, `virtual_batch_size` or `adjustment`
-            (as in tf-keras); with `fused=None` those options choose their own path (below).
+            `fused=True` cannot be combined with `renorm`, `virtual_batch_size` or `adjustment` (as
+            in tf-keras); with `fused=None` those options choose their own path (below).
         virtual_batch_size: Ghost batch normalization (Hoffer et al., 2017; tf-keras's argument):
             if set, a training batch of `n` examples is split into `n // virtual_batch_size`
             virtual batches, each normalized with its own statistics; virtual batch `j` holds
@@ -97,8 +99,8 @@ class BatchNorm(keras.layers.BatchNormalization):
             otherwise a `ValueError`, or an `InvalidArgumentError` in a graph where the batch
             size is unknown. Under a strategy it applies to each replica's batch. Not with
             `synchronized=True`. Runs on the composed kernel
-            (`tfbn.fast.ghost_composed_batch_norm`); on the reference path with renorm, a mask or
-            a non-per-channel adjustment.
+            (`tfbn.ops.kernels.ghost_composed_batch_norm`); on the reference path with renorm, a
+            mask or a non-per-channel adjustment.
         adjustment: Optional callable taking the input's dynamic shape (a 1-D int tensor) and
             returning `(scale, bias)`, both broadcastable to the input, applied to the normalized
             value before `gamma` and `beta` in training only:

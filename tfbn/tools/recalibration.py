@@ -43,9 +43,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn import graph, ops
-from tfbn.arguments import check_count
-from tfbn.files import save_model_atomically
+from tfbn.ops import nn as ops
+from tfbn.tools import graph
+from tfbn.utils.arguments import check_count
+from tfbn.utils.files import save_model_atomically
 
 __all__ = ["batch_norm_layers", "recalibrate", "recalibrate_file"]
 
@@ -173,7 +174,7 @@ def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
 def _moments(tensors, steps) -> list[tf.Tensor]:
     """Per batch-norm input, `[count, mean..., m2...]` over all replicas, in float64.
 
-    `m2` is the sum of squared deviations from the mean, per channel, by `tfbn.ops.centred`
+    `m2` is the sum of squared deviations from the mean, per channel, by `tfbn.ops.nn.centred`
     synchronized over the replicas: the result is that of one device holding the whole global
     batch.
     """
@@ -658,7 +659,7 @@ def recalibrate_file(
         tfds_dir: TFDS data directory (default: TFDS's default).
         batch_size: Batch size of the statistics passes.
         steps: Batches per pass; `None` means the whole training split.
-        strategy: tf.distribute strategy name (see `tfbn.distribute`).
+        strategy: tf.distribute strategy name (see `tfbn.workflow.distribute`).
         mode: `"exact"` or `"fast"` (see `recalibrate`).
         verbose: 0 prints nothing, 1 (default) also shows progress bars, 2 only the lines.
 
@@ -670,9 +671,9 @@ def recalibrate_file(
         OSError: if the model cannot be read or the output cannot be written, found before the
             data are loaded (with the path concerned).
     """
-    from tfbn import data
-    from tfbn.distribute import get_strategy, resolve_strategy_name
-    from tfbn.saving import check_keras_file, check_keras_output, load_model
+    from tfbn.utils.saving import check_keras_file, check_keras_output, load_model
+    from tfbn.workflow import data
+    from tfbn.workflow.distribute import get_strategy, resolve_strategy_name
 
     model_path = check_keras_file(model_path)
     # Before the data and the passes:

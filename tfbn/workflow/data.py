@@ -29,9 +29,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tfbn import config
-from tfbn.arguments import check_count
-from tfbn.config import CLASS_NAMES
+from tfbn.utils.arguments import check_count
+from tfbn.workflow import config
+from tfbn.workflow.config import CLASS_NAMES
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -300,7 +300,7 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
 
     ```python
     import tensorflow_datasets as tfds
-    import tfbn.data  # registers the builder
+    import tfbn.workflow.data  # registers the builder
 
     ds = tfds.load(
         "fashion_mnist_local",

@@ -1,8 +1,9 @@
 """Stateless batch-normalization math: moments and normalization with given statistics.
 
-The layer in `tfbn.layers` only keeps the variables and decides the mode; everything it computes
-comes from here. All statistics are computed in float32 (or float64 for float64 inputs), whatever
-the input dtype, so that float16/bfloat16 activations neither overflow nor lose the variance.
+The layer in `tfbn.layers.batch_norm` only keeps the variables and decides the mode; everything it
+computes comes from here. All statistics are computed in float32 (or float64 for float64 inputs),
+whatever the input dtype, so that float16/bfloat16 activations neither overflow nor lose the
+variance.
 
 The cross-replica helpers work in a `tf.distribute` replica context (inside `strategy.run`, which
 is where `Model.fit` and custom training loops call the model). Outside a strategy they reduce to
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from tfbn import reduction
+from tfbn.ops import reduction
 
 __all__ = [
     "Moments",
@@ -132,7 +133,7 @@ def centred_moments(
     the spread of the data, not of its mean, so neither pass loses the variance to rounding (a
     plain float32 mean of values near 1e4 is off by about 1e-4 of the mean, and its error enters
     the variance squared); the layout's sums bound the rounding of long sums
-    (`tfbn.reduction`). Gradients flow through both passes (the pivot is a constant).
+    (`tfbn.ops.reduction`). Gradients flow through both passes (the pivot is a constant).
 
     Args:
         layout: The view of the input and its per-channel sums.

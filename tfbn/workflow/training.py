@@ -5,7 +5,8 @@ strategy, train it with Keras's `fit` or a custom loop, evaluate on the test set
 recompute the BatchNorm population statistics, save everything in a run folder and export a
 SavedModel. The steps, in the order `train` takes them:
 
-1. `TrainConfig` (tfbn/config.py) checks every setting; `_check_locations` checks that the data
+1. `TrainConfig` (tfbn/workflow/config.py) checks every setting; `_check_locations` checks that the
+data
    can be read and the output folders written. Nothing is created on disk before both pass.
 2. `RunDir` is the run folder: the run's identity (the settings it was started with), where it
    resumes, and the files only the chief process writes.
@@ -18,12 +19,12 @@ moving statistics, optimizer state, history, the data seed), and the same call w
 `run_dir` continues after the last finished epoch, with the data order an uninterrupted run would
 have used. Layout of a run folder:
 
-    .tfbn.lock                who runs in the folder (tfbn.locks.FolderLock), while a run does
-    checkpoints/epoch-0003/   weights.npz, optimizer.npz, state.json and manifest.json (their
+    .tfbn.lock who runs in the folder (tfbn.workflow.locks.FolderLock), while a run does
+    checkpoints/epoch-0003/ weights.npz, optimizer.npz, state.json and manifest.json (their
                               sizes and SHA-256), one folder per epoch, the newest two kept
     logs/                     TensorBoard event files
     history.json              per-epoch loss, train accuracy, test accuracy, speed
-    history.png               the curves per epoch (tfbn.plots.training_curves)
+    history.png               the curves per epoch (tfbn.workflow.plots.training_curves)
     model.keras               the trained model (after recalibration)
     result.json               final metrics, seed, strategy, wall time, examples/sec
 """
@@ -50,11 +51,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn import distribute
-from tfbn.config import CLASS_NAMES, LOOPS, RECIPE, TrainConfig
-from tfbn.errors import UsageError
-from tfbn.files import atomic_write, fsync_dir, save_model_atomically
-from tfbn.locks import FolderLock
+from tfbn.utils.errors import UsageError
+from tfbn.utils.files import atomic_write, fsync_dir, save_model_atomically
+from tfbn.workflow import distribute
+from tfbn.workflow.config import CLASS_NAMES, LOOPS, RECIPE, TrainConfig
+from tfbn.workflow.locks import FolderLock
 
 __all__ = ["LOOPS", "RunDir", "TrainConfig", "TrainData", "TrainResult", "format_summary", "train"]
 
@@ -64,7 +65,7 @@ _KEEP_CHECKPOINTS = 2
 
 @runtime_checkable
 class TrainData(Protocol):
-    """The data a run trains on; `tfbn.data.FashionMNIST` is one.
+    """The data a run trains on; `tfbn.workflow.data.FashionMNIST` is one.
 
     Every dataset yields batches of `(images, labels)`: float32 images, integer labels.
     """
@@ -171,7 +172,7 @@ def format_summary(
 
 # ------------------------------------------------------------------------------------ checks
 def _check_data_dir(data_dir) -> None:
-    from tfbn import data as data_module
+    from tfbn.workflow import data as data_module
 
     try:
         data_module.check_data_dir(data_dir)
@@ -186,7 +187,8 @@ def _check_dataset(dataset) -> None:
     missing = [n for n in _DATA_MEMBERS if inspect.getattr_static(dataset, n, absent) is absent]
     if missing:
         raise UsageError(
-            f"Argument `dataset` must provide {', '.join(_DATA_MEMBERS)} (tfbn.training.TrainData);"
+            f"Argument `dataset` must provide {', '.join(_DATA_MEMBERS)} "
+            "(tfbn.workflow.training.TrainData);"
             f" received a {type(dataset).__name__} without {', '.join(missing)}."
         )
 
@@ -388,8 +390,9 @@ def _identity(config: TrainConfig, seed: int | None, own_data: bool) -> dict:
 class RunDir:
     """A run folder: the run's identity and checkpoints, and the files of its outputs.
 
-    Every process of a run reads it (to resume); only the chief (`tfbn.distribute.is_chief`)
-    creates, writes or removes anything in it, so the methods that write do nothing elsewhere.
+    Every process of a run reads it (to resume); only the chief
+    (`tfbn.workflow.distribute.is_chief`) creates, writes or removes anything in it, so the methods
+    that write do nothing elsewhere.
 
     Args:
         path: The folder.
@@ -405,7 +408,8 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """The chief's lock on the folder for the whole run (`tfbn.locks.FolderLock`): a second
+        """The chief's lock on the folder for the whole run (`tfbn.workflow.locks.FolderLock`): a
+        second
         run on it is refused at once, naming the holder; other workers take none."""
         if not self.chief:
             yield
@@ -693,7 +697,7 @@ def _make_strategy(config: TrainConfig) -> tuple[tf.distribute.Strategy, str, st
 
 def _load_data(config: TrainConfig, seed: int, dataset, initial_epoch: int, say) -> TrainData:
     if dataset is None:
-        from tfbn.data import load_fashion_mnist
+        from tfbn.workflow.data import load_fashion_mnist
 
         dataset = load_fashion_mnist(
             config.batch_size,
@@ -716,7 +720,7 @@ def _build_model(config: TrainConfig, strategy, seed: int, model_fn):
     """The model and its SGD optimizer, made in the strategy's scope and compiled."""
     keras.utils.set_random_seed(seed)
     with strategy.scope():
-        from tfbn.models import lenet
+        from tfbn.workflow.models import lenet
 
         model = lenet(config.norm) if model_fn is None else model_fn()
         if not isinstance(model, keras.Model):
@@ -821,8 +825,8 @@ def _train_epochs(
 def _recalibrate(config: TrainConfig, trainer: _Trainer, run_dir: RunDir, test_acc: float, say):
     """Population statistics over every training example; returns the test accuracy after and
     before (`None` when there is nothing to recalibrate)."""
-    from tfbn.recalibration import batch_norm_layers
-    from tfbn.recalibration import recalibrate as recalibrate_fn
+    from tfbn.tools.recalibration import batch_norm_layers
+    from tfbn.tools.recalibration import recalibrate as recalibrate_fn
 
     if not config.recalibrate or not batch_norm_layers(trainer.model):
         return test_acc, None
@@ -843,7 +847,7 @@ def _write_outputs(config: TrainConfig, trainer: _Trainer, run_dir: RunDir, hist
     """history.json, history.png and model.keras (chief)."""
     if not run_dir.chief:
         return
-    from tfbn.plots import training_curves
+    from tfbn.workflow.plots import training_curves
 
     run_dir.write_json("history.json", history)
     training_curves(
@@ -858,7 +862,7 @@ def _write_outputs(config: TrainConfig, trainer: _Trainer, run_dir: RunDir, hist
 def _export(config: TrainConfig, trainer: _Trainer, run_dir: RunDir, say) -> pathlib.Path | None:
     if not (config.export and run_dir.chief):
         return None
-    from tfbn.export import export_saved_model
+    from tfbn.tools.export import export_saved_model
 
     # Real test images for the export's check that folding kept the predictions.
     check_images = next(iter(trainer.data.test))[0]
@@ -949,10 +953,10 @@ def train(
 ) -> TrainResult:
     """Trains the chapter's LeNet on Fashion-MNIST, resumably, and saves the run.
 
-    The model is `tfbn.models.lenet(norm)` built inside the strategy's scope, trained with SGD on
-    the sparse categorical cross-entropy of its logits. Each epoch prints the training loss, the
-    training accuracy and the test accuracy; the last line is the chapter's summary
-    (`loss 0.266, train acc 0.901, test acc 0.874, 34491.1 examples/sec on /GPU:0`).
+    The model is `tfbn.workflow.models.lenet(norm)` built inside the strategy's scope, trained with
+    SGD on the sparse categorical cross-entropy of its logits. Each epoch prints the training loss,
+    the training accuracy and the test accuracy; the last line is the chapter's summary (`loss
+    0.266, train acc 0.901, test acc 0.874, 34491.1 examples/sec on /GPU:0`).
 
     Calling `train` again with the same `run_dir` continues a run that was interrupted (even by
     `kill -9`) after its last finished epoch, with the weights, BatchNorm moving statistics,
@@ -968,7 +972,7 @@ def train(
         seed: Seed for the weights and the data order, in `[0, 2**32 - 1]`. `None` draws one and
             records it in the run folder (so that a resumed run keeps it).
         strategy: `"auto"`, `"default"`, `"one_device"`, `"mirrored"`, `"multi_worker"` (see
-            `tfbn.distribute.get_strategy`) or a `tf.distribute.Strategy` instance.
+            `tfbn.workflow.distribute.get_strategy`) or a `tf.distribute.Strategy` instance.
         loop: `"fit"` (Keras `Model.fit`), `"custom"` (a `strategy.run` loop) or `"auto"`
             (`"custom"` under `MultiWorkerMirroredStrategy`, where Keras 3's `fit` fails,
             `"fit"` otherwise). Both give the same results.
@@ -986,18 +990,18 @@ def train(
         dataset: Optional data to train on instead of Fashion-MNIST, a `TrainData` (`data_dir`,
             `train_fraction` and `drop_remainder` are then unused).
         model_fn: Optional function building the model to train instead of
-            `tfbn.models.lenet(norm)` (called inside the strategy's scope, so its variables are
-            distributed); it must return an uncompiled `keras.Model` that outputs logits. `norm`
+            `tfbn.workflow.models.lenet(norm)` (called inside the strategy's scope, so its variables
+            are distributed); it must return an uncompiled `keras.Model` that outputs logits. `norm`
             then only names the run and picks the default learning rate.
         drop_remainder: If `True` (the recipe's default), every training epoch has full batches
             only: the short last batch of each epoch's permutation is left out, other examples
-            every epoch (see `tfbn.config.Recipe`). Unused with `dataset`.
+            every epoch (see `tfbn.workflow.config.Recipe`). Unused with `dataset`.
 
     Returns:
         A `TrainResult`.
 
     Raises:
-        ValueError: (`tfbn.errors.UsageError`) for a setting `TrainConfig` refuses; a data
+        ValueError: (`tfbn.utils.errors.UsageError`) for a setting `TrainConfig` refuses; a data
             folder without the Fashion-MNIST files; a `dataset` that is not a `TrainData`; a
             `run_dir` holding a run with other settings.
         OSError: if an output folder cannot be written (read-only, not a folder, no
@@ -1071,7 +1075,7 @@ def _run_locked(config, run_dir: RunDir, strategy, names, dataset, model_fn, wal
         history = _train_epochs(config, trainer, run_dir, start, say)
         result = _finish(config, trainer, run_dir, start, history, wall_start, say)
     except KeyboardInterrupt as error:
-        # Ctrl-C or SIGTERM (`tfbn.errors.Terminated`, same type kept): one line for the user.
+        # Ctrl-C or SIGTERM (`tfbn.utils.errors.Terminated`, same type kept): one line for the user.
         sys.stdout.flush()
         raise type(error)(run_dir.interrupted(config.epochs)) from None
     finally:

@@ -22,7 +22,7 @@ def demo(seed: int = 0) -> dict:
     """
     import numpy as np
 
-    from tfbn.layers import BatchNorm
+    from tfbn.layers.batch_norm import BatchNorm
 
     rng = np.random.default_rng(seed)
     means, spreads = np.array(_FEATURES).T

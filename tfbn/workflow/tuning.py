@@ -2,7 +2,7 @@
 
 The chapter asks how large the learning rate can go with batch normalization, and without it.
 `tune` answers with a search per LeNet variant (`"tfbn"`, `"keras"`, `"none"`, see
-`tfbn.models.lenet`): the SGD learning rate is drawn log-uniformly from `[lr_min, lr_max]`
+`tfbn.workflow.models.lenet`): the SGD learning rate is drawn log-uniformly from `[lr_min, lr_max]`
 (optionally with the SGD momentum), every trial trains for a few epochs, and is scored by its
 accuracy on a validation split held out of the training set (the test set is never touched).
 
@@ -28,7 +28,7 @@ Files, under `directory`:
   series per variant, diverged trials marked with crosses.
 - `<project_name>_logs/<variant>/<trial>/execution<k>/`: TensorBoard scalars and HParams
   (`tensorboard --logdir <directory>/<project_name>_logs`, tab HPARAMS).
-- `.tfbn.lock` while a search runs (`tfbn.locks.FolderLock`): a second search on the same
+- `.tfbn.lock` while a search runs (`tfbn.workflow.locks.FolderLock`): a second search on the same
   directory is refused at once, naming the process that holds it.
 
 Distributed tuning uses Keras Tuner's own mechanism: one chief process holds the oracle and
@@ -79,11 +79,11 @@ import keras
 import keras_tuner
 import numpy as np
 
-from tfbn import data as tfbn_data
-from tfbn import models
-from tfbn.config import CONVERGED_ACCURACY, NORMS, TuneConfig
-from tfbn.files import atomic_write, atomic_write_text
-from tfbn.locks import FolderLock
+from tfbn.utils.files import atomic_write, atomic_write_text
+from tfbn.workflow import data as tfbn_data
+from tfbn.workflow import models
+from tfbn.workflow.config import CONVERGED_ACCURACY, NORMS, TuneConfig
+from tfbn.workflow.locks import FolderLock
 
 VARIANTS: tuple[str, ...] = NORMS
 MOMENTUM_CHOICES: tuple[float, ...] = (0.0, 0.5, 0.9)
@@ -96,7 +96,7 @@ _ORACLE_POLL_S = 0.5
 class TrialData(Protocol):
     """The data a search trains on: `tf.data` splits of `(images, labels)` batches.
 
-    `tfbn.data.load_fashion_mnist` returns one; the search never touches a `test` split.
+    `tfbn.workflow.data.load_fashion_mnist` returns one; the search never touches a `test` split.
     """
 
     train: Any
@@ -690,7 +690,8 @@ def tune(
         project_name: Prefix of the project names (`<project_name>_<variant>`) and output files.
         overwrite: Start every project afresh instead of continuing it (on the chief; workers
             never delete anything).
-        strategy: tf.distribute strategy name for the trials (see `tfbn.distribute`): `"auto"`,
+        strategy: tf.distribute strategy name for the trials (see `tfbn.workflow.distribute`):
+        `"auto"`,
             `"default"`, `"one_device"` or `"mirrored"`.
         seed: Seed of the oracles and of the model initialization.
         data_dir: Folder of the Fashion-MNIST IDX files (default: the data module's search).
@@ -711,7 +712,7 @@ def tune(
         ValueError: for an empty, inverted or non-positive learning-rate range, non-positive
             `trials`, `epochs`, `executions_per_trial` or `batch_size`, an unknown variant, tuner
             or strategy, or fractions out of range; before any data is loaded or folder created.
-        tfbn.errors.UsageError: (a `ValueError`) if another live process holds `directory`.
+        tfbn.utils.errors.UsageError: (a `ValueError`) if another live process holds `directory`.
         OSError: if `directory` or an output file cannot be written (read-only, not a folder,
             no space), naming the path; before any data is loaded.
         ImportError: for `tuner="bayesian"` without SciPy and scikit-learn installed.
@@ -738,7 +739,7 @@ def search(config: TuneConfig, dataset: TrialData | None = None) -> TuneResult:
         data, description = _trial_data(config, role, dataset)
         distribution = None
         if role != "chief" and strategy_name != "default":
-            from tfbn.distribute import get_strategy
+            from tfbn.workflow.distribute import get_strategy
 
             distribution = get_strategy(strategy_name)
         started = time.perf_counter()
@@ -770,7 +771,7 @@ def _check_tuner_installed(kind: str) -> None:
 
 
 def _strategy_name(strategy: str) -> str:
-    from tfbn.distribute import resolve_strategy_name
+    from tfbn.workflow.distribute import resolve_strategy_name
 
     name = resolve_strategy_name(strategy)
     if name == "multi_worker":

@@ -1,7 +1,7 @@
 """Classify images with an exported SavedModel (`tfbn predict`), and measure its throughput.
 
-Everything here uses TensorFlow and the SavedModel's signatures only (see `tfbn.export`): it serves
-any export of `tfbn.export_saved_model`, without the Keras model.
+Everything here uses TensorFlow and the SavedModel's signatures only (see `tfbn.tools.export`): it
+serves any export of `tfbn.export_saved_model`, without the Keras model.
 
 Input files for `tfbn predict`:
 
@@ -10,7 +10,8 @@ Input files for `tfbn predict`:
   channel is dropped, not composited. Images are not resized: they must already have the model's
   size (28x28 for LeNet), drawn as Fashion-MNIST is (light object on a black background).
 - IDX image files (`idx3-ubyte`, the Fashion-MNIST format), optionally gzipped: unsigned bytes,
-  shape `(n, height, width)`, read by `tfbn.data.read_idx`. Each image is reported as `FILE[i]`.
+  shape `(n, height, width)`, read by `tfbn.workflow.data.read_idx`. Each image is reported as
+  `FILE[i]`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfbn.arguments import check_count
-from tfbn.config import CLASS_NAMES
-from tfbn.errors import UsageError
+from tfbn.utils.arguments import check_count
+from tfbn.utils.errors import UsageError
+from tfbn.workflow.config import CLASS_NAMES
 
 __all__ = [
     "FilePredictions",
@@ -300,7 +301,7 @@ def _read_file(path: pathlib.Path) -> tuple[np.ndarray, list[str]]:
     with open(path, "rb") as file:  # an unreadable file raises OSError naming it
         head = file.read(16)
     if head.startswith((_GZIP_MAGIC, _IDX_MAGIC)):
-        from tfbn.data import read_idx
+        from tfbn.workflow.data import read_idx
 
         batch = read_idx(path)
         if batch.ndim != 3:

@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from tfbn.config import STRATEGIES
+from tfbn.workflow.config import STRATEGIES
 
 __all__ = ["STRATEGIES", "device_description", "get_strategy", "is_chief", "resolve_strategy_name"]
 

@@ -17,13 +17,16 @@ Cases (`BENCH_CASES`, one `Case` each: a function that measures, one that render
   implementation is the traffic no implementation can avoid: training forward+backward reads `x`,
   writes `y`, reads `dy`, reads `x` again and writes `dx` (5 passes); inference reads `x` and writes
   `y` (2 passes).
-- `lenet`: the chapter's LeNet training step (SGD, `tfbn.config.RECIPE`) on synthetic data with
+- `lenet`: the chapter's LeNet training step (SGD, `tfbn.workflow.config.RECIPE`) on synthetic data
+with
   tfbn, Keras and no batch normalization; epoch time = median step time x steps per epoch
   (60000 / batch size).
-- `pipeline`: the Fashion-MNIST training input pipeline (`tfbn.data.pipeline_rate`) in examples per
+- `pipeline`: the Fashion-MNIST training input pipeline (`tfbn.workflow.data.pipeline_rate`) in
+examples per
   second, against the LeNet (tfbn) training rate.
 - `export`: inference throughput of an exported SavedModel with BatchNorm folded into the previous
-  layer against one without folding, at batch 1 and 256 (`tfbn.export`, `tfbn.serving`).
+  layer against one without folding, at batch 1 and 256 (`tfbn.tools.export`,
+  `tfbn.workflow.serving`).
 - `models` (not run by default): a training step (SGD, batch 32, synthetic data) of ResNet50 at
   64x64, MobileNetV2 and EfficientNetB0 at 96x96 (`keras.applications`, `weights=None`, 10
   classes) with Keras's layer against the same model converted by `tfbn.convert`.
@@ -48,8 +51,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from tfbn.errors import UsageError
-from tfbn.files import atomic_write_text, check_writable_dir
+from tfbn.utils.errors import UsageError
+from tfbn.utils.files import atomic_write_text, check_writable_dir
 
 __all__ = ["BENCH_CASES", "CASES", "TARGETS", "Case", "render_markdown", "run_benchmarks"]
 
@@ -172,8 +175,8 @@ def _interleaved(
 def _make_layer(name: str, kwargs: dict | None, axis: int = -1):
     import keras
 
-    from tfbn.config import RECIPE
-    from tfbn.layers import BatchNorm
+    from tfbn.layers.batch_norm import BatchNorm
+    from tfbn.workflow.config import RECIPE
 
     settings = {"axis": axis, "momentum": RECIPE.momentum, "epsilon": RECIPE.epsilon}
     if kwargs is None:
@@ -338,8 +341,8 @@ def _train_step(model, optimizer, batch_size: int):
 def _lenet_step(norm: str, batch_size: int):
     import keras
 
-    from tfbn.config import RECIPE
-    from tfbn.models import lenet
+    from tfbn.workflow.config import RECIPE
+    from tfbn.workflow.models import lenet
 
     keras.utils.set_random_seed(0)
     return _train_step(lenet(norm), keras.optimizers.SGD(RECIPE.lr_for(norm)), batch_size)
@@ -372,7 +375,7 @@ def _lenet_case(settings, norms: Sequence[str] = ("tfbn", "keras", "none")) -> d
 
 # ----------------------------------------------------------------------------- pipeline case
 def _pipeline_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
-    from tfbn.data import load_fashion_mnist, pipeline_rate
+    from tfbn.workflow.data import load_fashion_mnist, pipeline_rate
 
     tick("pipeline")
     batch = settings["lenet_batch"]
@@ -402,8 +405,8 @@ def _export_pair(work_dir: Path) -> dict[str, Path]:
     import keras
     import numpy as np
 
-    from tfbn.export import export_saved_model
-    from tfbn.models import lenet
+    from tfbn.tools.export import export_saved_model
+    from tfbn.workflow.models import lenet
 
     keras.utils.set_random_seed(0)
     model = lenet("tfbn")
@@ -427,7 +430,7 @@ def _throughput_samples(
     repeat. Returns, for each key of `paths`, `median_examples_per_s` and
     `samples_examples_per_s` (one sample per repeat).
     """
-    from tfbn.serving import inference_throughput
+    from tfbn.workflow.serving import inference_throughput
 
     def rate(name):
         # One timed run per call: the repeats and their median are taken here, interleaved.
@@ -488,7 +491,7 @@ def _model_train_row(name: str, size: int, settings: dict) -> dict:
     """Keras's model and its `tfbn.convert` copy: one training step each, interleaved."""
     import keras
 
-    from tfbn.conversion import convert
+    from tfbn.tools.conversion import convert
 
     original = _application(name, size)
     converted = convert(original)
@@ -523,15 +526,15 @@ def _models_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> di
 def _without_batch_norm(model):
     """A copy of `model` whose batch norms pass their input through: no batch norm at all.
 
-    Each batch-norm layer (Keras's, tfbn's or a subclass) becomes a `tfbn.folding.FoldedAway` of
-    the same name, the pass-through folding leaves in a batch norm's place; every other layer is
-    rebuilt from its config with its weights copied, inside nested Sequential and functional
-    models too. The copy has the same layers and names as `model`, which is not modified, and
-    computes what `model` would if each batch norm were the identity.
+    Each batch-norm layer (Keras's, tfbn's or a subclass) becomes a `tfbn.tools.folding.FoldedAway`
+    of the same name, the pass-through folding leaves in a batch norm's place; every other layer is
+    rebuilt from its config with its weights copied, inside nested Sequential and functional models
+    too. The copy has the same layers and names as `model`, which is not modified, and computes what
+    `model` would if each batch norm were the identity.
     """
     import keras
 
-    from tfbn.folding import FoldedAway
+    from tfbn.tools.folding import FoldedAway
 
     pairs = []
 
@@ -557,9 +560,9 @@ def _model_export_row(name: str, size: int, settings: dict, work_dir: Path) -> d
     can gain) and `of_bound` (folded / no_bn), the input size, the batch size and how many batch
     norms `fold_plan` folds into the layer before them (`folded_layers`).
     """
-    from tfbn.conversion import convert
-    from tfbn.export import export_saved_model
-    from tfbn.folding import fold_plan
+    from tfbn.tools.conversion import convert
+    from tfbn.tools.export import export_saved_model
+    from tfbn.tools.folding import fold_plan
 
     model = convert(_application(name, size))
     folds = sum(step.into is not None for step in fold_plan(model).values())
@@ -1058,7 +1061,7 @@ def _check_cases(cases) -> tuple[str, ...]:
 
 
 def _check_arguments(cases, repeats, output_dir, name, note) -> tuple[str, ...]:
-    from tfbn.arguments import check_count
+    from tfbn.utils.arguments import check_count
 
     selected = _check_cases(cases)
     check_count("repeats", repeats, none=True, error=UsageError)
@@ -1072,7 +1075,7 @@ def _check_arguments(cases, repeats, output_dir, name, note) -> tuple[str, ...]:
     if output_dir is not None:
         check_writable_dir(output_dir)
     if "pipeline" in selected:
-        from tfbn.data import check_data_dir
+        from tfbn.workflow.data import check_data_dir
 
         check_data_dir()
     return selected

@@ -1,6 +1,6 @@
 """Per-channel sums: the layouts the batch statistics are reduced in, and how they are summed.
 
-Every kernel (`tfbn.fast`), the public `tfbn.moments` and ghost batches take their statistics
+Every kernel (`tfbn.ops.kernels`), the public `tfbn.moments` and ghost batches take their statistics
 through one `ChannelLayout`: a reshaped view of the input (no transpose) with a function that sums
 a view-shaped tensor per channel and one that broadcasts per-channel values against it.
 

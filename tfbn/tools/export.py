@@ -1,8 +1,8 @@
 """Inference-only SavedModel export of a classifier, with batch normalization folded away.
 
 `export_saved_model` writes `<directory>/<name>/<version>/`, the layout TensorFlow Serving watches
-(`tfbn.versioned` writes it atomically, also with concurrent exports). The SavedModel holds plain
-TensorFlow variables and traced functions only: it loads and serves with TensorFlow alone
+(`tfbn.utils.versioned` writes it atomically, also with concurrent exports). The SavedModel holds
+plain TensorFlow variables and traced functions only: it loads and serves with TensorFlow alone
 (`tf.saved_model.load`, `saved_model_cli`, TensorFlow Serving), in a process where neither `tfbn`
 nor a Keras custom object is importable.
 
@@ -25,11 +25,11 @@ subclassed model). An input of any other shape or dtype is refused by the signat
 
 BatchNorm is in inference mode in the graph: it uses the moving statistics, there is no training
 branch and nothing is assigned. With folding (the default), batch norms are merged into the layer
-before them where `tfbn.folding` can, and become one per-channel multiply-add elsewhere.
+before them where `tfbn.tools.folding` can, and become one per-channel multiply-add elsewhere.
 
 `jit_compile=True` compiles the model part of the signatures with XLA. On a CPU it helped at batch
 size 1 and hurt at batch 256 (XLA's CPU convolutions are slower than oneDNN's); measure on your
-hardware with `tfbn.serving.inference_throughput`.
+hardware with `tfbn.workflow.serving.inference_throughput`.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn.arguments import check_count
-from tfbn.files import check_writable_dir
-from tfbn.folding import fold_batch_norm
-from tfbn.versioned import write_version
+from tfbn.tools.folding import fold_batch_norm
+from tfbn.utils.arguments import check_count
+from tfbn.utils.files import check_writable_dir
+from tfbn.utils.versioned import write_version
 
 __all__ = [
     "DEFAULT_NAME",
@@ -414,10 +414,11 @@ def export_saved_model(
 ) -> pathlib.Path:
     """Exports a classifier as an inference-only SavedModel that TensorFlow Serving can load.
 
-    The SavedModel is written to `<directory>/<name>/<version>/` atomically (`tfbn.versioned`):
-    saved into a hidden folder beside the target, reloaded and checked, then renamed into place,
-    so an interrupted export leaves no partial version, and concurrent exports without a
-    `version` each get the next free one. The signatures are described in the module docstring.
+    The SavedModel is written to `<directory>/<name>/<version>/` atomically
+    (`tfbn.utils.versioned`): saved into a hidden folder beside the target, reloaded and checked,
+    then renamed into place, so an interrupted export leaves no partial version, and concurrent
+    exports without a `version` each get the next free one. The signatures are described in the
+    module docstring.
 
     Before anything is written, the served model (folded, its final softmax split off) is
     compared with `model` on `check_data` (or a fixed deterministic sample), and the reloaded
@@ -498,7 +499,8 @@ def export_keras_file(
     check_files: Sequence[str | os.PathLike] | None = None,
     **kwargs,
 ) -> pathlib.Path:
-    """Loads a trained `.keras` model (`tfbn.saving.load_model`) and exports it (`tfbn export`).
+    """Loads a trained `.keras` model (`tfbn.utils.saving.load_model`) and exports it (`tfbn
+    export`).
 
     Args:
         model_path: The trained model, a `.keras` file.
@@ -511,13 +513,13 @@ def export_keras_file(
     Returns:
         The version folder written.
     """
-    from tfbn.saving import load_model
+    from tfbn.utils.saving import load_model
 
     _model_root(export_dir, name)  # before loading the model: the quick checks first
     model = load_model(model_path)
     check_data = None
     if check_files:
-        from tfbn.serving import load_images
+        from tfbn.workflow.serving import load_images
 
         spec = _model_input(model, kwargs.get("input_shape"))
         spatial = [d for i, d in enumerate(spec.shape) if i != spec.channel_axis]

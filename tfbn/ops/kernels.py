@@ -1,8 +1,9 @@
 """The training-mode kernels and the one function that chooses among them.
 
 `training_batch_norm` is what the layers call: it picks a kernel (`kernel_for`) and returns the
-output and the batch statistics. Every kernel takes its statistics from `tfbn.ops.centred_moments`
-(or, for the fused kernel, from TensorFlow's kernel on a shifted input):
+output and the batch statistics. Every kernel takes its statistics from
+`tfbn.ops.nn.centred_moments` (or, for the fused kernel, from TensorFlow's kernel on a shifted
+input):
 
 - `fused_batch_norm`: TensorFlow's fused batch-norm kernel (oneDNN on CPU, cuDNN on GPU, XLA's
   BatchNormTraining under `jit_compile`) for rank-4/5 inputs with the channel axis second or last.
@@ -12,7 +13,7 @@ output and the batch statistics. Every kernel takes its statistics from `tfbn.op
   (`tf.custom_gradient`) instead of autodiff through the moments: the backward pass is two
   reductions and one elementwise pass.
 - `ghost_composed_batch_norm`: ghost batches on the composed kernel.
-- `tfbn.ops.batch_norm_training`: the reference path (autodiff), for masks, renorm and
+- `tfbn.ops.nn.batch_norm_training`: the reference path (autodiff), for masks, renorm and
   adjustments that are not per channel.
 """
 
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbn import ops, reduction
+from tfbn.ops import nn as ops
+from tfbn.ops import reduction
 
 __all__ = [
     "FUSED_DTYPES",
@@ -109,7 +111,7 @@ def kernel_for(
     return kernel
 
 
-# The options only the reference path (`tfbn.ops.batch_norm_training`) implements.
+# The options only the reference path (`tfbn.ops.nn.batch_norm_training`) implements.
 _REFERENCE_ONLY = ("mask", "weights", "renorm_mean")
 
 
@@ -136,11 +138,11 @@ def training_batch_norm(
         epsilon: Variance epsilon.
         fused: `True`, `False` or `None` (choose), as the layer's argument.
         synchronized: Global-batch statistics across `tf.distribute` replicas.
-        virtual_batch_size: Ghost batches (`tfbn.ops.ghost_view`).
+        virtual_batch_size: Ghost batches (`tfbn.ops.nn.ghost_view`).
         adjustment: Optional `(scale, bias)` broadcastable to `inputs`, applied to the normalized
             value before `gamma` and `beta`; folded into them when both are per channel.
         **reference_options: `mask`, `weights`, `renorm_mean`, `renorm_stddev` and
-            `renorm_clipping`, as `tfbn.ops.batch_norm_training` takes them; a mask, weights or
+            `renorm_clipping`, as `tfbn.ops.nn.batch_norm_training` takes them; a mask, weights or
             renorm statistics (not None) run that reference path.
 
     Returns:
@@ -217,8 +219,8 @@ def fused_batch_norm(
     does not change under a shift, and the kernel's own float32 mean, whose rounding error grows
     with the mean, is then that of values of the order of the spread
     (docs/benchmarks/statistics.md). Its sums are not bounded
-    like `tfbn.reduction`'s: the default kernel choice (`kernel_for`) takes it only for inputs of
-    at most `FUSED_MAX_COUNT` values per channel.
+    like `tfbn.ops.reduction`'s: the default kernel choice (`kernel_for`) takes it only for inputs
+    of at most `FUSED_MAX_COUNT` values per channel.
 
     Args:
         x: Rank-4 or rank-5 tensor, float16, bfloat16 or float32.
@@ -272,10 +274,10 @@ def composed_batch_norm(
 ) -> tuple[tf.Tensor, ops.Moments]:
     """Training-mode batch normalization with a closed-form gradient.
 
-    Statistics by `tfbn.ops.centred_moments` in the input's `tfbn.reduction.channel_layout`; the
-    output is `shifted * a + b` (`ops.affine` of the offset of the mean from the pivot), so a
-    large mean is never subtracted in float32 after the fact. The backward pass is two
-    per-channel reductions and one elementwise pass instead of autodiff through the moments.
+    Statistics by `tfbn.ops.nn.centred_moments` in the input's `tfbn.ops.reduction.channel_layout`;
+    the output is `shifted * a + b` (`ops.affine` of the offset of the mean from the pivot), so a
+    large mean is never subtracted in float32 after the fact. The backward pass is two per-channel
+    reductions and one elementwise pass instead of autodiff through the moments.
 
     With `synchronized=True` in a `tf.distribute` replica context the statistics are those of the
     global batch, and the backward pass all-reduces its two per-channel reductions, so the
@@ -358,7 +360,7 @@ def ghost_composed_batch_norm(
 ) -> tuple[tf.Tensor, ops.Moments]:
     """Ghost batch normalization on the composed kernel (`composed_batch_norm`).
 
-    One composed batch norm over the merged view (`tfbn.ops.ghost_view`: channel `j * C + c` is
+    One composed batch norm over the merged view (`tfbn.ops.nn.ghost_view`: channel `j * C + c` is
     channel `c` of virtual batch `j`), with `gamma` and `beta` tiled `g` times, normalizes every
     virtual batch with its own statistics.
 

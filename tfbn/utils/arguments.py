@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tfbn import ops
+from tfbn.ops import nn as ops
 
 __all__ = [
     "KERAS_ARGUMENTS",
@@ -138,9 +138,9 @@ def keras_arguments(given: Mapping) -> dict:
 
     Returns:
         A new dict of the names of `KERAS_ARGUMENTS`: `momentum` and `renorm_momentum` checked
-        (`check_momentum`) and `epsilon` (`tfbn.ops.check_epsilon`), as floats; `center`,
+        (`check_momentum`) and `epsilon` (`tfbn.ops.nn.check_epsilon`), as floats; `center`,
         `scale`, `renorm` and `synchronized` as bools; `renorm_clipping` checked
-        (`tfbn.ops.check_renorm_clipping`: a dict of floats, `{}` for `None`); the others as
+        (`tfbn.ops.nn.check_renorm_clipping`: a dict of floats, `{}` for `None`); the others as
         given.
 
     Raises:

@@ -1,0 +1,6 @@
+"""Tools that work on whole Keras models holding batch norms.
+
+`conversion` (Keras's layers to tfbn's), `recalibration` (population statistics on the user's
+data), `folding` (batch norms into the layer before them) and `export` (a verified inference
+SavedModel). Each takes a model and data; none knows about LeNet or Fashion-MNIST.
+"""
