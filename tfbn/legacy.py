@@ -73,11 +73,16 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
         axis: Integer or list of integers: the axes that keep their own statistics (not 0).
         momentum: Momentum of the moving averages, a number in `[0, 1)`.
         epsilon: Small positive, finite float added to the variance.
-        center, scale, beta_initializer, gamma_initializer, moving_mean_initializer,
-            moving_variance_initializer, beta_regularizer, gamma_regularizer, beta_constraint,
-            gamma_constraint: As in `tfbn.BatchNorm` (and tf-keras's layer): whether to add the
-            offset `beta` and the scale `gamma`, and the initializers, regularizers and
-            constraints of the variables they name.
+        center: If `True`, add the offset `beta` (as in `tfbn.BatchNorm` and tf-keras's layer).
+        scale: If `True`, multiply by the scale `gamma`.
+        beta_initializer: Initializer for `beta`.
+        gamma_initializer: Initializer for `gamma`.
+        moving_mean_initializer: Initializer for `moving_mean`.
+        moving_variance_initializer: Initializer for `moving_variance`.
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
         synchronized: If `True`, under a `tf.distribute` strategy the statistics are those of the
             global batch across replicas.
         renorm: Batch renormalization (see `tfbn.BatchNorm`); adds `moving_stddev`,

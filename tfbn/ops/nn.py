@@ -360,11 +360,10 @@ def moments(x, axes, keepdims=False, synchronized=False):
     Returns:
         A tuple `(mean, variance)` (the biased variance), of the input's dtype.
 
-    Example:
-
-    >>> x = tf.constant([0, 1, 2, 3, 100], dtype="float32")
-    >>> [round(float(t), 2) for t in tfbn.moments(x, axes=[0])]
-    [21.2, 1553.36]
+    Examples:
+        >>> x = tf.constant([0, 1, 2, 3, 100], dtype="float32")
+        >>> [round(float(t), 2) for t in tfbn.moments(x, axes=[0])]
+        [21.2, 1553.36]
     """
     x = _floating("x", x)
     rank = x.shape.rank

@@ -691,8 +691,7 @@ def tune(
         overwrite: Start every project afresh instead of continuing it (on the chief; workers
             never delete anything).
         strategy: tf.distribute strategy name for the trials (see `tfbn.workflow.distribute`):
-        `"auto"`,
-            `"default"`, `"one_device"` or `"mirrored"`.
+            `"auto"`, `"default"`, `"one_device"` or `"mirrored"`.
         seed: Seed of the oracles and of the model initialization.
         data_dir: Folder of the Fashion-MNIST IDX files (default: the data module's search).
         dataset: A prebuilt `TrialData` (`.train` and `.validation` tf.data splits of (images,
