@@ -5,8 +5,9 @@ subclass of `tf_keras.layers.BatchNormalization`: tf-keras creates its variables
 arguments and chooses `fused`; tfbn computes the batch statistics and the normalization with the
 same functions as `tfbn.BatchNorm` (`tfbn.ops.nn` and `tfbn.ops.kernels`).
 
-This module imports `tf_keras`; `import tfbn` does not import this module, so tfbn works without
-tf-keras installed.
+This module imports `tf_keras` and registers the layer with tf-keras: files holding it load in
+tf-keras after `import tfbn.legacy`; `import tfbn` does not import tf-keras (nor this module), so
+tfbn works without tf-keras installed.
 """
 
 from __future__ import annotations
