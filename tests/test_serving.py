@@ -5,6 +5,7 @@ The reference is the Keras model that was exported (`model.predict` on float32 i
 and unfolded.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -152,6 +153,51 @@ def test_predict_cli_bad_input_is_one_line_naming_it(exports, tmp_path, capsys, 
     # Nothing of TensorFlow's op text, nothing printed as a result.
     assert "{{" not in line and "function_node" not in line and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+# Runs `tfbn predict` for every case of argv[1] (JSON argv lists) in one fresh interpreter; reports
+# each exit code and stderr, and whether TensorFlow was imported by the end.
+_EARLY = """
+import contextlib, io, json, sys
+from tfbn import cli
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        results.append((cli.main(["predict", *argv]), err.getvalue()))
+print(json.dumps({"results": results, "tf": "tensorflow" in sys.modules}))
+"""
+
+
+def test_predict_cli_refuses_a_bad_request_before_importing_tensorflow(tmp_path):
+    versions = tmp_path / "lenet"
+    (versions / "3").mkdir(parents=True)
+    (versions / "3" / "saved_model.pb").write_bytes(b"")  # only its presence is checked
+    (versions / "notes").mkdir()
+    image = tmp_path / "image.png"
+    image.write_bytes(b"")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cases = {
+        "model folder missing": ([f"{tmp_path}/absent", str(image)], f"{tmp_path}/absent"),
+        "model folder a file": ([str(image), str(image)], str(image)),
+        "no SavedModel": ([str(versions / "notes"), str(image)], "no saved_model.pb"),
+        "input missing": ([str(versions), f"{tmp_path}/absent.png"], "does not exist"),
+        "input a folder": ([str(versions / "3"), str(folder)], "is a folder"),
+        "top-k 0": ([str(versions), str(image), "--top-k", "0"], "--top-k"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _EARLY, json.dumps([argv for argv, _ in cases.values()])],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["tf"] is False
+    for (name, (_, words)), (code, err) in zip(cases.items(), report["results"], strict=True):
+        assert code == 2, name
+        (line,) = err.splitlines()
+        assert line.startswith("tfbn predict: error:") and words in line, (name, line)
 
 
 _UNREADABLE_INPUT = """

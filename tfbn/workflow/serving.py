@@ -25,6 +25,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tfbn.cli.predict import check_inputs, check_top_k, resolve_model_dir
 from tfbn.utils.arguments import check_count
 from tfbn.utils.errors import UsageError
 from tfbn.workflow.config import CLASS_NAMES
@@ -55,37 +56,6 @@ _IDX_MAGIC = b"\x00\x00"
 
 
 # ------------------------------------------------------------------------------------ the model
-def resolve_model_dir(model_dir: str | os.PathLike) -> pathlib.Path:
-    """The SavedModel folder for `model_dir`: itself, or its highest numbered version folder.
-
-    Args:
-        model_dir: A SavedModel folder (`.../lenet/3`) or a model base folder (`.../lenet`)
-            holding numbered versions, as TensorFlow Serving lays them out.
-
-    Returns:
-        The folder that holds `saved_model.pb`.
-
-    Raises:
-        UsageError: (a `ValueError`) if neither `model_dir` nor a numbered folder under it holds
-            a SavedModel.
-    """
-    path = pathlib.Path(model_dir)
-    if (path / "saved_model.pb").is_file():
-        return path
-    if path.is_dir():
-        versions = sorted(
-            (int(p.name), p)
-            for p in path.iterdir()
-            if p.name.isdigit() and (p / "saved_model.pb").is_file()
-        )
-        if versions:
-            return versions[-1][1]
-    raise UsageError(
-        f"Argument `model_dir` must be a SavedModel folder or a folder of numbered versions; no "
-        f"saved_model.pb found in {str(path)!r} or its numbered subfolders."
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class ServedModel:
     """An exported SavedModel, loaded.
@@ -261,18 +231,6 @@ def top_k(
 
 
 # ---------------------------------------------------------------------------------------- files
-def _check_inputs(paths) -> list[pathlib.Path]:
-    paths = [pathlib.Path(p) for p in paths]
-    if not paths:
-        raise UsageError("Argument `paths` must name at least one file; received none.")
-    for path in paths:
-        if path.is_dir():
-            raise UsageError(f"Input {str(path)!r} is a folder; name the image files in it.")
-        if not path.is_file():
-            raise UsageError(f"Input file {str(path)!r} does not exist.")
-    return paths
-
-
 def _decode_image(path: pathlib.Path, data: bytes) -> np.ndarray:
     """A PNG/JPEG/GIF/BMP file as a uint8 grayscale `(height, width)` array."""
     kind = next((name for magic, name in _IMAGE_MAGIC.items() if data.startswith(magic)), None)
@@ -341,7 +299,7 @@ def load_images(paths, image_size: tuple[int, int] = (28, 28)) -> tuple[np.ndarr
     """
     images: list[np.ndarray] = []
     labels: list[str] = []
-    for path in _check_inputs(paths):
+    for path in check_inputs(paths):
         batch, names = _read_file(path)
         _check_size(path, batch, image_size)
         images.append(batch)
@@ -382,10 +340,9 @@ def predict_files(model_dir: str | os.PathLike, inputs, *, k: int = 3) -> FilePr
             another size, or a `model_dir` without a SavedModel.
         OSError: if an input cannot be read (its `filename` says which).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UsageError(f"Argument `k` (--top-k) must be a positive integer; received k={k!r}.")
+    check_top_k(k)
     resolve_model_dir(model_dir)
-    files = [(path, *_read_file(path)) for path in _check_inputs(inputs)]
+    files = [(path, *_read_file(path)) for path in check_inputs(inputs)]
     model = load_model(model_dir)
     if k > len(model.class_names):
         raise UsageError(
