@@ -52,13 +52,13 @@ FORWARDED = {
     "train": (["train", "--norm", "keras"], "tfbn.workflow.training.train", ("norm",), {}),
     "recalibrate": (
         ["recalibrate", "m.keras"],
-        "tfbn.tools.recalibration.recalibrate_file",
+        "tfbn.workflow.model_files.recalibrate_file",
         ("model", "output"),
         {},
     ),
     "export": (
         ["export", "m.keras", "--class-names", "a,b"],
-        "tfbn.tools.export.export_keras_file",
+        "tfbn.workflow.model_files.export_keras_file",
         ("model", "export_dir"),
         {"check_data": "check_files", "class_names": None, "pixel_range": None, "verbose": None},
     ),

@@ -1,4 +1,4 @@
-"""`tfbn export`: `tfbn.tools.export.export_keras_file` from the command line."""
+"""`tfbn export`: `tfbn.workflow.model_files.export_keras_file` from the command line."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `export_keras_file` with the parsed arguments."""
-    from tfbn.tools.export import export_keras_file
     from tfbn.workflow.config import CLASS_NAMES
+    from tfbn.workflow.model_files import export_keras_file
 
     names = args.class_names
     if names is not None:

@@ -1,4 +1,4 @@
-"""`tfbn recalibrate`: `tfbn.tools.recalibration.recalibrate_file` from the command line."""
+"""`tfbn recalibrate`: `tfbn.workflow.model_files.recalibrate_file` from the command line."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `recalibrate_file` with the parsed arguments."""
-    from tfbn.tools.recalibration import recalibrate_file
+    from tfbn.workflow.model_files import recalibrate_file
 
     passed = ("data_dir", "tfds_dir", "batch_size", "steps", "strategy", "mode", "verbose")
     output = recalibrate_file(args.model, args.output, **keywords(args, *passed))

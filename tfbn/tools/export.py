@@ -54,7 +54,6 @@ __all__ = [
     "DEFAULT_NAME",
     "FOLD_TOLERANCE",
     "SIGNATURES",
-    "export_keras_file",
     "export_saved_model",
 ]
 
@@ -488,40 +487,3 @@ def export_saved_model(
         _check_close(reference, exported.astype(np.float64), "Exported SavedModel")
 
     return write_version(root, write, version=version, overwrite=overwrite)
-
-
-# -------------------------------------------------------------------------------- a saved model
-def export_keras_file(
-    model_path: str | os.PathLike,
-    export_dir: str | os.PathLike = "saved_models",
-    *,
-    name: str = DEFAULT_NAME,
-    check_files: Sequence[str | os.PathLike] | None = None,
-    **kwargs,
-) -> pathlib.Path:
-    """Loads a trained `.keras` model (`tfbn.utils.saving.load_model`) and exports it (`tfbn
-    export`).
-
-    Args:
-        model_path: The trained model, a `.keras` file.
-        export_dir: Base folder of the exports.
-        name: Model name, the folder under `export_dir`.
-        check_files: Images to check the export on: IDX image files or PNG/JPEG files
-            (default: a fixed synthetic sample).
-        **kwargs: Passed to `export_saved_model` (`name`, `version`, `fold`, `class_names`, ...).
-
-    Returns:
-        The version folder written.
-    """
-    from tfbn.utils.saving import load_model
-
-    _model_root(export_dir, name)  # before loading the model: the quick checks first
-    model = load_model(model_path)
-    check_data = None
-    if check_files:
-        from tfbn.workflow.serving import load_images
-
-        spec = _model_input(model, kwargs.get("input_shape"))
-        spatial = [d for i, d in enumerate(spec.shape) if i != spec.channel_axis]
-        check_data, _ = load_images(check_files, image_size=tuple(spatial))
-    return export_saved_model(model, export_dir, name=name, check_data=check_data, **kwargs)
