@@ -252,6 +252,23 @@ def test_no_intact_checkpoint_fails_in_one_line_naming_the_file_and_what_to_do(
     assert str(weights) in err[-1] and f"Delete {run_dir} " in err[-1]
 
 
+def test_checkpoints_from_before_the_manifest_are_named_as_such_with_what_to_do(
+    tmp_path, reference, capsys
+):
+    run_dir = _copy_of_reference_run(reference, tmp_path)
+    for folder in (run_dir / "checkpoints").glob("epoch-*"):
+        (folder / "manifest.json").unlink()  # the layout older tfbn versions wrote
+    code = cli.main(["train", "--run-dir", str(run_dir), "--no-export", "--seed", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 3, err
+    assert not any("damaged" in line for line in err), err
+    newest = run_dir / "checkpoints" / "epoch-0002"
+    assert err[-1].startswith(f"tfbn train: error: Argument `run_dir`: the checkpoint {newest} ")
+    assert "older tfbn (no manifest.json)" in err[-1]
+    assert "another run_dir" in err[-1] and f"delete {run_dir}." in err[-1]
+
+
 # ---------------------------------------------------------------------------------- OS errors
 def test_invalid_arguments_create_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"

@@ -246,6 +246,8 @@ def _load_npz(path: pathlib.Path) -> list[np.ndarray]:
 # -------------------------------------------------------------------------------- checkpoints
 _FILES = ("weights.npz", "optimizer.npz", "state.json")
 _MANIFEST = "manifest.json"
+# The problem of a folder written before checkpoints had a manifest (state.json, no manifest.json).
+_FROM_OLDER_TFBN = f"written by an older tfbn (no {_MANIFEST})"
 
 
 def _file_record(path: pathlib.Path) -> dict:
@@ -263,7 +265,7 @@ def _checkpoint_problem(path: pathlib.Path) -> str | None:
             name: (int(listed[name]["bytes"]), str(listed[name]["sha256"])) for name in _FILES
         }
     except FileNotFoundError:
-        return f"{manifest} is missing"
+        return _FROM_OLDER_TFBN if (path / "state.json").is_file() else f"{manifest} is missing"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{manifest} cannot be read ({type(error).__name__})"
     for name, (size, digest) in wanted.items():
@@ -313,10 +315,17 @@ class _Checkpoints:
             problem = _checkpoint_problem(path)
             if problem is None:
                 return path, json.loads((path / "state.json").read_text())
-            print(f"tfbn: skipping the damaged checkpoint {path}: {problem}", file=sys.stderr)
+            kind = "" if problem == _FROM_OLDER_TFBN else "damaged "
+            print(f"tfbn: skipping the {kind}checkpoint {path}: {problem}", file=sys.stderr)
             damaged.append((path, problem))
         if damaged:
             path, problem = damaged[0]
+            if problem == _FROM_OLDER_TFBN:
+                raise UsageError(
+                    f"Argument `run_dir`: the checkpoint {path} was {problem}, which this version "
+                    "cannot check: start afresh with another run_dir, or delete "
+                    f"{self.root.parent}."
+                )
             raise UsageError(
                 f"Argument `run_dir`: no intact checkpoint in {self.root} ({path}: {problem}). "
                 f"Delete {self.root.parent} to start the run over, or use another run_dir."
