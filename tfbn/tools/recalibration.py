@@ -33,6 +33,7 @@ Sequential or functional model, nested Sequential and functional models included
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from typing import NamedTuple
@@ -214,13 +215,6 @@ def _local(strategy, results):
     return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], results)
 
 
-def _distributed(strategy, replica_function):
-    """`replica_function` run on every replica, traced once (the batch size may vary)."""
-    return tf.function(
-        lambda values: strategy.run(replica_function, args=(values,)), reduce_retracing=True
-    )
-
-
 # ------------------------------------------------------------------------------- the variables
 def _statistics_variables(layer) -> list:
     names = ("moving_mean", "moving_variance", "moving_stddev")
@@ -366,62 +360,127 @@ class _Progress:
             print(f"  {batches} batches in {time.perf_counter() - self.started:.1f} s", flush=True)
 
 
+# ------------------------------------------------------------------------ compiled functions
+def _on_replicas(strategy, replica_function, values):
+    return strategy.run(replica_function, args=(values,))
+
+
+class _Compiled:
+    """`replica_function(values)` run on every replica of `strategy` in a `tf.function`.
+
+    Plain tensors are traced once per signature (the shapes but the batch axis, the dtypes),
+    whatever the batch size; distributed values once, then once more with relaxed shapes if
+    the batch size changes. Each `_Compiled` traces a `functools.partial` of its own, which
+    TensorFlow counts apart from every other function's: tracing one function per level is not
+    "retracing".
+    """
+
+    def __init__(self, strategy, replica_function):
+        self.run = functools.partial(_on_replicas, strategy, replica_function)
+        self.traced: dict = {}
+
+    def __call__(self, values: tuple):
+        if any(isinstance(v, tf.distribute.DistributedValues) for v in values):
+            if "relaxed" not in self.traced:
+                self.traced["relaxed"] = tf.function(self.run, reduce_retracing=True)
+            return self.traced["relaxed"](values)
+        values = tuple(tf.convert_to_tensor(v) for v in values)
+        key = tuple((tuple(v.shape[1:]), v.dtype) for v in values)
+        if key not in self.traced:
+            spec = tuple(tf.TensorSpec((None, *v.shape[1:]), v.dtype) for v in values)
+            self.traced[key] = tf.function(self.run, input_signature=(spec,))
+        return self.traced[key](values)
+
+
+_FUNCTIONS = "_tfbn_recalibration_functions"
+
+
+class _Functions:
+    """The compiled functions of a model's recalibration passes, made when first needed.
+
+    They are kept with the model (`_functions_for`) so that a later call on the same graph and
+    strategy traces nothing again.
+    """
+
+    def __init__(self, plan: _Plan, strategy: tf.distribute.Strategy):
+        self.plan, self.strategy = plan, strategy
+        self.made: dict = {}
+
+    def _get(self, key, make) -> _Compiled:
+        if key not in self.made:
+            self.made[key] = _Compiled(self.strategy, make())
+        return self.made[key]
+
+    def segment(self, q: int, measure: bool) -> _Compiled:
+        """Segment `q` from frontier `q - 1` (or the inputs) to frontier `q`; returns that
+        frontier and, with `measure`, the moments of level `q + 1`'s inputs."""
+        plan = self.plan
+        keys_in = plan.frontiers[q - 1] if q else plan.graph.inputs
+        level = plan.levels[q] if measure else ()
+        return self._get(
+            ("segment", q, measure),
+            lambda: _segment(plan.segments[q], keys_in, plan.frontiers[q], level),
+        )
+
+    def sweep(self, normalize: bool) -> _Compiled:
+        return self._get(("sweep", normalize), lambda: _sweep(self.plan, normalize))
+
+
+def _functions_for(model: keras.Model, plan: _Plan, strategy) -> _Functions:
+    """The `_Functions` kept with `model` for `plan`'s graph and `strategy` (new ones if the
+    graph or the strategy changed: only the latest are kept)."""
+    key = (tuple(id(step.node) for step in plan.graph.steps), id(strategy))
+    kept = model.__dict__.get(_FUNCTIONS)
+    if kept is None or kept[0] != key:
+        # Set past Keras's attribute tracking: the functions are no state of the model.
+        kept = (key, _Functions(plan, strategy))
+        object.__setattr__(model, _FUNCTIONS, kept)
+    return kept[1]
+
+
 # ---------------------------------------------------------------------------------- the passes
-def _segment(steps, keys_in, keys_out):
-    """A replica function: the tensors `keys_in` through `steps` to the tensors `keys_out`."""
+def _segment(steps, keys_in, keys_out, level):
+    """A replica function: the tensors `keys_in` through `steps` to the tensors `keys_out`, and
+    the moments of the inputs of the batch norms `level` (found among `keys_out`)."""
 
     def replica(values):
         computed = graph.run(steps, dict(zip(keys_in, values, strict=True)))
-        return tuple(computed[key] for key in keys_out)
+        moments = _moments([computed[step.inputs[0]] for step in level], level)
+        return tuple(computed[key] for key in keys_out), tuple(moments)
 
     return replica
 
 
-def _measurement(level, keys):
-    """A replica function: the moments of the inputs of the batch norms `level`, from `keys`."""
-
-    def replica(values):
-        values = dict(zip(keys, values, strict=True))
-        return tuple(_moments([values[step.inputs[0]] for step in level], level))
-
-    return replica
-
-
-def _exact_passes(plan: _Plan, batches: _Batches, max_cache_bytes: int, progress) -> dict:
+def _exact_passes(
+    plan: _Plan, batches: _Batches, max_cache_bytes: int, progress, functions: _Functions
+) -> dict:
     """Level-by-level passes; returns the accumulator of each batch-norm step.
 
     The latest frontier whose tensors for all examples fit in `max_cache_bytes` is kept in
     memory (with the one being built, up to twice that), and each pass starts from it, or from
-    the inputs if none fits.
+    the inputs if none fits. Pass p makes one call per batch for segment p - 1 and the
+    measurement of level p together (plus one per segment it recomputes).
     """
     strategy = batches.strategy
-    keys_in = (plan.graph.inputs, *plan.frontiers[:-1])
-    advance = [
-        _distributed(strategy, _segment(steps, k_in, k_out))
-        for steps, k_in, k_out in zip(plan.segments, keys_in, plan.frontiers, strict=True)
-    ]
-    measure = [
-        _distributed(strategy, _measurement(level, keys))
-        for level, keys in zip(plan.levels, plan.frontiers, strict=True)
-    ]
     sizes = [_bytes_per_example(plan.graph, keys) for keys in plan.frontiers]
     examples, checkpoint, kept, results = None, -1, None, {}
     for number, level in enumerate(plan.levels, start=1):
         q = number - 1
         if kept is None:  # from the inputs, through every segment up to q
-            sources = ((_through(advance[: q + 1], v), batches.examples(v)) for v in batches)
+            sources, first = ((v, batches.examples(v)) for v in batches), 0
         else:  # from the frontier kept in memory
-            sources = ((_through(advance[checkpoint + 1 : q + 1], v), 0) for v in kept)
+            sources, first = ((v, 0) for v in kept), checkpoint + 1
         fits = examples is None or examples * sizes[q] <= max_cache_bytes
         keep = number < len(plan.levels) and fits
         new, seen, accumulators = [], 0, [_Accumulator() for _ in level]
         progress.start(number, level)
         count = 0
         for count, (values, size) in enumerate(sources, start=1):
-            for accumulator, packed in zip(
-                accumulators, _local(strategy, measure[q](values)), strict=True
-            ):
-                accumulator.add(packed.numpy())
+            for p in range(first, q):
+                values, _ = functions.segment(p, measure=False)(values)
+            values, packed = functions.segment(q, measure=True)(values)
+            for accumulator, moments in zip(accumulators, _local(strategy, packed), strict=True):
+                accumulator.add(moments.numpy())
             seen += size
             if keep:
                 new.append(values)
@@ -435,12 +494,6 @@ def _exact_passes(plan: _Plan, batches: _Batches, max_cache_bytes: int, progress
         if keep:
             kept, checkpoint = new, q
     return results
-
-
-def _through(pieces, values):
-    for piece in pieces:
-        values = piece(values)
-    return values
 
 
 def _normalized(layer, x, packed):
@@ -488,12 +541,13 @@ def _sweep(plan: _Plan, normalize: bool):
     return replica
 
 
-def _fast_passes(plan: _Plan, batches: _Batches, passes: int, progress) -> dict:
+def _fast_passes(
+    plan: _Plan, batches: _Batches, passes: int, progress, functions: _Functions
+) -> dict:
     """`passes` sweeps over the whole network; returns the accumulator of each batch-norm step."""
     strategy = batches.strategy
-    sweeps = [_distributed(strategy, _sweep(plan, normalize)) for normalize in (True, False)]
     for number in range(1, passes + 1):
-        sweep = sweeps[0 if number == 1 else 1]
+        sweep = functions.sweep(normalize=number == 1)
         accumulators = [_Accumulator() for _ in plan.steps]
         progress.start(number, plan.steps)
         count = 0
@@ -587,15 +641,16 @@ def recalibrate(
         )
     _check_shapes(model, plan.graph, dataset)
     batches = _Batches(dataset, steps, strategy or tf.distribute.get_strategy())
+    functions = _functions_for(model, plan, batches.strategy)
+    plan = functions.plan  # the same graph: the steps the kept functions were made from
     before = {step: [v.numpy() for v in _statistics_variables(step.layer)] for step in plan.steps}
     try:
         if mode == "exact":
             progress = _Progress(verbose, len(plan.levels), batches.length)
-            results = _exact_passes(plan, batches, max_cache_bytes, progress)
+            results = _exact_passes(plan, batches, max_cache_bytes, progress, functions)
         else:
-            results = _fast_passes(
-                plan, batches, passes, _Progress(verbose, passes, batches.length)
-            )
+            progress = _Progress(verbose, passes, batches.length)
+            results = _fast_passes(plan, batches, passes, progress, functions)
     except BaseException:
         for step, values in before.items():
             for variable, value in zip(_statistics_variables(step.layer), values, strict=True):
