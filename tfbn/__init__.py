@@ -34,6 +34,7 @@ LIBRARY_MODULES = (
     "tfbn.tools.folding",
     "tfbn.tools.recalibration",
     "tfbn.tools.export",
+    "tfbn.tools.inspect",
 )
 
 # Public name -> "module:attribute". Library names are bound once the library is imported;
@@ -46,6 +47,7 @@ _LIBRARY = {
     "recalibrate": "tfbn.tools.recalibration:recalibrate",
     "fold_batch_norm": "tfbn.tools.folding:fold_batch_norm",
     "export_saved_model": "tfbn.tools.export:export_saved_model",
+    "inspect": "tfbn.tools.inspect:inspect",
 }
 _APPLICATION = {
     "CLASS_NAMES": "tfbn.workflow.config:CLASS_NAMES",

@@ -1,0 +1,413 @@
+"""`tfbn.inspect`: batch-norm statistics against float64 NumPy references on the same data."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfbn
+from tfbn.tools import inspect as inspect_module
+from tfbn.tools.inspect import inspect
+
+BATCH = 32
+BN_KINDS = {
+    "keras": keras.layers.BatchNormalization,
+    "tfbn": tfbn.BatchNorm,
+}
+
+
+# ------------------------------------------------------------------------------------ the models
+def _sequential(bn):
+    """Conv -> BN -> ReLU -> Conv -> BN -> tanh -> Flatten -> Dense -> BN -> Dense (softmax)."""
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3, name="conv1"),
+            bn(name="bn1"),
+            keras.layers.Activation("relu"),
+            keras.layers.Conv2D(3, 3, name="conv2"),
+            bn(name="bn2"),
+            keras.layers.Activation("tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(5, name="dense"),
+            bn(name="bn3"),
+            keras.layers.Dense(3, activation="softmax", name="out"),
+        ],
+        name="seq",
+    )
+
+
+def _functional():
+    """Two branches with different BN kinds, then a BN after the merge (depends on both)."""
+    inputs = keras.Input((6,))
+    a = tfbn.BatchNorm(name="bn_a")(keras.layers.Dense(4, name="a")(inputs))
+    b = keras.layers.BatchNormalization(name="bn_b")(keras.layers.Dense(3, name="b")(inputs))
+    merged = keras.layers.Concatenate()([keras.layers.Activation("tanh")(a), b])
+    merged = keras.layers.BatchNormalization(name="bn_c")(keras.layers.Dense(5, name="c")(merged))
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(merged), name="func")
+
+
+def _nested():
+    """A Sequential block (Conv -> BN -> ReLU) inside a functional model, a BN after it."""
+    block = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3, name="conv"),
+            tfbn.BatchNorm(name="inner_bn"),
+            keras.layers.Activation("relu"),
+        ],
+        name="block",
+    )
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Flatten()(block(inputs))
+    h = keras.layers.BatchNormalization(name="outer_bn")(keras.layers.Dense(4, name="d")(h))
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(h), name="nested")
+
+
+def _data(rng, shape, n=100):
+    return (rng.normal(0.5, 2.0, (n, *shape))).astype("float32")
+
+
+def _randomize(model, rng):
+    """Moving statistics far from anything the data gives."""
+    for layer in tfbn.tools.recalibration.batch_norm_layers(model):
+        channels = layer.moving_mean.shape[0]
+        layer.moving_mean.assign(rng.normal(0.0, 3.0, channels).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.05, 20.0, channels).astype("float32"))
+
+
+def _copy(model):
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _batches(x):
+    return [x[i : i + BATCH] for i in range(0, len(x), BATCH)]
+
+
+def _healthy(model, x):
+    """`model` with statistics recalibrated as the moving averages track them: each layer's
+    input with the batch norms before it normalizing with batch statistics (fast mode, 1 pass)."""
+    tfbn.recalibrate(model, [(b,) for b in _batches(x)], mode="fast", verbose=0)
+    return model
+
+
+# ---------------------------------------------------------------------------- the references
+def _reference_statistics(model, layer, x, inputs_of=None):
+    """Float64 mean and biased variance of `layer`'s input over `x`, with the batch norms before
+    it in training mode (on a copy of the model: training mode updates moving statistics)."""
+    copy = _copy(model)
+    if inputs_of is None:
+        sub = keras.Model(copy.inputs[0], copy.get_layer(layer.name).input)
+    else:
+        sub = inputs_of(copy)
+    values = np.concatenate(
+        [np.asarray(sub(b, training=True), np.float64) for b in _batches(x)], axis=0
+    )
+    values = np.moveaxis(values, layer.axis, -1).reshape(-1, values.shape[layer.axis])
+    return values.mean(axis=0), values.var(axis=0)
+
+
+def _check_against_reference(report_layer, layer, mean, variance):
+    np.testing.assert_allclose(report_layer.population_mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(report_layer.population_variance, variance, rtol=1e-4)
+    moving_mean = np.asarray(layer.moving_mean, np.float64)
+    moving_variance = np.asarray(layer.moving_variance, np.float64)
+    shifts = np.abs(moving_mean - mean) / np.sqrt(variance)
+    ratios = moving_variance / variance
+    assert report_layer.mean_shift == pytest.approx(shifts.max(), rel=1e-4)
+    assert report_layer.mean_shift_channel == int(np.argmax(shifts))
+    furthest = int(np.argmax(np.abs(np.log(ratios))))
+    assert report_layer.variance_ratio == pytest.approx(ratios[furthest], rel=1e-4)
+    assert report_layer.variance_ratio_channel == furthest
+
+
+@pytest.mark.parametrize("kind", sorted(BN_KINDS))
+def test_population_statistics_match_per_layer_submodels(kind, rng):
+    model = _sequential(BN_KINDS[kind])
+    _randomize(model, rng)
+    x = _data(rng, (6, 6, 2))
+    report = inspect(model, x, verbose=0)
+    assert [layer.name for layer in report.layers] == ["bn1", "bn2", "bn3"]
+    assert report.examples == len(x)
+    for report_layer, name in zip(report.layers, ["bn1", "bn2", "bn3"], strict=True):
+        layer = model.get_layer(name)
+        _check_against_reference(report_layer, layer, *_reference_statistics(model, layer, x))
+        assert report_layer.channels == layer.moving_mean.shape[0]
+
+
+def test_functional_model_with_both_kinds(rng):
+    model = _functional()
+    _randomize(model, rng)
+    x = _data(rng, (6,))
+    report = inspect(model, x, verbose=0)
+    assert [layer.name for layer in report.layers] == ["bn_a", "bn_b", "bn_c"]
+    for report_layer in report.layers:
+        layer = model.get_layer(report_layer.name)
+        _check_against_reference(report_layer, layer, *_reference_statistics(model, layer, x))
+
+
+def test_nested_model(rng):
+    model = _nested()
+    _randomize(model, rng)
+    x = _data(rng, (6, 6, 2))
+    report = inspect(model, x, verbose=0)
+    assert [layer.name for layer in report.layers] == ["block/inner_bn", "outer_bn"]
+    block = model.get_layer("block")
+    inner = block.get_layer("inner_bn")
+    inner_input = _reference_statistics(
+        model,
+        inner,
+        x,
+        lambda copy: keras.Model(
+            copy.get_layer("block").inputs[0], copy.get_layer("block").get_layer("inner_bn").input
+        ),
+    )
+    _check_against_reference(report.layers[0], inner, *inner_input)
+    outer = model.get_layer("outer_bn")
+    _check_against_reference(report.layers[1], outer, *_reference_statistics(model, outer, x))
+
+
+# ------------------------------------------------------------------------------- the verdicts
+def _damage_mean(layer, report_layer, channel):
+    mean = np.array(layer.moving_mean)
+    mean[channel] += 3.0 * np.sqrt(report_layer.population_variance[channel])
+    layer.moving_mean.assign(mean)
+
+
+def _damage_variance(layer, report_layer, channel):
+    variance = np.array(layer.moving_variance)
+    variance[channel] *= 10.0
+    layer.moving_variance.assign(variance)
+
+
+def _damage_nan(layer, report_layer, channel):
+    mean = np.array(layer.moving_mean)
+    mean[channel] = np.nan
+    layer.moving_mean.assign(mean)
+
+
+DAMAGES = {"mean": _damage_mean, "variance": _damage_variance, "nan": _damage_nan}
+
+
+@pytest.fixture(scope="module")
+def healthy_model():
+    """A recalibrated `_sequential` model, its data and labels it predicts right."""
+    rng = np.random.default_rng(5)
+    model = _sequential(tfbn.BatchNorm)
+    x = _data(rng, (6, 6, 2))
+    _healthy(model, x)
+    y = np.argmax(model.predict(x, verbose=0), axis=-1)
+    return model, x, y
+
+
+@pytest.mark.parametrize(
+    ("damage", "target"), [("mean", "bn1"), ("variance", "bn2"), ("nan", "bn3"), ("mean", "bn3")]
+)
+def test_damaged_layer_and_only_it_is_flagged(healthy_model, damage, target):
+    source, x, y = healthy_model
+    model = _copy(source)
+    healthy = inspect(model, (x, y), verbose=0)
+    assert healthy.flagged == []
+    DAMAGES[damage](model.get_layer(target), healthy.layers[["bn1", "bn2", "bn3"].index(target)], 1)
+    report = inspect(model, (x, y), verbose=0)
+    assert report.flagged == [target]
+    (reason,) = report.layers[["bn1", "bn2", "bn3"].index(target)].reasons
+    assert {"mean": "moving mean", "variance": "moving variance", "nan": "non-finite"}[
+        damage
+    ] in reason
+    assert not report.output_gap <= healthy.output_gap  # larger, or NaN
+    assert "FLAGGED" in repr(report) and target in repr(report).splitlines()[-1]
+
+
+def test_recalibrated_model_flags_nothing(rng):
+    model = _sequential(keras.layers.BatchNormalization)
+    _randomize(model, rng)
+    x = _data(rng, (6, 6, 2))
+    assert inspect(model, x, verbose=0).flagged == ["bn1", "bn2", "bn3"]
+    tfbn.recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(BATCH), verbose=0)
+    report = inspect(model, x, verbose=0)
+    assert report.flagged == []
+    assert all(layer.mean_shift < 0.5 for layer in report.layers)
+    assert repr(report).splitlines()[-1].startswith("OK")
+
+
+def test_dead_channel_is_counted_not_flagged(rng):
+    model = _sequential(keras.layers.BatchNormalization)
+    conv2 = model.get_layer("conv2")
+    kernel, bias = (np.array(v) for v in conv2.weights)
+    kernel[..., 0], bias[0] = 0.0, 0.25  # channel 0 of bn2's input is constant
+    conv2.set_weights([kernel, bias])
+    x = _data(rng, (6, 6, 2))
+    _healthy(model, x)
+    report = inspect(model, x, verbose=0)
+    assert [layer.dead_channels for layer in report.layers] == [0, 1, 0]
+    assert report.flagged == []
+
+
+def test_model_variables_are_unchanged(healthy_model):
+    source, x, y = healthy_model
+    model = _copy(source)
+    _damage_mean(model.get_layer("bn2"), inspect(model, x, verbose=0).layers[1], 0)
+    before = [np.array(v) for v in model.variables]
+    inspect(model, (x, y), verbose=0)
+    for value, variable in zip(before, model.variables, strict=True):
+        np.testing.assert_array_equal(np.array(variable), value, err_msg=variable.path)
+
+
+def test_accuracy_as_is_and_recalibrated_match_evaluating_copies(healthy_model):
+    source, x, y = healthy_model
+    model = _copy(source)
+    _damage_variance(model.get_layer("bn1"), None, 0)
+    _damage_mean(model.get_layer("bn3"), inspect(model, x, verbose=0).layers[2], 2)
+    report = inspect(model, (x, y), verbose=0)
+    as_is = np.mean(np.argmax(model.predict(x, verbose=0), axis=-1) == y)
+    recalibrated = _healthy(_copy(model), x)
+    after = np.mean(np.argmax(recalibrated.predict(x, verbose=0), axis=-1) == y)
+    assert report.accuracy == pytest.approx(as_is)
+    assert report.accuracy_recalibrated == pytest.approx(after)
+    assert report.accuracy < report.accuracy_recalibrated
+
+
+def test_output_gap_against_numpy(healthy_model):
+    source, x, _ = healthy_model
+    model = _copy(source)
+    _damage_mean(model.get_layer("bn2"), inspect(model, x, verbose=0).layers[1], 0)
+    report = inspect(model, x, verbose=0)
+    inference = np.asarray(model.predict(x, batch_size=BATCH, verbose=0), np.float64)
+    copy = _copy(model)  # training mode updates the copy's moving statistics
+    training = np.concatenate([np.asarray(copy(b, training=True), np.float64) for b in _batches(x)])
+    scale = np.abs(training).mean()
+    assert report.output_scale == pytest.approx(scale, rel=1e-5)
+    assert report.output_gap == pytest.approx(np.abs(inference - training).mean() / scale, 1e-4)
+    assert report.output_gap_max == pytest.approx(np.abs(inference - training).max() / scale, 1e-4)
+
+
+# ------------------------------------------------------------------------------------- the data
+def test_every_form_of_data_gives_the_same_statistics(healthy_model):
+    model, x, y = healthy_model
+    reference = inspect(model, (x, y), verbose=0)
+    forms = {
+        "dataset": tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH),
+        "list": [(b, y[i * BATCH : (i + 1) * BATCH]) for i, b in enumerate(_batches(x))],
+        "generator": ((b, y[i * BATCH : (i + 1) * BATCH]) for i, b in enumerate(_batches(x))),
+    }
+    for name, data in forms.items():
+        report = inspect(model, data, verbose=0)
+        assert report.examples == len(x), name
+        assert report.accuracy == reference.accuracy, name
+        for a, b in zip(report.layers, reference.layers, strict=True):
+            np.testing.assert_allclose(a.population_mean, b.population_mean, rtol=1e-6)
+            np.testing.assert_allclose(a.population_variance, b.population_variance, rtol=1e-6)
+    # A one-shot iterator gives one pass: no recalibrated accuracy.
+    assert report.accuracy_recalibrated is None
+    assert reference.accuracy_recalibrated is not None
+    assert inspect(model, x, steps=2, verbose=0).examples == 2 * BATCH
+
+
+def test_one_trace_for_all_batch_sizes(healthy_model, monkeypatch):
+    model, x, _ = healthy_model
+    compiled = []
+    original = inspect_module._compile
+
+    def recording(function, flat):
+        compiled.append(original(function, flat))
+        return compiled[-1]
+
+    monkeypatch.setattr(inspect_module, "_compile", recording)
+    inspect(model, x[:70], batch_size=BATCH, verbose=0)  # batches of 32, 32 and 6
+    (function,) = compiled
+    assert function.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(data=np.zeros((0, 6, 6, 2), "float32")), "no examples"),
+        (dict(data=np.zeros((4, 6, 6), "float32")), "(4, 6, 6)"),
+        (dict(data=np.full((4, 6, 6, 2), np.nan, "float32")), "non-finite"),
+        (dict(data=(np.zeros((4, 6, 6, 2), "float32"), np.zeros(3))), "same number"),
+        (
+            dict(
+                data=tf.data.Dataset.from_tensor_slices(np.zeros((4, 6, 6, 2))).batch(2),
+                batch_size=2,
+            ),
+            "batch_size",
+        ),
+        (dict(data=[]), "no batches"),
+        (
+            dict(data=np.zeros((4, 6, 6, 2), "float32"), variance_threshold=1.0),
+            "variance_threshold",
+        ),
+        (dict(data=np.zeros((4, 6, 6, 2), "float32"), mean_threshold=-1), "mean_threshold"),
+        (dict(data="x.npy"), "NumPy arrays"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_pass(healthy_model, arguments, message, monkeypatch):
+    model, _, _ = healthy_model
+
+    def no_pass(*args):
+        raise AssertionError("a pass started")
+
+    monkeypatch.setattr(inspect_module, "_compile", no_pass)
+    with pytest.raises(ValueError) as error:
+        inspect(model, verbose=0, **arguments)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    if message == "(4, 6, 6)":
+        assert "(None, 6, 6, 2)" in str(error.value)
+
+
+def test_model_without_batch_norm_is_refused():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no batch-norm layer"):
+        inspect(model, np.zeros((4, 3), "float32"), verbose=0)
+
+
+def test_non_finite_batch_of_a_dataset_is_refused(healthy_model):
+    model, x, _ = healthy_model
+    x = x.copy()
+    x[40] = np.inf
+    with pytest.raises(ValueError, match="batch 2 holds non-finite"):
+        inspect(model, tf.data.Dataset.from_tensor_slices(x).batch(BATCH), verbose=0)
+
+
+# ----------------------------------------------------------------------------------- the report
+def test_to_dict_is_json_with_the_documented_shape(healthy_model):
+    source, x, y = healthy_model
+    model = _copy(source)
+    _damage_nan(model.get_layer("bn1"), None, 0)
+    report = inspect(model, (x, y), verbose=0)
+    result = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert result["model"] == "seq" and result["examples"] == len(x)
+    assert result["flagged"] == ["bn1"]
+    assert set(result) >= {"output_gap", "output_gap_max", "accuracy", "accuracy_recalibrated"}
+    assert [layer["name"] for layer in result["layers"]] == ["bn1", "bn2", "bn3"]
+    for layer, full in zip(result["layers"], report.layers, strict=True):
+        assert set(layer) >= {
+            "name",
+            "flagged",
+            "mean_shift",
+            "variance_ratio",
+            "dead_channels",
+            "non_finite",
+            "foldable",
+            "fold_reason",
+            "reasons",
+            "channels",
+        }
+        assert layer["flagged"] == full.flagged and layer["non_finite"] == full.non_finite
+    assert result["layers"][0]["non_finite"] == 1
+    assert result["output_gap"] is None  # the NaN reaches the output
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_foldable_follows_fold_plan(rng):
+    model = _nested()
+    report = inspect(model, _data(rng, (6, 6, 2)), verbose=0)
+    plan = tfbn.tools.folding.fold_plan(model)
+    for layer in report.layers:
+        assert layer.foldable == (plan[layer.name].into is not None)
+    assert report.layers[1].foldable and report.layers[1].fold_reason == "folds into 'd'"

@@ -1,0 +1,726 @@
+"""Batch-norm health: each layer's moving statistics against the data it receives.
+
+`inspect(model, data)` makes one pass over `data` and, for every batch-norm layer of the model
+(`keras.layers.BatchNormalization`, `tfbn.BatchNorm` included, nested Sequential and functional
+models included), compares its moving mean and variance with the population statistics of the
+input it receives, channel by channel.
+
+The reference: each layer's input when the batch-norm layers before it normalize with the
+statistics of the current batch, as during training (the other layers run in inference mode, so
+dropout is off and the reference is deterministic). That is the distribution the moving averages
+were meant to track, and it does not depend on the moving statistics upstream: a damaged layer is
+flagged and the healthy layers after it, which in inference mode merely receive its shifted
+output, are not.
+
+Per channel, the population mean and biased variance are exact over all values seen: per batch
+the sums of `x - m` and `(x - m)^2` (`m` the layer's moving mean, for precision) are taken on the
+device and accumulated in float64 on the host. Keras 3 tracks the biased batch variance; tools
+that track the Bessel-corrected one are off by a factor `n / (n - 1)`, far inside the default
+thresholds.
+
+The effect on the model is measured in the same pass: how far its output in inference mode is
+from its output with every batch norm normalizing with batch statistics, on the same batches.
+With labels, the report also has the accuracy as is and with the measured statistics (a second
+pass, in which they replace the moving statistics without changing the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Iterable, Iterator
+
+import keras
+import numpy as np
+
+from tfbn.tools import graph
+from tfbn.tools.folding import fold_plan
+from tfbn.tools.recalibration import batch_norm_layers
+from tfbn.utils.arguments import check_count
+
+__all__ = ["InspectReport", "LayerReport", "inspect"]
+
+#: A channel whose population variance is at most this fraction of the layer's `epsilon` is dead:
+#: its normalized output is constant.
+DEAD_VARIANCE = 1e-4
+
+
+# ------------------------------------------------------------------------------------ the report
+def _number(value) -> float | None:
+    """A JSON-safe float: `None` for NaN and infinities."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LayerReport:
+    """One batch-norm layer's moving statistics against the population statistics of its input.
+
+    Attributes:
+        name: The layer's path (`"outer/inner"` inside a nested model).
+        channels: Number of channels.
+        mean_shift: Max over channels of `|moving_mean - population_mean| / population_std`.
+        mean_shift_channel: The channel of `mean_shift`.
+        variance_ratio: `moving_variance / population_variance` of the channel furthest from 1
+            in log terms.
+        variance_ratio_channel: The channel of `variance_ratio`.
+        dead_channels: Channels whose population variance is ~0 (at most `DEAD_VARIANCE` times
+            `epsilon`); left out of `mean_shift` and `variance_ratio`, not a fault.
+        non_finite: Channels whose moving mean or variance is NaN or infinite; left out of
+            `mean_shift` and `variance_ratio`, and a fault.
+        foldable: Whether `tfbn.fold_batch_norm` folds the layer into the one before it.
+        fold_reason: What it folds into, or why it cannot.
+        flagged: Whether the layer's statistics are off (see `reasons`).
+        reasons: One line per fault found.
+        population_mean: Per channel, float64.
+        population_variance: Per channel (biased), float64.
+        moving_mean: Per channel, float64.
+        moving_variance: Per channel, float64.
+    """
+
+    name: str
+    channels: int
+    mean_shift: float
+    mean_shift_channel: int | None
+    variance_ratio: float
+    variance_ratio_channel: int | None
+    dead_channels: int
+    non_finite: int
+    foldable: bool
+    fold_reason: str
+    flagged: bool
+    reasons: tuple[str, ...]
+    population_mean: np.ndarray
+    population_variance: np.ndarray
+    moving_mean: np.ndarray
+    moving_variance: np.ndarray
+
+    def to_dict(self) -> dict:
+        """The scalars, JSON-safe (NaN and infinities as `None`); no per-channel arrays."""
+        return {
+            "name": self.name,
+            "flagged": self.flagged,
+            "reasons": list(self.reasons),
+            "channels": self.channels,
+            "mean_shift": _number(self.mean_shift),
+            "mean_shift_channel": self.mean_shift_channel,
+            "variance_ratio": _number(self.variance_ratio),
+            "variance_ratio_channel": self.variance_ratio_channel,
+            "dead_channels": self.dead_channels,
+            "non_finite": self.non_finite,
+            "foldable": self.foldable,
+            "fold_reason": self.fold_reason,
+        }
+
+    def __repr__(self) -> str:
+        state = "flagged" if self.flagged else "ok"
+        return (
+            f"<LayerReport {self.name!r} {state}: mean shift {self.mean_shift:.3g} std, "
+            f"variance ratio {self.variance_ratio:.3g}>"
+        )
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class InspectReport:
+    """What `inspect` found: one `LayerReport` per batch-norm layer and the effect on the output.
+
+    Attributes:
+        model: The model's name.
+        examples: Number of examples the statistics were taken over.
+        layers: One `LayerReport` per batch-norm layer, in network order.
+        mean_threshold: A layer is flagged at a mean shift of this many population stds.
+        variance_threshold: A layer is flagged at a variance ratio of this or its inverse.
+        output_gap: Mean over all output values of `|inference - training|`, relative to
+            `output_scale`: how far the model's inference-mode output is from its output with
+            every batch norm normalizing with batch statistics.
+        output_gap_max: The largest `|inference - training|`, relative to `output_scale`.
+        output_scale: Mean of `|training-mode output|` over all output values.
+        accuracy: Accuracy in inference mode as is, when `data` has labels, else `None`.
+        accuracy_recalibrated: Accuracy with the population statistics `inspect` measured in
+            place of the moving statistics, when `data` has labels and can be iterated twice
+            (not a one-shot iterator), else `None`.
+    """
+
+    model: str
+    examples: int
+    layers: tuple[LayerReport, ...]
+    mean_threshold: float
+    variance_threshold: float
+    output_gap: float
+    output_gap_max: float
+    output_scale: float
+    accuracy: float | None = None
+    accuracy_recalibrated: float | None = None
+
+    @property
+    def flagged(self) -> list[str]:
+        """The names of the flagged layers, in network order."""
+        return [layer.name for layer in self.layers if layer.flagged]
+
+    def verdict(self) -> str:
+        """One line: which layers are flagged, the output gap and, with labels, the accuracies."""
+        if math.isfinite(self.output_gap):
+            gap = f"inference output off by {self.output_gap:.2%} of its scale"
+        else:
+            gap = "inference output not finite"
+        if self.accuracy is not None:
+            gap += f"; accuracy {self.accuracy:.4f} as is"
+        if self.accuracy_recalibrated is not None:
+            gap += f", {self.accuracy_recalibrated:.4f} with the measured statistics"
+        flagged = self.flagged
+        if not flagged:
+            return f"OK: all {len(self.layers)} batch-norm layers match the data ({gap})."
+        return (
+            f"FLAGGED: {len(flagged)} of {len(self.layers)} batch-norm layers "
+            f"({', '.join(flagged)}) do not match the data ({gap}); recalibrate the model on "
+            "it (tfbn.recalibrate)."
+        )
+
+    def to_dict(self) -> dict:
+        """The report as JSON-safe Python values (NaN and infinities as `None`)."""
+        return {
+            "model": self.model,
+            "examples": self.examples,
+            "flagged": self.flagged,
+            "mean_threshold": self.mean_threshold,
+            "variance_threshold": self.variance_threshold,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "output_gap": _number(self.output_gap),
+            "output_gap_max": _number(self.output_gap_max),
+            "output_scale": _number(self.output_scale),
+            "accuracy": _number(self.accuracy),
+            "accuracy_recalibrated": _number(self.accuracy_recalibrated),
+            "verdict": self.verdict(),
+        }
+
+    def __repr__(self) -> str:
+        width = max(len("layer"), *(len(layer.name) for layer in self.layers))
+        header = (
+            f"  {'layer':<{width}}  channels  mean shift (std)  variance ratio  dead  "
+            "non-finite  foldable"
+        )
+        lines = [
+            f"Batch-norm statistics of model '{self.model}' on {self.examples} examples "
+            f"(flagged: mean shift >= {self.mean_threshold:g} std or variance off by >= "
+            f"{self.variance_threshold:g}x):",
+            header,
+        ]
+        for layer in self.layers:
+            mark = "!" if layer.flagged else " "
+            lines.append(
+                f"{mark} {layer.name:<{width}}  {layer.channels:>8}  {layer.mean_shift:>16.3f}  "
+                f"{layer.variance_ratio:>14.3f}  {layer.dead_channels:>4}  {layer.non_finite:>10}  "
+                f"{'yes' if layer.foldable else 'no':>8}"
+            )
+            lines.extend(f"      {reason}" for reason in layer.reasons)
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- the data
+def _is_dataset(data) -> bool:
+    try:
+        import tensorflow as tf
+    except ModuleNotFoundError:
+        return False
+    return isinstance(data, tf.data.Dataset)
+
+
+def _split(batch):
+    """`(x, y)` of a batch that is `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`."""
+    if isinstance(batch, tuple):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        return x, y
+    return batch, None
+
+
+def _is_arrays(data) -> bool:
+    """NumPy arrays `x` (a dict of them for several inputs) or a tuple `(x, y[, weights])`; a
+    list is an iterable of batches."""
+    if isinstance(data, list):
+        return False
+    x = _split(data)[0]
+    leaves = keras.tree.flatten(x)
+    return bool(leaves) and all(isinstance(leaf, np.ndarray) for leaf in leaves)
+
+
+def _check_finite(x) -> None:
+    for leaf in keras.tree.flatten(x):
+        if np.issubdtype(leaf.dtype, np.floating):
+            for start in range(0, len(leaf), 4096):
+                if not np.all(np.isfinite(leaf[start : start + 4096])):
+                    raise ValueError(
+                        "Argument `data` holds non-finite values (NaN or infinity); the statistics "
+                        "need finite inputs."
+                    )
+
+
+def _array_batches(x, y, batch_size: int) -> Iterator:
+    length = len(keras.tree.flatten(x)[0])
+    for start in range(0, length, batch_size):
+        rows = slice(start, start + batch_size)
+        yield (
+            keras.tree.map_structure(lambda a, rows=rows: a[rows], x),
+            None if y is None else y[rows],
+        )
+
+
+def _batches(data, batch_size: int | None, steps: int | None) -> tuple[Iterator, int | None]:
+    """`data` as an iterator of `(x, y)` batches, and its number of batches where known.
+
+    Arrays (`x` or a tuple `(x, y[, sample_weight])`) are cut into batches of `batch_size`
+    (default 32); a `tf.data.Dataset` or another iterable gives batches as they are.
+    """
+    if _is_arrays(data):
+        batch_size = 32 if batch_size is None else batch_size
+        x, y = _split(data)
+        lengths = {len(leaf) for leaf in keras.tree.flatten(x)}
+        if y is not None:
+            lengths |= {len(leaf) for leaf in keras.tree.flatten(y)}
+        if len(lengths) > 1:
+            raise ValueError(
+                "Argument `data`: its arrays must have the same number of examples; received "
+                f"lengths {sorted(lengths)}."
+            )
+        if lengths == {0}:
+            raise ValueError("Argument `data` holds no examples.")
+        _check_finite(x)
+        length = math.ceil(lengths.pop() / batch_size)
+        batches = _array_batches(x, y, batch_size)
+    else:
+        if batch_size is not None:
+            raise ValueError(
+                "Argument `batch_size` applies to NumPy arrays only: a dataset or an iterable "
+                f"gives its own batches; received batch_size={batch_size!r}."
+            )
+        if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+            raise ValueError(
+                "Argument `data` must be NumPy arrays (x or a tuple (x, y)), a tf.data.Dataset or "
+                f"an iterable of batches; received an object of type {type(data).__name__}."
+            )
+        length = len(data) if hasattr(data, "__len__") else None
+        if _is_dataset(data):
+            cardinality = int(data.cardinality())
+            length = cardinality if cardinality >= 0 else None
+        batches = (_split(batch if not isinstance(batch, list) else tuple(batch)) for batch in data)
+    if steps is not None:
+        batches = itertools.islice(batches, steps)
+        length = steps if length is None else min(length, steps)
+    return batches, length
+
+
+def _check_first_batch(model, flat: graph.Graph, batch) -> None:
+    """The batch's inputs have the model's input shapes (where both are known)."""
+    x, _ = batch
+    found = [tuple(np.shape(leaf)) for leaf in keras.tree.flatten(x)]
+    expected = [tuple(flat.tensors[key].shape) for key in flat.inputs]
+
+    def fits(shape, want) -> bool:
+        return len(shape) == len(want) and all(
+            a is None or b is None or a == b for a, b in zip(shape[1:], want[1:], strict=True)
+        )
+
+    if len(found) != len(expected) or not all(map(fits, found, expected)):
+
+        def show(shapes):
+            return shapes[0] if len(shapes) == 1 else shapes
+
+        raise ValueError(
+            f"Argument `data`: a batch holds inputs of shape {show(found)}, but model "
+            f"'{model.name}' takes inputs of shape {show(expected)}."
+        )
+
+
+# ------------------------------------------------------------------------------ the computations
+def _channel_axis(layer, rank: int) -> int:
+    return int(layer.axis) % rank
+
+
+def _compute_dtype(x) -> str:
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    return "float64" if dtype == "float64" else "float32"
+
+
+def _shifted_sums(layer, x, shift: np.ndarray):
+    """`[count, sum(x - shift)..., sum((x - shift)^2)...]` per channel of one batch."""
+    rank = len(x.shape)
+    axis = _channel_axis(layer, rank)
+    axes = tuple(i for i in range(rank) if i != axis)
+    dtype = _compute_dtype(x)
+    shape = [1] * rank
+    shape[axis] = -1
+    d = keras.ops.cast(x, dtype) - keras.ops.reshape(keras.ops.cast(shift, dtype), shape)
+    count = keras.ops.cast(keras.ops.size(x) // int(x.shape[axis]), "float64")
+    return keras.ops.concatenate(
+        [
+            keras.ops.reshape(count, (1,)),
+            keras.ops.cast(keras.ops.sum(d, axis=axes), "float64"),
+            keras.ops.cast(keras.ops.sum(d * d, axis=axes), "float64"),
+        ]
+    )
+
+
+def _batch_normalized(layer, x):
+    """`x` normalized by `layer` with the mean and biased variance of the batch itself."""
+    rank = len(x.shape)
+    axis = _channel_axis(layer, rank)
+    axes = tuple(i for i in range(rank) if i != axis)
+    dtype = _compute_dtype(x)
+    xf = keras.ops.cast(x, dtype)
+    mean, variance = keras.ops.moments(xf, axes)
+    gamma = keras.ops.cast(layer.gamma, dtype) if layer.scale else None
+    beta = keras.ops.cast(layer.beta, dtype) if layer.center else None
+    y = keras.ops.batch_normalization(
+        xf, mean, variance, axis, offset=beta, scale=gamma, epsilon=layer.epsilon
+    )
+    return keras.ops.cast(y, x.dtype)
+
+
+def _outputs(flat: graph.Graph, values: dict):
+    return [keras.ops.cast(values[key], "float32") for key in flat.outputs]
+
+
+def _feed(flat: graph.Graph, inputs) -> dict:
+    """The model's input tensors by key, for `graph.run`."""
+    return dict(zip(flat.inputs, inputs, strict=True))
+
+
+def _measure_function(flat: graph.Graph, steps, shifts, labelled: bool):
+    """Per batch: each batch norm's shifted sums, the output-gap sums, whether the inputs are
+    finite and (`labelled`) the inference outputs."""
+    shift_of = {id(step.layer): (step, shift) for step, shift in zip(steps, shifts, strict=True)}
+
+    def measure(*inputs):
+        sums = {}
+
+        def call(step, args, kwargs):
+            if id(step.layer) not in shift_of:
+                return step.layer(*args, **kwargs)
+            sums[id(step.layer)] = _shifted_sums(step.layer, args[0], shift_of[id(step.layer)][1])
+            return _batch_normalized(step.layer, args[0])
+
+        training = _outputs(flat, graph.run(flat.steps, _feed(flat, inputs), call=call))
+        inference = _outputs(flat, graph.run(flat.steps, _feed(flat, inputs)))
+        gap = [keras.ops.abs(i - t) for i, t in zip(inference, training, strict=True)]
+        finite = [
+            keras.ops.all(keras.ops.isfinite(x))
+            for x in inputs
+            if keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype))
+        ]
+        result = {
+            "sums": tuple(sums[id(step.layer)] for step in steps),
+            "gap_sum": sum(keras.ops.sum(g) for g in gap),
+            "gap_max": keras.ops.max(keras.ops.stack([keras.ops.max(g) for g in gap])),
+            "scale_sum": sum(keras.ops.sum(keras.ops.abs(t)) for t in training),
+            "values": sum(keras.ops.cast(keras.ops.size(t), "float32") for t in training),
+            "finite": keras.ops.all(keras.ops.stack(finite)) if finite else True,
+        }
+        if labelled:
+            result["outputs"] = tuple(inference)
+        return result
+
+    return measure
+
+
+def _recalibrated_function(flat: graph.Graph, steps, means, variances):
+    """Per batch: the inference outputs with `means` and `variances` as moving statistics."""
+    mapping = []
+    for step, mean, variance in zip(steps, means, variances, strict=True):
+        for variable, value in (
+            (step.layer.moving_mean, mean),
+            (step.layer.moving_variance, variance),
+        ):
+            mapping.append(
+                (variable, value.astype(keras.backend.standardize_dtype(variable.dtype)))
+            )
+
+    def forward(*inputs):
+        with keras.StatelessScope(state_mapping=mapping):
+            return tuple(_outputs(flat, graph.run(flat.steps, _feed(flat, inputs))))
+
+    return forward
+
+
+def _compile(function, flat: graph.Graph):
+    """`function` compiled once for batches of any size of the model's inputs."""
+    if keras.backend.backend() != "tensorflow":
+        return function
+    import tensorflow as tf
+
+    signature = [
+        tf.TensorSpec((None, *flat.tensors[key].shape[1:]), flat.tensors[key].dtype)
+        for key in flat.inputs
+    ]
+    return tf.function(function, input_signature=signature)
+
+
+def _model_inputs(flat: graph.Graph, x) -> list:
+    return [
+        keras.ops.cast(keras.ops.convert_to_tensor(leaf), flat.tensors[key].dtype)
+        for key, leaf in zip(flat.inputs, keras.tree.flatten(x), strict=True)
+    ]
+
+
+def _correct(y_true, y_pred: np.ndarray) -> int:
+    """Correct predictions in a batch, read as Keras's accuracy metrics read them: integer or
+    one-hot labels against the arg-max of several outputs; one output unit as a probability."""
+    y_true = np.asarray(keras.ops.convert_to_numpy(y_true))
+    y_pred = y_pred.reshape(len(y_pred), -1)
+    if y_pred.shape[1] == 1:
+        return int(np.sum((y_pred[:, 0] > 0.5) == (y_true.reshape(-1) > 0.5)))
+    if y_true.ndim == 2 and y_true.shape == y_pred.shape:
+        y_true = np.argmax(y_true, axis=-1)
+    return int(np.sum(np.argmax(y_pred, axis=-1) == y_true.reshape(-1).astype(np.int64)))
+
+
+class _Progress:
+    """A progress bar over the batches (`verbose=1`), a line at the end (`verbose=2`)."""
+
+    def __init__(self, verbose: int, length: int | None, what: str):
+        self.verbose, self.what, self.started = verbose, what, time.perf_counter()
+        self.bar = keras.utils.Progbar(length, unit_name="batch") if verbose == 1 else None
+
+    def update(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def end(self, count: int) -> None:
+        if self.bar is not None and self.bar.target is None:
+            self.bar.update(count, finalize=True)
+        if self.verbose == 2:
+            elapsed = time.perf_counter() - self.started
+            print(f"{self.what}: {count} batches in {elapsed:.1f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------ the verdict
+def _layer_report(step, sums: np.ndarray, fold, mean_threshold, variance_threshold, shift):
+    layer = step.layer
+    channels = (len(sums) - 1) // 2
+    count = sums[0]
+    s1, s2 = sums[1 : 1 + channels] / count, sums[1 + channels :] / count
+    population_mean = shift + s1
+    population_variance = np.maximum(s2 - s1 * s1, 0.0)
+    moving_mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
+    moving_variance = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
+
+    non_finite = ~(np.isfinite(moving_mean) & np.isfinite(moving_variance))
+    dead = population_variance <= DEAD_VARIANCE * layer.epsilon
+    valid = ~non_finite & ~dead
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shifts = np.abs(moving_mean - population_mean) / np.sqrt(population_variance)
+        ratios = moving_variance / population_variance
+        distance = np.abs(np.log(np.maximum(ratios, 1e-300)))
+    mean_shift, mean_channel = math.nan, None
+    variance_ratio, variance_channel = math.nan, None
+    if valid.any():
+        channel_ids = np.flatnonzero(valid)
+        mean_channel = int(channel_ids[np.argmax(shifts[valid])])
+        variance_channel = int(channel_ids[np.argmax(distance[valid])])
+        mean_shift, variance_ratio = float(shifts[mean_channel]), float(ratios[variance_channel])
+
+    reasons = []
+    if non_finite.any():
+        reasons.append(
+            f"non-finite moving statistics (NaN or infinity) on {int(non_finite.sum())} channels"
+        )
+    if mean_channel is not None and mean_shift >= mean_threshold:
+        reasons.append(f"moving mean off by {mean_shift:.3g} std on channel {mean_channel}")
+    if variance_channel is not None and not (
+        1.0 / variance_threshold < variance_ratio < variance_threshold
+    ):
+        reasons.append(
+            f"moving variance {variance_ratio:.3g}x the population's on channel {variance_channel}"
+        )
+    return LayerReport(
+        name=step.path,
+        channels=channels,
+        mean_shift=mean_shift,
+        mean_shift_channel=mean_channel,
+        variance_ratio=variance_ratio,
+        variance_ratio_channel=variance_channel,
+        dead_channels=int(dead.sum()),
+        non_finite=int(non_finite.sum()),
+        foldable=fold.into is not None,
+        fold_reason=f"folds into '{fold.into}'" if fold.into else fold.reason,
+        flagged=bool(reasons),
+        reasons=tuple(reasons),
+        population_mean=population_mean,
+        population_variance=population_variance,
+        moving_mean=moving_mean,
+        moving_variance=moving_variance,
+    )
+
+
+# ---------------------------------------------------------------------------------------- the API
+def _check_arguments(model, batch_size, steps, mean_threshold, variance_threshold) -> None:
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Argument `model` must be a keras.Model; received an object of type "
+            f"{type(model).__name__}."
+        )
+    check_count("batch_size", batch_size, none=True)
+    check_count("steps", steps, none=True)
+    for name, value, low in (
+        ("mean_threshold", mean_threshold, 0.0),
+        ("variance_threshold", variance_threshold, 1.0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+            value_ok = False
+        else:
+            value_ok = math.isfinite(value) and value > low
+        if not value_ok:
+            raise ValueError(
+                f"Argument `{name}` must be a finite number > {low:g}; received {name}={value!r}."
+            )
+
+
+def _bn_steps(model) -> tuple[graph.Graph, list]:
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no batch-norm layer (keras.layers.BatchNormalization or "
+            "tfbn.BatchNorm): there are no statistics to inspect."
+        )
+    flat = graph.flatten(model)
+    ids = {id(layer) for layer in layers}
+    return flat, [step for step in flat.steps if id(step.layer) in ids]
+
+
+def inspect(
+    model: keras.Model,
+    data,
+    *,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    mean_threshold: float = 1.0,
+    variance_threshold: float = 4.0,
+    verbose: int = 1,
+) -> InspectReport:
+    """Compares every batch-norm layer's moving statistics with those of its input on `data`.
+
+    One pass over `data` (two with labels) measures, per batch-norm layer and channel, the
+    population mean and biased variance of the layer's input when the batch norms before it
+    normalize with batch statistics (see the module docstring), and the gap between the model's
+    output in inference mode and with batch statistics. A layer is flagged when, on any channel,
+    its moving mean is `mean_threshold` population stds or more away, its moving variance is off
+    by a factor `variance_threshold` or more (either way), or a moving statistic is NaN or
+    infinite. Neither the model nor its variables are changed.
+
+    Args:
+        model: A Sequential or functional model with batch-norm layers
+            (`keras.layers.BatchNormalization`, `tfbn.BatchNorm` included) anywhere in its graph,
+            nested Sequential and functional models included.
+        data: As `model.fit` takes it: NumPy arrays `x` or a tuple `(x, y)` or
+            `(x, y, sample_weight)` (cut into batches of `batch_size`), a `tf.data.Dataset` or
+            another iterable of batches (`x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`). With
+            labels `y`, the report has the accuracy (integer or one-hot labels against the
+            arg-max of the output; one output unit read as a probability).
+        batch_size: Batch size for NumPy arrays (default 32); must be `None` otherwise. The
+            reference normalizes with batch statistics, so it is that of training at this size.
+        steps: Number of batches to use; `None` means all of `data`.
+        mean_threshold: Flag a mean shift of this many population stds or more (> 0).
+        variance_threshold: Flag a variance ratio of this or more, or its inverse or less (> 1).
+        verbose: 0 prints nothing; 1 a progress bar per pass; 2 a line per pass.
+
+    Returns:
+        An `InspectReport`: a table when printed, `to_dict()` for JSON.
+
+    Raises:
+        ValueError: before any pass, if an argument is invalid, the model has no batch-norm layer
+            (or one applied twice or hidden in a layer whose graph cannot be read), `data` is
+            empty, holds non-finite values (NumPy arrays) or inputs of another shape than the
+            model's; during the pass, if a batch of a dataset holds non-finite values.
+    """
+    _check_arguments(model, batch_size, steps, mean_threshold, variance_threshold)
+    flat, bn_steps = _bn_steps(model)
+    folds = fold_plan(model)
+    batches, length = _batches(data, batch_size, steps)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("Argument `data` holds no batches.")
+    _check_first_batch(model, flat, first)
+    labelled = first[1] is not None and len(flat.outputs) == 1
+
+    shifts = []
+    for step in bn_steps:
+        moving = np.asarray(keras.ops.convert_to_numpy(step.layer.moving_mean), np.float64)
+        shifts.append(np.where(np.isfinite(moving), moving, 0.0))
+    measure = _compile(_measure_function(flat, bn_steps, shifts, labelled), flat)
+
+    totals = [0.0] * len(bn_steps)
+    gap_sum = gap_max = scale_sum = values = 0.0
+    examples = correct = count = 0
+    progress = _Progress(verbose, length, "Statistics pass")
+    for count, (x, y) in enumerate(itertools.chain([first], batches), start=1):
+        inputs = _model_inputs(flat, x)
+        result = keras.tree.map_structure(keras.ops.convert_to_numpy, measure(*inputs))
+        if not bool(result["finite"]):
+            raise ValueError(
+                f"Argument `data`: batch {count} holds non-finite values (NaN or infinity); the "
+                "statistics need finite inputs."
+            )
+        totals = [
+            t + np.asarray(s, np.float64) for t, s in zip(totals, result["sums"], strict=True)
+        ]
+        gap_sum += float(result["gap_sum"])
+        gap_max = max(gap_max, float(result["gap_max"]))
+        scale_sum += float(result["scale_sum"])
+        values += float(result["values"])
+        examples += int(keras.ops.shape(inputs[0])[0])
+        if labelled:
+            correct += _correct(y, np.asarray(result["outputs"][0]))
+        progress.update(count)
+    progress.end(count)
+
+    layers = tuple(
+        _layer_report(step, total, folds[step.path], mean_threshold, variance_threshold, shift)
+        for step, total, shift in zip(bn_steps, totals, shifts, strict=True)
+    )
+    scale = scale_sum / values
+    report = InspectReport(
+        model=model.name,
+        examples=examples,
+        layers=layers,
+        mean_threshold=float(mean_threshold),
+        variance_threshold=float(variance_threshold),
+        output_gap=gap_sum / values / scale if scale > 0 else math.nan,
+        output_gap_max=gap_max / scale if scale > 0 else math.nan,
+        output_scale=scale,
+    )
+    if labelled:
+        recalibrated = None
+        if not isinstance(data, Iterator):  # a one-shot iterator cannot give a second pass
+            recalibrated = _recalibrated_accuracy(
+                flat, bn_steps, layers, data, batch_size, steps, verbose
+            )
+        report = dataclasses.replace(
+            report, accuracy=correct / examples, accuracy_recalibrated=recalibrated
+        )
+    return report
+
+
+def _recalibrated_accuracy(flat, bn_steps, layers, data, batch_size, steps, verbose) -> float:
+    """The accuracy on `data` with the measured population statistics as moving statistics."""
+    forward = _compile(
+        _recalibrated_function(
+            flat,
+            bn_steps,
+            [layer.population_mean for layer in layers],
+            [layer.population_variance for layer in layers],
+        ),
+        flat,
+    )
+    batches, length = _batches(data, batch_size, steps)
+    progress = _Progress(verbose, length, "Accuracy pass")
+    correct = examples = count = 0
+    for count, (x, y) in enumerate(batches, start=1):
+        outputs = forward(*_model_inputs(flat, x))
+        correct += _correct(y, np.asarray(keras.ops.convert_to_numpy(outputs[0])))
+        examples += len(np.asarray(keras.ops.convert_to_numpy(outputs[0])))
+        progress.update(count)
+    progress.end(count)
+    return correct / examples
