@@ -673,8 +673,8 @@ print(
 # %%
 search = tfbn.tune(
     ["tfbn", "none"],
-    lr_min=0.01,
-    lr_max=30.0,
+    learning_rate_min=0.01,
+    learning_rate_max=30.0,
     trials=2 if QUICK else 12,
     epochs=1 if QUICK else 3,
     train_fraction=0.03 if QUICK else 1.0,

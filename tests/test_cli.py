@@ -66,7 +66,7 @@ FORWARDED = {
         ["tune", "--variants", "keras,tfbn"],
         "tfbn.workflow.tuning.tune",
         ("variants",),
-        {"learning_rate_min": "lr_min", "learning_rate_max": "lr_max", "run_dir": "directory"},
+        {"run_dir": "directory"},
     ),
 }
 

@@ -5,6 +5,7 @@ The reference for "best", "converged" and "diverged" is what Keras Tuner's oracl
 by re-evaluating a trial's saved weights on the validation split.
 """
 
+import dataclasses
 import glob
 import json
 import math
@@ -45,8 +46,8 @@ def search(tmp_path_factory):
     data = search_data()
     result = tfbn.tune(
         ("tfbn", "keras", "none"),
-        lr_min=LR_MIN,
-        lr_max=LR_MAX,
+        learning_rate_min=LR_MIN,
+        learning_rate_max=LR_MAX,
         trials=2,
         epochs=1,
         directory=directory,
@@ -161,8 +162,8 @@ def test_nan_trials_are_recorded_as_diverged_and_the_search_goes_on(tmp_path):
     data = search_data(num_train=128, num_validation=64)
     result = tfbn.tune(
         ["none"],
-        lr_min=1e36,
-        lr_max=3e37,
+        learning_rate_min=1e36,
+        learning_rate_max=3e37,
         trials=4,
         epochs=2,
         directory=str(tmp_path),
@@ -240,8 +241,8 @@ def test_bayesian_and_hyperband_tuners(tmp_path, tuner, state_key):
     result = tfbn.tune(
         ["none"],
         tuner=tuner,
-        lr_min=LR_MIN,
-        lr_max=LR_MAX,
+        learning_rate_min=LR_MIN,
+        learning_rate_max=LR_MAX,
         trials=2,
         epochs=2,
         directory=str(tmp_path),
@@ -275,8 +276,8 @@ def test_sampled_learning_rate_and_momentum_reach_the_optimizer(tmp_path, monkey
     monkeypatch.setattr(keras.optimizers, "SGD", RecordingSGD)
     result = tfbn.tune(
         ["none"],
-        lr_min=LR_MIN,
-        lr_max=LR_MAX,
+        learning_rate_min=LR_MIN,
+        learning_rate_max=LR_MAX,
         trials=2,
         epochs=1,
         executions_per_trial=2,
@@ -326,11 +327,11 @@ def test_trials_run_under_the_selected_strategy(tmp_path, monkeypatch):
 
 
 BAD = [
-    ({"lr_min": 0.0}, "lr_min"),
-    ({"lr_min": -1.0}, "lr_min"),
-    ({"lr_min": 1.0, "lr_max": 1.0}, "lr_max"),
-    ({"lr_min": 2.0, "lr_max": 1.0}, "lr_max"),
-    ({"lr_max": float("inf")}, "lr_max"),
+    ({"learning_rate_min": 0.0}, "learning_rate_min"),
+    ({"learning_rate_min": -1.0}, "learning_rate_min"),
+    ({"learning_rate_min": 1.0, "learning_rate_max": 1.0}, "learning_rate_max"),
+    ({"learning_rate_min": 2.0, "learning_rate_max": 1.0}, "learning_rate_max"),
+    ({"learning_rate_max": float("inf")}, "learning_rate_max"),
     ({"trials": 0}, "trials"),
     ({"epochs": -1}, "epochs"),
     ({"executions_per_trial": 0}, "executions_per_trial"),
@@ -360,6 +361,22 @@ def test_bad_input_raises_before_any_work(tmp_path, monkeypatch, kwargs, name):
     assert not directory.exists()
 
 
+# TuneConfig fields whose command-line flag is not the field's name with dashes (None: no flag).
+_OTHER_FLAGS = {"directory": "--run-dir", "converged_accuracy": None}
+
+
+def test_every_tune_setting_has_the_flag_of_its_name():
+    from tfbn.cli import build_parser
+    from tfbn.workflow.config import TuneConfig
+
+    (commands,) = [a for a in build_parser()._actions if a.dest == "command"]
+    flags = {flag for action in commands.choices["tune"]._actions for flag in action.option_strings}
+    for field in dataclasses.fields(TuneConfig):
+        flag = _OTHER_FLAGS.get(field.name, "--" + field.name.replace("_", "-"))
+        assert flag is None or flag in flags, field.name
+    assert {"--learning-rate-min", "--learning-rate-max"} <= flags
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
     _no_data_loading(monkeypatch)
     rc = cli_main(
@@ -375,7 +392,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
     )
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--learning-rate-max" in err[0]  # the flag, not only `lr_max`
+    assert len(err) == 1 and "`learning_rate_max`" in err[0]
     assert not (tmp_path / "out").exists()
 
 

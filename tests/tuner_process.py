@@ -62,8 +62,8 @@ def main(argv: list[str]) -> int:
         _barrier(os.environ.get("TFBN_TEST_BARRIER", ""))
     result = tfbn.workflow.tuning.tune(
         variants.split(","),
-        lr_min=0.01,
-        lr_max=10.0,
+        learning_rate_min=0.01,
+        learning_rate_max=10.0,
         trials=trials,
         epochs=1,
         directory=directory,

@@ -14,7 +14,6 @@ from tfbn.cli.options import (
     add_train_fraction,
 )
 from tfbn.workflow.config import (
-    LEARNING_RATE_FLAGS,
     NORMS,
     STRATEGIES,
     TUNERS,
@@ -49,9 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tuner", choices=TUNERS, default=_DEFAULTS["tuner"], help="search algorithm"
     )
-    for name, extreme in (("lr_min", "smallest"), ("lr_max", "largest")):
+    for name, extreme in (("learning_rate_min", "smallest"), ("learning_rate_max", "largest")):
         parser.add_argument(
-            LEARNING_RATE_FLAGS[name],
+            "--" + name.replace("_", "-"),
             type=float,
             default=_DEFAULTS[name],
             help=f"{extreme} learning rate",
@@ -94,8 +93,8 @@ def _settings(args: argparse.Namespace) -> dict:
     return dict(
         variants=[variant for item in args.variants for variant in item.split(",") if variant],
         tuner=args.tuner,
-        lr_min=args.learning_rate_min,
-        lr_max=args.learning_rate_max,
+        learning_rate_min=args.learning_rate_min,
+        learning_rate_max=args.learning_rate_max,
         trials=args.trials,
         epochs=args.epochs,
         executions_per_trial=args.executions_per_trial,

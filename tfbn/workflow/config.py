@@ -78,11 +78,9 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _refuse(name: str, value, expected: str, flag: str | None = None) -> None:
-    """Raises the ValueError of argument `name`; `flag`, the command line's spelling where it
-    differs from the Python name, is named beside it."""
-    named = f"`{name}`" if flag is None else f"`{name}` ({flag})"
-    raise ValueError(f"Argument {named} must be {expected}; received {name}={value!r}.")
+def _refuse(name: str, value, expected: str) -> None:
+    """Raises the ValueError of argument `name`."""
+    raise ValueError(f"Argument `{name}` must be {expected}; received {name}={value!r}.")
 
 
 def _check_verbose(value) -> None:
@@ -236,9 +234,6 @@ class TrainConfig:
 
 CONVERGED_ACCURACY = 0.8
 
-# `tfbn tune`'s flags of the two `TuneConfig` fields its messages name by both spellings.
-LEARNING_RATE_FLAGS = {"lr_min": "--learning-rate-min", "lr_max": "--learning-rate-max"}
-
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
@@ -251,8 +246,9 @@ class TuneConfig:
         variants: LeNet variants to search, a tuple of distinct `NORMS` (a comma-separated
             string is split).
         tuner: One of `TUNERS`.
-        lr_min: Lower end of the learning-rate range, positive and finite.
-        lr_max: Upper end of the learning-rate range, finite and above `lr_min`.
+        learning_rate_min: Lower end of the learning-rate range, positive and finite.
+        learning_rate_max: Upper end of the learning-rate range, finite and above
+            `learning_rate_min`.
         trials: Trials per variant, a positive integer.
         epochs: Epochs per trial, a positive integer.
         executions_per_trial: Trainings per trial, a positive integer.
@@ -276,8 +272,8 @@ class TuneConfig:
 
     variants: tuple[str, ...] = NORMS
     tuner: str = "random"
-    lr_min: float = 0.01
-    lr_max: float = 10.0
+    learning_rate_min: float = 0.01
+    learning_rate_max: float = 10.0
     trials: int = 10
     epochs: int = 2
     executions_per_trial: int = 1
@@ -331,18 +327,18 @@ class TuneConfig:
             )
 
     def _check_learning_rates(self) -> None:
-        for name, flag in LEARNING_RATE_FLAGS.items():
+        for name in ("learning_rate_min", "learning_rate_max"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value):
-                _refuse(name, value, "a finite number", flag)
+                _refuse(name, value, "a finite number")
             object.__setattr__(self, name, float(value))
-        low, high = LEARNING_RATE_FLAGS.values()
-        if self.lr_min <= 0:
-            _refuse("lr_min", self.lr_min, "positive (the range is searched on a log scale)", low)
-        if self.lr_max <= self.lr_min:
+        low, high = self.learning_rate_min, self.learning_rate_max
+        if low <= 0:
+            _refuse("learning_rate_min", low, "positive (the range is searched on a log scale)")
+        if high <= low:
             raise ValueError(
-                f"Arguments `lr_min` < `lr_max` ({low} < {high}) must give a non-empty range; "
-                f"received lr_min={self.lr_min}, lr_max={self.lr_max}."
+                "Arguments `learning_rate_min` < `learning_rate_max` must give a non-empty range; "
+                f"received learning_rate_min={low}, learning_rate_max={high}."
             )
 
     def _check_fractions(self) -> None:

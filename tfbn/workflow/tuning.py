@@ -2,9 +2,10 @@
 
 The chapter asks how large the learning rate can go with batch normalization, and without it.
 `tune` answers with a search per LeNet variant (`"tfbn"`, `"keras"`, `"none"`, see
-`tfbn.workflow.models.lenet`): the SGD learning rate is drawn log-uniformly from `[lr_min, lr_max]`
-(optionally with the SGD momentum), every trial trains for a few epochs, and is scored by its
-accuracy on a validation split held out of the training set (the test set is never touched).
+`tfbn.workflow.models.lenet`): the SGD learning rate is drawn log-uniformly from
+`[learning_rate_min, learning_rate_max]` (optionally with the SGD momentum), every trial trains for
+a few epochs, and is scored by its accuracy on a validation split held out of the training set (the
+test set is never touched).
 
 A trial whose loss becomes NaN or infinite stops at once (`keras.callbacks.TerminateOnNaN`) and
 is recorded as diverged (objective 0, metric `diverged`); the search goes on. For each variant the
@@ -322,7 +323,10 @@ class LeNetHyperModel(keras_tuner.HyperModel):
         # for, and a worker can tell which variant the chief's oracle serves.
         name = hp.Fixed("variant", self.variant)
         learning_rate = hp.Float(
-            "learning_rate", self.config.lr_min, self.config.lr_max, sampling="log"
+            "learning_rate",
+            self.config.learning_rate_min,
+            self.config.learning_rate_max,
+            sampling="log",
         )
         momentum = 0.0
         if self.config.tune_momentum:
@@ -545,8 +549,9 @@ def _markdown(result: TuneResult) -> str:
     parts = [
         "# Learning-rate search: LeNet with and without batch normalization",
         "",
-        f"Keras Tuner `{s['tuner']}`, learning rate log-uniform in [{s['lr_min']:g}, "
-        f"{s['lr_max']:g}]{', SGD momentum tuned' if s['tune_momentum'] else ', plain SGD'}; "
+        f"Keras Tuner `{s['tuner']}`, learning rate log-uniform in "
+        f"[{s['learning_rate_min']:g}, {s['learning_rate_max']:g}]"
+        f"{', SGD momentum tuned' if s['tune_momentum'] else ', plain SGD'}; "
         f"{s['trials']} trials per variant, {s['epochs']} epoch(s) each, "
         f"{s['executions_per_trial']} execution(s) per trial, batch {s['batch_size']}. "
         f"Data: {s['data']}. Objective: validation accuracy after the last epoch (a diverged "
@@ -594,7 +599,9 @@ def _plot(result: TuneResult, path: str) -> None:
                 label=f"{name}: diverged (NaN loss)",
             )
     ax.set_xscale("log")
-    ax.set_xlim(result.settings["lr_min"] / 1.5, result.settings["lr_max"] * 1.5)
+    ax.set_xlim(
+        result.settings["learning_rate_min"] / 1.5, result.settings["learning_rate_max"] * 1.5
+    )
     ax.axhline(threshold, color="gray", linestyle="--", linewidth=1)
     ax.text(
         0.01,
@@ -647,8 +654,8 @@ def tune(
     variants: Sequence[str] | str = TuneConfig.variants,
     *,
     tuner: str = TuneConfig.tuner,
-    lr_min: float = TuneConfig.lr_min,
-    lr_max: float = TuneConfig.lr_max,
+    learning_rate_min: float = TuneConfig.learning_rate_min,
+    learning_rate_max: float = TuneConfig.learning_rate_max,
     trials: int = TuneConfig.trials,
     epochs: int = TuneConfig.epochs,
     executions_per_trial: int = TuneConfig.executions_per_trial,
@@ -674,8 +681,8 @@ def tune(
             comma-separated string is accepted. One tuner project per variant.
         tuner: `"random"` (keras_tuner.RandomSearch), `"bayesian"` (BayesianOptimization) or
             `"hyperband"` (Hyperband with `max_epochs=epochs`, capped at `trials` trials).
-        lr_min: Lower end of the learning-rate range (searched on a log scale), > 0.
-        lr_max: Upper end of the learning-rate range, > `lr_min`.
+        learning_rate_min: Lower end of the learning-rate range (searched on a log scale), > 0.
+        learning_rate_max: Upper end of the learning-rate range, > `learning_rate_min`.
         trials: Trials per variant (the whole budget, counting trials of earlier runs of the same
             project).
         epochs: Epochs per trial.
@@ -830,9 +837,9 @@ def _settings(config: TuneConfig, strategy_name: str, description: str) -> dict[
     settings = {
         name: getattr(config, name)
         for name in (
-            "tuner", "lr_min", "lr_max", "trials", "epochs", "executions_per_trial",
-            "train_fraction", "validation_fraction", "tune_momentum", "batch_size", "seed",
-            "converged_accuracy",
+            "tuner", "learning_rate_min", "learning_rate_max", "trials", "epochs",
+            "executions_per_trial", "train_fraction", "validation_fraction", "tune_momentum",
+            "batch_size", "seed", "converged_accuracy",
         )
     }  # fmt: skip
     settings["variants"] = list(config.variants)
