@@ -5,9 +5,9 @@ process id, host name and since when (JSON). The lock itself is the operating sy
 exclusive `flock` on that file, which the kernel drops when the holder ends in any way (exit,
 exception, kill -9), so a crash never leaves the folder locked. The rules:
 
-- A folder held by a live process is refused at once with a `tfbn.utils.errors.UsageError` naming
-the
-  holder (pid, host, since when); the command line prints it in one line and exits with code 2.
+- A folder held by a live process is refused at once with a `tfbn.utils.errors.UsageError`
+  naming the holder (pid, host, since when); the command line prints it in one line and exits
+  with code 2.
 - A lock file left by a process that is gone (its `flock` is free) is taken over, with a one-line
   notice on stderr naming the process that left it.
 - A lock file written on another host is never taken over silently: `flock` does not reach across

@@ -5,9 +5,8 @@ strategy, train it with Keras's `fit` or a custom loop, evaluate on the test set
 recompute the BatchNorm population statistics, save everything in a run folder and export a
 SavedModel. The steps, in the order `train` takes them:
 
-1. `TrainConfig` (tfbn/workflow/config.py) checks every setting; `_check_locations` checks that the
-data
-   can be read and the output folders written. Nothing is created on disk before both pass.
+1. `TrainConfig` (tfbn/workflow/config.py) checks every setting; `_check_locations` checks that
+   the data can be read and the output folders written. Nothing is created on disk before both pass.
 2. `RunDir` is the run folder: the run's identity (the settings it was started with), where it
    resumes, and the files only the chief process writes.
 3. `_set_up` makes the strategy, loads the data (a `TrainData`) and builds the model.
@@ -19,8 +18,9 @@ moving statistics, optimizer state, history, the data seed), and the same call w
 `run_dir` continues after the last finished epoch, with the data order an uninterrupted run would
 have used. Layout of a run folder:
 
-    .tfbn.lock who runs in the folder (tfbn.workflow.locks.FolderLock), while a run does
-    checkpoints/epoch-0003/ weights.npz, optimizer.npz, state.json and manifest.json (their
+    .tfbn.lock                who runs in the folder (tfbn.workflow.locks.FolderLock), while a
+                              run does
+    checkpoints/epoch-0003/   weights.npz, optimizer.npz, state.json and manifest.json (their
                               sizes and SHA-256), one folder per epoch, the newest two kept
     logs/                     TensorBoard event files
     history.json              per-epoch loss, train accuracy, test accuracy, speed
@@ -418,8 +418,7 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """The chief's lock on the folder for the whole run (`tfbn.workflow.locks.FolderLock`): a
-        second
-        run on it is refused at once, naming the holder; other workers take none."""
+        second run on it is refused at once, naming the holder; other workers take none."""
         if not self.chief:
             yield
             return
