@@ -1,5 +1,6 @@
 """Population statistics: recalibrated moving statistics against float64 NumPy references."""
 
+import logging
 import pathlib
 import subprocess
 import sys
@@ -341,6 +342,76 @@ def test_independent_layers_share_a_pass(rng, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "pass" in line]
     assert lines[0].startswith("Recalibration pass 1/2: 2 layers (bn_a, bn_b)")
     assert lines[1].startswith("Recalibration pass 2/2: 1 layer (bn_c)")
+
+
+# ------------------------------------------------------------------------------- tracing, reuse
+class _TraceCounter(keras.layers.Layer):
+    """The identity, counting the times its Python `call` runs: once per trace of a function
+    that calls it (a compiled function runs without calling it again), or per eager call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def call(self, x):
+        self.calls += 1
+        return x
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _deep_chain(depth: int):
+    """`depth` levels of Dense -> BN -> tanh, the input through a `_TraceCounter` first."""
+    inputs = keras.Input((4,))
+    x = _TraceCounter(name="tracer")(inputs)
+    for i in range(depth):
+        x = keras.layers.Dense(4, name=f"dense{i}")(x)
+        x = tfbn.BatchNorm(name=f"bn{i}")(x)
+        x = keras.layers.Activation("tanh")(x)
+    return keras.Model(inputs, x)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_second_call_traces_nothing_again_and_no_retracing_is_reported(mode, rng):
+    model = _deep_chain(8)  # 8 levels: 8 exact passes
+    x = _randomized_inputs(model, rng, 70)
+    reference = _reference(model, x)
+    tracer = model.get_layer("tracer")
+    records = _Records()
+    tf.get_logger().addHandler(records)
+    try:
+        passes = 8 if mode == "fast" else None
+        first = tf.data.Dataset.from_tensor_slices(x).batch(32)  # 32, 32, 6
+        recalibrate(model, first, mode=mode, passes=passes, verbose=0)
+        traced = tracer.calls
+        # Another dataset, other batch sizes, the same signature: nothing is traced again.
+        recalibrate(model, [x[:25], x[25:50], x[50:]], mode=mode, passes=passes, verbose=0)
+    finally:
+        tf.get_logger().removeHandler(records)
+    assert tracer.calls == traced
+    assert not [m for m in records.messages if "retracing" in m], records.messages
+    # 8 fast passes reach the exact statistics of this 8-level chain, as the exact mode does.
+    _assert_matches_reference(model, reference)
+
+
+def test_a_model_whose_graph_changed_gets_new_functions(rng):
+    model = _sequential("tfbn")
+    x = _randomized_inputs(model, rng, 40)
+    recalibrate(model, [x], verbose=0)
+    model.add(keras.layers.Dense(3, name="extra"))
+    model.add(tfbn.BatchNorm(name="bn_extra"))
+    model.get_layer("extra").kernel.assign(rng.normal(size=(4, 3)).astype(np.float32))
+    reference = _reference(model, x)
+    report = recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(16), verbose=0)
+    assert list(report) == ["bn_conv", "bn_dense", "bn_extra"]
+    _assert_matches_reference(model, reference, report)
 
 
 def test_exact_at_a_large_mean_with_a_million_values_per_channel(rng):
