@@ -411,3 +411,64 @@ def test_foldable_follows_fold_plan(rng):
     for layer in report.layers:
         assert layer.foldable == (plan[layer.name].into is not None)
     assert report.layers[1].foldable and report.layers[1].fold_reason == "folds into 'd'"
+
+
+# ------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def saved(healthy_model, tmp_path_factory):
+    """A healthy and a damaged `.keras` file and a `.npz` with x and y."""
+    model, x, y = healthy_model
+    folder = tmp_path_factory.mktemp("inspect")
+    model.save(folder / "healthy.keras")
+    damaged = _copy(model)
+    _damage_variance(damaged.get_layer("bn2"), None, 1)
+    damaged.save(folder / "damaged.keras")
+    np.savez(folder / "data.npz", x=x, y=y)
+    return folder
+
+
+def test_cli_healthy_model_exits_0_and_writes_json_and_png(saved, capsys):
+    from tfbn import cli
+
+    argv = ["inspect", str(saved / "healthy.keras"), "--data", str(saved / "data.npz")]
+    argv += ["--output", str(saved / "out/report.json"), "--plot", str(saved / "out/report.png")]
+    assert cli.main([*argv, "--verbose", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert (
+        printed[-1].startswith("OK: all 3 batch-norm layers") and "accuracy 1.0000" in printed[-1]
+    )
+    result = json.loads((saved / "out/report.json").read_text())
+    assert result["flagged"] == [] and result["examples"] == 100
+    assert [layer["name"] for layer in result["layers"]] == ["bn1", "bn2", "bn3"]
+    assert (saved / "out/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_damaged_model_exits_1(saved, capsys):
+    from tfbn import cli
+
+    argv = ["inspect", str(saved / "damaged.keras"), "--data", str(saved / "data.npz")]
+    assert cli.main([*argv, "--verbose", "0", "--variance-threshold", "12"]) == 0
+    capsys.readouterr()
+    assert cli.main([*argv, "--verbose", "0"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("FLAGGED: 1 of 3 batch-norm layers (bn2)")
+    assert any(line.startswith("! bn2") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "missing.npz"], "missing.npz"),
+        ([], "`data` is required"),
+        (["--data", "DATA", "--output", "report.txt"], "'.json'"),
+        (["--data", "DATA", "--variance-threshold", "0.5"], "variance_threshold"),
+    ],
+)
+def test_cli_errors_exit_2_in_one_line(saved, extra, message, capsys, tmp_path, monkeypatch):
+    from tfbn import cli
+
+    monkeypatch.chdir(tmp_path)
+    extra = [str(saved / "data.npz") if item == "DATA" else item for item in extra]
+    assert cli.main(["inspect", str(saved / "healthy.keras"), *extra]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("tfbn inspect:") and message in line

@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "convert": "tfbn.cli.convert",
     "train": "tfbn.cli.train",
     "recalibrate": "tfbn.cli.recalibrate",
+    "inspect": "tfbn.cli.inspect",
     "export": "tfbn.cli.export",
     "predict": "tfbn.cli.predict",
     "tune": "tfbn.cli.tune",

@@ -1,4 +1,5 @@
-"""The figures tfbn writes: training curves of a run and the learning-rate search.
+"""The figures tfbn writes: training curves of a run, the learning-rate search and the batch-norm
+statistics `tfbn.inspect` measured.
 
 Each function draws on a `matplotlib.figure.Figure` of its own (never pyplot, so no global backend
 is switched and a notebook keeps showing its plots), writes it as a PNG atomically
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from tfbn.utils.files import atomic_write
 
-__all__ = ["learning_rate_search", "training_curves"]
+__all__ = ["inspect_report", "learning_rate_search", "training_curves"]
 
 _DPI = 120
 # Curves of a training history: (key, label, style); a key missing from every record is skipped.
@@ -198,5 +199,88 @@ def learning_rate_search(
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _layer_panel(ax, layers, key: str, thresholds: Sequence[float], label: str) -> None:
+    """One quantity per layer, flagged layers in red with a cross, the thresholds as lines."""
+    xs = range(len(layers))
+    for x, layer in zip(xs, layers, strict=True):
+        value = layer.get(key)
+        flagged = bool(layer.get("flagged"))
+        if value is None:  # not measurable (e.g. non-finite statistics): a cross on the axis
+            ax.plot([x], [thresholds[0]], marker="x", markersize=9, color="red", linestyle="none")
+            continue
+        ax.plot(
+            [x],
+            [value],
+            marker="X" if flagged else "o",
+            markersize=9 if flagged else 6,
+            color="red" if flagged else "tab:blue",
+            linestyle="none",
+        )
+    for threshold in thresholds:
+        ax.axhline(threshold, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([layer["name"] for layer in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("batch-norm layer (network order)")
+    ax.set_ylabel(label)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+
+
+def inspect_report(report: Mapping, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draws each batch-norm layer's mean shift and variance ratio in two panels; writes a PNG.
+
+    Args:
+        report: `tfbn.inspect(...).to_dict()`: `"layers"` (each with `"name"`, `"flagged"`,
+            `"mean_shift"` and `"variance_ratio"`, `None` where not measurable),
+            `"mean_threshold"` and `"variance_threshold"`. Flagged layers are red crosses;
+            a layer without a value is a red cross on the threshold line.
+        path: The PNG file to write (atomically; its folder is created if missing).
+        title: The figure's title (default: the model's name and the number of examples).
+
+    Returns:
+        `path`, as a `Path`.
+
+    Raises:
+        ValueError: if `report` has no layers.
+        ImportError: if matplotlib is not installed.
+    """
+    layers = list(report.get("layers") or [])
+    if not layers:
+        raise ValueError(
+            "Argument `report` must hold at least one layer (tfbn.inspect(...).to_dict()); "
+            f"received {report!r:.200}."
+        )
+    mean_threshold = float(report["mean_threshold"])
+    variance_threshold = float(report["variance_threshold"])
+    fig = _figure_class()(figsize=(max(7.0, 2.0 + 0.45 * len(layers)), 7.0))
+    mean_ax, variance_ax = fig.subplots(2, 1, sharex=True)
+    _layer_panel(
+        mean_ax,
+        layers,
+        "mean_shift",
+        [mean_threshold],
+        "max |moving mean - population mean|\n(population std)",
+    )
+    mean_ax.set_title(f"mean shift (flagged at >= {mean_threshold:g} std)", fontsize=9)
+    _layer_panel(
+        variance_ax,
+        layers,
+        "variance_ratio",
+        [variance_threshold, 1.0 / variance_threshold],
+        "moving / population variance\n(channel furthest from 1, log scale)",
+    )
+    variance_ax.set_yscale("log")
+    variance_ax.axhline(1.0, color="black", linewidth=0.8)
+    variance_ax.set_title(
+        f"variance ratio (flagged at >= {variance_threshold:g}x or <= 1/{variance_threshold:g})",
+        fontsize=9,
+    )
+    mean_ax.tick_params(labelbottom=False)
+    mean_ax.set_xlabel("")
+    name = report.get("model", "model")
+    fig.suptitle(title or f"batch-norm statistics of '{name}' on {report.get('examples')} examples")
     fig.tight_layout()
     return _save(fig, path)
