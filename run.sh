@@ -2,6 +2,7 @@
 # One entry point for a fresh machine: installs what tfbn needs, then runs the main job or the tests.
 #   bash run.sh train [tfbn train options]   train LeNet+BatchNorm on Fashion-MNIST and export it
 #   bash run.sh test  [pytest options]       check the code with ruff, then run the test suite
+#   bash run.sh docs  [mkdocs build options] build the documentation site into site/
 #   bash run.sh setup                        only install
 # Environment: PYTHON (interpreter for the virtual environment, default python3), TFBN_VENV (its
 # folder, default .venv), TFBN_DATA_DIR (a folder holding the Fashion-MNIST files: no apt-get),
@@ -15,7 +16,7 @@ DATA_DIR=/usr/share/datasets/fashion-mnist
 APT_LOCK_WAIT=${TFBN_APT_LOCK_WAIT:-600}
 # The locks apt-get and dpkg take (fcntl locks); TFBN_APT_LOCKS overrides the list.
 read -r -a APT_LOCKS <<<"${TFBN_APT_LOCKS:-/var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock /var/cache/apt/archives/lock}"
-EXTRAS="workflow,notebook,test,legacy"
+EXTRAS="workflow,notebook,test,legacy,docs"
 TEST_WORKERS=${TFBN_TEST_WORKERS:-2}
 
 say() { echo "[run.sh] $*" >&2; }
@@ -119,6 +120,32 @@ run_tests() {
     return "$rc"
 }
 
+site_dir() {
+    # The folder `mkdocs build` writes to: site/, or the --site-dir (-d) among its options.
+    local dir="site"
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            -d | --site-dir)
+                if [ $# -gt 1 ]; then
+                    dir=$2
+                    shift
+                fi
+                ;;
+            --site-dir=*) dir=${1#--site-dir=} ;;
+        esac
+        shift
+    done
+    echo "$dir"
+}
+
+build_docs() {
+    # A broken link or a docstring mkdocstrings cannot read fails the build (--strict).
+    "$VENV/bin/python" -m mkdocs build --strict "$@"
+    local dir
+    dir=$(cd "$(site_dir "$@")" && pwd)
+    say "documentation built: open $dir/index.html (or serve it: $VENV/bin/mkdocs serve)"
+}
+
 main() {
     cd "$(dirname "${BASH_SOURCE[0]}")"
     local cmd=${1:-}
@@ -127,6 +154,10 @@ main() {
         setup)
             install_system_packages
             install_python_packages
+            ;;
+        docs)
+            install_python_packages
+            build_docs "$@"
             ;;
         train)
             install_system_packages
@@ -140,7 +171,7 @@ main() {
             run_tests "$@"
             ;;
         *)
-            echo "usage: bash run.sh {train|test|setup} [options]" >&2
+            echo "usage: bash run.sh {train|test|docs|setup} [options]" >&2
             exit 2
             ;;
     esac
