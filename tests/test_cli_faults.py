@@ -328,3 +328,21 @@ def test_an_unreadable_input_is_one_line_naming_it(key, inputs):
     # removes the folder it made); the others check them before any work.
     assert result["started"] == (["data"] if key == "tune" else []), key
     assert left == [], f"left behind: {left}"
+
+
+def test_an_existing_folder_the_system_refuses_to_create_in_is_named_as_such(tmp_path, capsys):
+    from tfbn import cli
+
+    # ENOENT for a path that exists: the OS refused to create something in it.
+    refused = OSError(2, "No such file or directory", str(tmp_path))
+    line = cli._os_error_line(refused)
+    assert line == f"{tmp_path}: cannot create files in this folder (No such file or directory)"
+    missing = OSError(2, "No such file or directory", str(tmp_path / "absent"))
+    assert cli._os_error_line(missing) == f"{tmp_path / 'absent'}: No such file or directory"
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    assert cli.main(["train", "--run-dir", "/proc/nope/x"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        line == "tfbn train: /proc: cannot create files in this folder (No such file or directory)"
+    )

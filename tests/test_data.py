@@ -141,6 +141,18 @@ def test_missing_folder_from_environment_variable(tmp_path, monkeypatch):
         data.check_data_dir()
 
 
+def test_a_file_as_data_folder_is_named_as_not_a_folder(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text("root:x:0:0\n")
+    with pytest.raises(data.DataError) as info:
+        data.check_data_dir(path)
+    message = str(info.value)
+    assert message.startswith(
+        f"{path}: not a folder (expected the folder holding the Fashion-MNIST"
+    )
+    assert "does not exist" not in message
+
+
 def _truncated(name):
     return (SOURCE / name).read_bytes()[:100_000]
 

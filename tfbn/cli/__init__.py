@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -200,6 +201,9 @@ def _os_error_line(error: OSError) -> str:
     path = os.fsdecode(error.filename)
     if error.filename2 is not None:
         path = f"{path} -> {os.fsdecode(error.filename2)}"
+    if error.errno == errno.ENOENT and error.filename2 is None and os.path.exists(path):
+        # The path is there: the OS refused to create something in it (e.g. under /proc).
+        reason = f"cannot create files in this folder ({reason})"
     return f"{path}: {reason}"
 
 

@@ -137,6 +137,11 @@ def _find_file(folder: Path, spec: IdxFile) -> Path:
     for candidate in (folder / f"{spec.name}.gz", folder / spec.name):
         if candidate.is_file():
             return candidate
+    if folder.exists() and not folder.is_dir():
+        raise DataError(
+            f"{folder}: not a folder (expected the folder holding the Fashion-MNIST files, "
+            f"e.g. {DEFAULT_DATA_DIR})."
+        )
     if not folder.is_dir():
         raise DataError(f"Fashion-MNIST folder {folder} does not exist. {_HOW_TO_GET}")
     raise DataError(
