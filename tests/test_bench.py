@@ -237,6 +237,11 @@ def test_targets_pass_fail_follow_values(quick_run):
         "export_folded_ratio": cases["export"].get("batches", {}).get("256", {}).get("ratio"),
         **{f"{name.lower()}_{kind}_ratio": None for name in MODELS for kind in ("train", "export")},
         **{f"{name.lower()}_export_of_bound": None for name in MODELS},
+        **{
+            f"{name.lower()}_recalibrate_{mode}_passes": None
+            for name in MODELS
+            for mode in ("exact", "fast")
+        },
     }
     thresholds = {
         "layer_4d_train_ratio": ("<=", 0.5),
@@ -250,6 +255,8 @@ def test_targets_pass_fail_follow_values(quick_run):
         **{f"{name.lower()}_train_ratio": ("<=", 0.9) for name in MODELS},
         **{f"{name.lower()}_export_ratio": (">=", 1.2) for name in MODELS},
         **{f"{name.lower()}_export_of_bound": (">=", 0.95) for name in MODELS},
+        **{f"{name.lower()}_recalibrate_exact_passes": ("<=", 3.0) for name in MODELS},
+        **{f"{name.lower()}_recalibrate_fast_passes": ("<=", 1.5) for name in MODELS},
     }
     for target in results["targets"]:
         value = sources[target["key"]]
@@ -494,7 +501,11 @@ def models_run(tmp_path_factory):
 def test_real_model_cases_run_on_request_only(models_run):
     results, _ = models_run
     assert list(results["cases"]) == ["models", "models_export"]
-    assert [c.name for c in bench.BENCH_CASES if not c.default] == ["models", "models_export"]
+    assert [c.name for c in bench.BENCH_CASES if not c.default] == [
+        "models",
+        "models_export",
+        "recalibrate",
+    ]
     assert bench._check_cases(None) == ("layer", "lenet", "pipeline", "export")
     assert bench._check_cases("all") == tuple(c.name for c in bench.BENCH_CASES)
     assert bench.MODEL_SIZES == {"ResNet50": 64, "MobileNetV2": 96, "EfficientNetB0": 96}
@@ -648,3 +659,50 @@ def test_no_batch_norm_copy_is_the_model_with_identity_batch_norms():
     # The batch norms do change the output, and the model itself is left as it was.
     assert np.abs(before - reference).max() > 0.1
     np.testing.assert_array_equal(np.asarray(model(x, training=False)), before)
+
+
+# ----------------------------------------------------------------------------- recalibration
+@pytest.fixture(scope="module")
+def recalibrate_run(tmp_path_factory):
+    """The `recalibrate` case, quick, on MobileNetV2 alone at 32x32 (4 examples, batch 2)."""
+    out = tmp_path_factory.mktemp("bench_recalibrate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench._SIZES, "models", (bench.MODEL_SIZES, {"MobileNetV2": 32}))
+        results = bench.run_benchmarks(
+            cases="recalibrate", quick=True, repeats=2, output_dir=out, verbose=0
+        )
+    return results, (out / "results.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_recalibrate_case_passes_are_medians_over_predict(recalibrate_run):
+    results, markdown = recalibrate_run
+    assert list(results["cases"]) == ["recalibrate"]
+    assert not next(c for c in bench.BENCH_CASES if c.name == "recalibrate").default
+    row = results["cases"]["recalibrate"]["models"]["MobileNetV2"]
+    assert (row["input_size"], row["examples"], row["batch_size"]) == (32, 4, 2)
+    assert row["batch_norm_layers"] == 52
+    variants = ("predict", "exact", "fast", "inspect")
+    assert list(row["variants"]) == list(row["first_call_s"]) == list(variants)
+    medians = {}
+    for variant in variants:
+        samples = row["variants"][variant]["samples_s"]
+        assert len(samples) == 2 and all(s > 0 for s in samples)  # the quick repeats
+        medians[variant] = statistics.median(samples)
+        assert _close(row["variants"][variant]["median_s"], medians[variant])
+        assert row["first_call_s"][variant] > 0
+    for variant in ("exact", "fast", "inspect"):
+        assert _close(row["passes"][variant], medians[variant] / medians["predict"])
+    targets = {t["key"]: t for t in results["targets"]}
+    for mode, bound in (("exact", 3.0), ("fast", 1.5)):
+        target = targets[f"mobilenetv2_recalibrate_{mode}_passes"]
+        assert (target["value"], target["comparison"], target["threshold"]) == (
+            row["passes"][mode],
+            "<=",
+            bound,
+        )
+        assert target["pass"] == (row["passes"][mode] <= bound)
+        assert targets[f"resnet50_recalibrate_{mode}_passes"]["pass"] is None  # not measured
+    (line,) = _table(markdown, "| model | input | examples | batch | BN layers")
+    assert line[:5] == ["MobileNetV2", "32x32", "4", "2", "52"]
+    assert line[6:9] == [f"{row['passes'][v]:.2f}" for v in ("exact", "fast", "inspect")]

@@ -17,13 +17,11 @@ Cases (`BENCH_CASES`, one `Case` each: a function that measures, one that render
   implementation is the traffic no implementation can avoid: training forward+backward reads `x`,
   writes `y`, reads `dy`, reads `x` again and writes `dx` (5 passes); inference reads `x` and writes
   `y` (2 passes).
-- `lenet`: the chapter's LeNet training step (SGD, `tfbn.workflow.config.RECIPE`) on synthetic data
-with
-  tfbn, Keras and no batch normalization; epoch time = median step time x steps per epoch
+- `lenet`: the chapter's LeNet training step (SGD, `tfbn.workflow.config.RECIPE`) on synthetic
+  data with tfbn, Keras and no batch normalization; epoch time = median step time x steps per epoch
   (60000 / batch size).
-- `pipeline`: the Fashion-MNIST training input pipeline (`tfbn.workflow.data.pipeline_rate`) in
-examples per
-  second, against the LeNet (tfbn) training rate.
+- `pipeline`: the Fashion-MNIST training input pipeline (`tfbn.workflow.data.pipeline_rate`)
+  in examples per second, against the LeNet (tfbn) training rate.
 - `export`: inference throughput of an exported SavedModel with BatchNorm folded into the previous
   layer against one without folding, at batch 1 and 256 (`tfbn.tools.export`,
   `tfbn.workflow.serving`).
@@ -34,6 +32,10 @@ examples per
   a copy of each whose batch norms pass their input through (`no_bn`: no batch norm at all, the
   most any folding can gain), exported unfolded; their `serving_float` throughput at batch 64,
   timed interleaved: folded / unfolded, no_bn / unfolded (the bound) and folded / no_bn.
+- `recalibrate` (not run by default): `tfbn.recalibrate` in exact and fast mode and `tfbn.inspect`
+  on the same models (Keras's layer, 256 random examples, batch 64), each in *inference passes*:
+  its median time over that of one `model.predict` over the same dataset, timed interleaved
+  after a call that traces (its time is kept as `first_call_s`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,19 @@ TARGETS += tuple(
     )
 )
 
+# Recalibration and inspection cost, in inference passes (`model.predict` over the same data).
+RECALIBRATE_PASSES = {"exact": 3.0, "fast": 1.5}
+TARGETS += tuple(
+    (
+        f"{name.lower()}_recalibrate_{mode}_passes",
+        f"{name} {mode} recalibration: time / model.predict time",
+        "<=",
+        bound,
+    )
+    for name in MODEL_SIZES
+    for mode, bound in RECALIBRATE_PASSES.items()
+)
+
 # Each setting of a run: (full, --quick).
 _SIZES = {
     "shapes": (
@@ -109,6 +124,9 @@ _SIZES = {
     "models": (MODEL_SIZES, dict.fromkeys(MODEL_SIZES, 32)),
     "models_batch": (32, 2),
     "models_export_batch": (64, 2),
+    "recalibrate_examples": (256, 4),
+    "recalibrate_batch": (64, 2),
+    "recalibrate_repeats": (5, 2),
 }
 # The channel axis of each layer shape (default: last): "4d-nchw" is channels-first, the layout
 # cuDNN prefers.
@@ -137,16 +155,18 @@ def _interleaved(
     functions: dict[str, Callable[[], object]],
     repeats: int,
     min_sample_s: float,
+    warmup: int = _WARMUP_CALLS,
 ) -> dict[str, dict]:
     """Times each function, interleaved, and returns per-call samples and their median.
 
-    Each function is warmed up first (tracing, XLA compilation, first-touch allocation), then called
+    Each function is warmed up first (`warmup >= 1` calls: tracing, XLA compilation, first-touch
+    allocation), then called
     `number` times per sample, `number` chosen so a sample lasts at least `min_sample_s`. The order
     of the functions is rotated at every repeat so that none always runs right after another.
     """
     numbers = {}
     for name, fn in functions.items():
-        for _ in range(_WARMUP_CALLS):
+        for _ in range(warmup):
             start = time.perf_counter()
             _sync(fn())
             elapsed = time.perf_counter() - start
@@ -602,6 +622,60 @@ def _models_export_case(settings: dict, cases: dict, tick: Callable[[str], None]
     }
 
 
+def _recalibrate_row(name: str, size: int, settings: dict) -> dict:
+    """`model.predict`, exact and fast `tfbn.recalibrate` and `tfbn.inspect` on one dataset.
+
+    Each is called once (tracing included: `first_call_s`), then timed interleaved
+    (`settings["recalibrate_repeats"]` repeats after one more warm-up call); `passes` holds each
+    one's median time over `predict`'s.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from tfbn.tools.inspect import inspect
+    from tfbn.tools.recalibration import batch_norm_layers, recalibrate
+
+    model = _application(name, size)
+    examples, batch = settings["recalibrate_examples"], settings["recalibrate_batch"]
+    x = np.random.default_rng(0).normal(size=(examples, size, size, 3)).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch)
+    functions = {
+        "predict": lambda: model.predict(dataset, verbose=0),
+        "exact": lambda: recalibrate(model, dataset, mode="exact", verbose=0),
+        "fast": lambda: recalibrate(model, dataset, mode="fast", verbose=0),
+        "inspect": lambda: inspect(model, dataset, verbose=0),
+    }
+    first = {}
+    for variant, function in functions.items():
+        start = time.perf_counter()
+        function()
+        first[variant] = time.perf_counter() - start
+    repeats = min(settings["repeats"], settings["recalibrate_repeats"])
+    timings = _interleaved(functions, repeats, settings["min_sample_s"], warmup=1)
+    predict = timings["predict"]["median_s"]
+    return {
+        "input_size": size,
+        "examples": examples,
+        "batch_size": batch,
+        "batch_norm_layers": len(batch_norm_layers(model)),
+        "variants": timings,
+        "first_call_s": first,
+        "passes": {v: timings[v]["median_s"] / predict for v in functions if v != "predict"},
+    }
+
+
+def _recalibrate_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
+    rows = {}
+    for name, size in settings["models"].items():
+        tick(f"{name} recalibrate")
+        rows[name] = _recalibrate_row(name, size, settings)
+    return {
+        "id": "recalibrate",
+        "repeats": min(settings["repeats"], settings["recalibrate_repeats"]),
+        "models": rows,
+    }
+
+
 # ----------------------------------------------------------------------------- machine, targets
 def _cpu_model() -> str:
     try:
@@ -692,6 +766,9 @@ def _target_values(cases: dict) -> dict[str, float | None]:
         for case, suffix, field in fields:
             row = cases.get(case, {}).get("models", {}).get(name, {})
             values[f"{name.lower()}_{suffix}"] = row.get(field)
+        passes = cases.get("recalibrate", {}).get("models", {}).get(name, {}).get("passes", {})
+        for mode in RECALIBRATE_PASSES:
+            values[f"{name.lower()}_recalibrate_{mode}_passes"] = passes.get(mode)
     return values
 
 
@@ -960,6 +1037,30 @@ def _models_export_markdown(result: dict) -> list[str]:
     ]  # fmt: skip
 
 
+def _recalibrate_markdown(result: dict) -> list[str]:
+    return [
+        "## Real models: recalibration and inspection in inference passes (keras.applications, "
+        "weights=None, random data)",
+        "",
+        "Each time is over that of one `model.predict` over the same dataset (medians of "
+        "interleaved repeats, after a call that traces; the first call's seconds are shown "
+        "apart). Targets: exact <= 3, fast <= 1.5 passes.",
+        "",
+        *_table(
+            ("model", "input", "examples", "batch", "BN layers", "predict ms", "exact passes",
+             "fast passes", "inspect passes", "first call s (predict, exact, fast, inspect)"),
+            (
+                (name, f"{r['input_size']}x{r['input_size']}", r["examples"], r["batch_size"],
+                 r["batch_norm_layers"], _ms(r["variants"]["predict"]["median_s"]),
+                 *(_fmt(r["passes"][v]) for v in ("exact", "fast", "inspect")),
+                 ", ".join(_fmt(r["first_call_s"][v], 1)
+                           for v in ("predict", "exact", "fast", "inspect")))
+                for name, r in result["models"].items()
+            ),
+        ),
+    ]  # fmt: skip
+
+
 def render_markdown(results: dict) -> str:
     """Renders benchmark results (the dict `run_benchmarks` returns) as a Markdown report.
 
@@ -1032,6 +1133,13 @@ BENCH_CASES: tuple[Case, ...] = (
         "models_export",
         _models_export_case,
         _models_export_markdown,
+        lambda s: len(s["models"]),
+        default=False,
+    ),
+    Case(
+        "recalibrate",
+        _recalibrate_case,
+        _recalibrate_markdown,
         lambda s: len(s["models"]),
         default=False,
     ),
@@ -1138,9 +1246,9 @@ def run_benchmarks(
 
     Args:
         cases: The cases to run, names from `BENCH_CASES` (`"layer"`, `"lenet"`, `"pipeline"`,
-            `"export"`, `"models"`, `"models_export"`), as an iterable or a comma-separated
-            string; `"all"` runs every case; `None` runs the default ones (all but the two
-            real-model cases, which take minutes).
+            `"export"`, `"models"`, `"models_export"`, `"recalibrate"`), as an iterable or a
+            comma-separated string; `"all"` runs every case; `None` runs the default ones (all
+            but the three real-model cases, which take minutes).
         quick: Tiny shapes and few repeats: checks that the suite runs, measures nothing useful.
         repeats: Interleaved repeats per comparison (default 15, or 3 with `quick`).
         xla: Also time the layer cases under `tf.function(jit_compile=True)`.
