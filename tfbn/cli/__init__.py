@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch normalization for Keras 3 / TensorFlow: train, recalibrate, export, "
         "serve and tune LeNet with BatchNorm on Fashion-MNIST.",
         formatter_class=HelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"tfbn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=getattr(module, "DESCRIPTION", module.HELP),
             epilog=getattr(module, "EPILOG", None),
             formatter_class=HelpFormatter,
+            allow_abbrev=False,
         )
         module.configure(command)
         _add_verbose(command)
@@ -199,11 +201,11 @@ def _os_error_line(error: OSError) -> str:
     if error.filename is None:
         return reason
     path = os.fsdecode(error.filename)
-    if error.filename2 is not None:
-        path = f"{path} -> {os.fsdecode(error.filename2)}"
     if error.errno == errno.ENOENT and error.filename2 is None and os.path.exists(path):
         # The path is there: the OS refused to create something in it (e.g. under /proc).
         reason = f"cannot create files in this folder ({reason})"
+    if error.filename2 is not None:
+        path = f"{path} -> {os.fsdecode(error.filename2)}"
     return f"{path}: {reason}"
 
 

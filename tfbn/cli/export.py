@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from tfbn.cli.options import add_export_dir, add_jit_compile, add_keras_model, add_switch, keywords
+from tfbn.cli.options import (
+    add_data_arguments,
+    add_export_dir,
+    add_jit_compile,
+    add_keras_model,
+    add_switch,
+    check_data_arguments,
+    keywords,
+)
 
 HELP = "export a trained .keras model as an inference-only SavedModel"
 
@@ -43,7 +51,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         help="images to check the export on (repeatable): an IDX image file (e.g. Fashion-MNIST's "
-        "t10k-images-idx3-ubyte.gz) or a PNG/JPEG file (default: a fixed synthetic sample)",
+        "t10k-images-idx3-ubyte.gz) or a PNG/JPEG file, of the model's image size (default: "
+        "--data, else a fixed synthetic sample)",
+    )
+    add_data_arguments(
+        parser,
+        required=False,
+        help="inputs to check the export on instead of --check-data, as the model takes them "
+        "after --rescale; a small sample, the model runs on all of them (default: none, the "
+        "fixed synthetic sample)",
     )
 
 
@@ -54,6 +70,9 @@ def check(args: argparse.Namespace) -> None:
 
     check_keras_file(args.model)
     check_writable_dir(args.export_dir)
+    check_data_arguments(args)
+    if args.check_data and args.data is not None:
+        raise ValueError("Arguments --check-data and --data name the same thing: give one of them.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         args.export_dir,
         **keywords(args, "name", "version", "fold", "overwrite", "jit_compile"),
         check_files=args.check_data,
+        **keywords(args, "data", "rescale", "tfds_dir"),
         class_names=names,
         pixel_range=tuple(args.pixel_range),
         verbose=int(args.verbose > 0),

@@ -79,3 +79,67 @@ def add_train_fraction(parser: argparse.ArgumentParser, default: float) -> None:
     parser.add_argument(
         "--train-fraction", type=float, default=default, help="fraction of the training set to use"
     )
+
+
+def _number(text: str) -> float:
+    """A float, or a fraction `a/b` (e.g. `1/255`)."""
+    try:
+        top, _, bottom = text.partition("/")
+        return float(top) / float(bottom) if bottom else float(top)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"expected a number or a fraction such as 1/255; received {text!r}"
+        ) from None
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    """`--data PATH` (the user's data, `tfbn.workflow.user_data`), `--rescale` and `--tfds-dir`.
+
+    Args:
+        parser: The command's parser.
+        required: Whether `--data` must be given.
+        help: What the command does with the data, with its default in words if it has one
+            (else `(default: none)` is appended); the kinds of `PATH` are appended.
+    """
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        required=required,
+        default=None,
+        help=f"{help}: a .npy file of inputs, a .npz file with x (and integer labels y), a folder "
+        "of images (one subfolder per class; resized to the model's input size, pixel values "
+        "0-255), or tfds:NAME:SPLIT (a prepared TensorFlow Datasets split)"
+        + ("" if required or "default" in help else " (default: none)"),
+    )
+    parser.add_argument(
+        "--rescale",
+        metavar="FLOAT",
+        type=_number,
+        default=None,
+        help="multiply the --data inputs by this, e.g. 1/255 for images a model takes in [0, 1] "
+        "(default: as they are)",
+    )
+    parser.add_argument(
+        "--tfds-dir", default=None, help="TFDS data directory (default: TFDS's default)"
+    )
+
+
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """The `add_data_arguments` options, checked without reading the data nor importing
+    TensorFlow (for a command's `check(args)`).
+
+    Raises:
+        FileNotFoundError: if `--data` does not exist.
+        ValueError: if `--data` is not a data path (`tfbn.workflow.user_data.check_data_path`)
+            or `--rescale` is not a finite non-zero number or given without `--data`.
+    """
+    from tfbn.workflow.user_data import check_data_path, check_rescale
+
+    if args.data is not None:
+        check_data_path(args.data)
+    check_rescale(args.rescale)
+    if args.rescale is not None and args.data is None:
+        raise ValueError(
+            f"Argument `rescale` applies to the inputs of --data, which was not given; received "
+            f"rescale={args.rescale!r}."
+        )
