@@ -295,3 +295,24 @@ def _zip_keras_file(path) -> None:
     """A `.keras` archive that passes the TensorFlow-free file check (no model is built)."""
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("config.json", json.dumps({"class_name": "Functional"}))
+
+
+def test_export_checks_on_the_users_data(tmp_path, rng, monkeypatch, capsys):
+    from tfbn.workflow import model_files
+
+    _one_batch_norm_model(tmp_path / "model.keras")
+    x = rng.uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    given = []
+    monkeypatch.setattr(
+        model_files,
+        "export_saved_model",
+        lambda model, directory, **kwargs: given.append(kwargs["check_data"]) or directory,
+    )
+    argv = ["export", str(tmp_path / "model.keras"), "--export-dir", str(tmp_path / "out")]
+    assert cli.main([*argv, "--data", str(tmp_path / "x.npy"), "--rescale", "1/255"]) == 0
+    np.testing.assert_allclose(given[0], x / 255.0, rtol=1e-6)
+    np.save(tmp_path / "small.npy", x[:, :16])
+    assert cli.main([*argv, "--data", str(tmp_path / "small.npy")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "(16, 32, 3)" in line and "(32, 32, 3)" in line and len(given) == 1
