@@ -23,6 +23,10 @@ inference mode with the statistics of the pass before. Each layer then sees inpu
 in training rather than with the final population statistics upstream: an approximation (see
 docs/results for how close it is).
 
+The passes run compiled functions (one per level in exact mode, one per kind of sweep in fast
+mode), traced once per input signature whatever the batch size and kept with the model: a later
+call on the same model, graph and strategy traces nothing again.
+
 In both modes the statistics are exact for the inputs seen: per batch the mean and the sum of
 squared deviations from it are taken in float64 (never `E[x^2] - E[x]^2`), merged across batches
 with Chan et al.'s pairwise update; under a `tf.distribute` strategy they are all-reduced at every
