@@ -397,11 +397,11 @@ def test_bad_constructor_arguments_raise_value_error(kwargs, match):
         tfbn.BatchNorm(**kwargs)
 
 
-def test_a_keras_backend_other_than_tensorflow_is_a_value_error_naming_it(monkeypatch):
-    # keras's other backends import their own library (jax, torch, openvino; the numpy backend
-    # imports jax), none of which tfbn installs: the backend Keras reports is patched instead.
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(ValueError, match="Keras backend is 'jax'"):
+def test_an_unsupported_keras_backend_is_a_value_error_naming_it(monkeypatch):
+    # keras's other backends import their own library (torch, openvino), which tfbn does not
+    # install: the backend Keras reports is patched instead. (JAX is tests/test_backends.py's.)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(ValueError, match="Keras backend is 'torch'"):
         tfbn.BatchNorm()
 
 

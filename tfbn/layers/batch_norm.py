@@ -5,10 +5,10 @@ from __future__ import annotations
 import warnings
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from tfbn.ops import kernels as fast
-from tfbn.ops import nn as ops
+from tfbn.ops import core
+from tfbn.ops.engine import engine
 from tfbn.utils import arguments
 
 __all__ = ["BatchNorm"]
@@ -30,6 +30,11 @@ class BatchNorm(keras.layers.BatchNormalization):
 
     In inference mode (`predict`, `evaluate`, a bare call) it normalizes with the moving statistics.
     The output is `gamma * (x - mean) / sqrt(variance + epsilon) + beta`.
+
+    It runs on Keras's TensorFlow and JAX backends (`tfbn.ops.engine` picks the kernels:
+    TensorFlow's fused and composed kernels, or `tfbn.ops.core` in `keras.ops`), with the same
+    variables and config, so a `.keras` file saved on one loads on the other. `fused` only
+    chooses among TensorFlow's kernels.
 
     Differences from `keras.layers.BatchNormalization`, all in its favour:
 
@@ -77,7 +82,9 @@ class BatchNorm(keras.layers.BatchNormalization):
             `momentum` it changes training: too small adds noise, too large gives stale values.
         synchronized: If `True`, under a `tf.distribute` strategy the batch statistics are those
             of the global batch across all replicas (all-reduced at every training step). If
-            `False`, each replica normalizes with its own batch statistics.
+            `False`, each replica normalizes with its own batch statistics. On JAX (where Keras's
+            layer refuses `True`) it is accepted and changes nothing: under `keras.distribution`
+            the arrays are global, so the statistics are those of the global batch either way.
         fused: Which training-mode kernel to use. `True`: TensorFlow's fused batch-norm kernel
             (cuDNN on GPU, oneDNN on CPU, XLA's own under `jit_compile`); it takes rank-4/5 inputs
             with the channel axis 1 or last, in float16, bfloat16 or float32, and not
@@ -114,7 +121,8 @@ class BatchNorm(keras.layers.BatchNormalization):
 
     Raises:
         ValueError: at construction, naming the argument and the value, for an argument outside
-            the ranges above, and when the Keras backend is not TensorFlow.
+            the ranges above, and when the Keras backend is not one of
+            `tfbn.ops.engine.SUPPORTED_BACKENDS` (TensorFlow, JAX).
 
     Call arguments:
         inputs: Floating-point tensor of rank 2 to 5.
@@ -130,8 +138,9 @@ class BatchNorm(keras.layers.BatchNormalization):
 
     Notes:
         Training on a rank-2 batch of size 1 normalizes every value to 0 (nothing can be learned):
-        in eager mode that raises a `ValueError`; inside a compiled function, where the batch size
-        may be unknown, the layer outputs `beta` and updates the moving variance towards 0.
+        where the batch size is known (eager mode, a traced shape, any call on JAX) that raises a
+        `ValueError`; inside a compiled function where it is unknown, the layer outputs `beta`
+        and updates the moving variance towards 0.
 
     Reference:
         - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
@@ -172,8 +181,8 @@ class BatchNorm(keras.layers.BatchNormalization):
                 "kernel computes per-replica statistics. Use fused=None or fused=False."
             )
         clipping = base["renorm_clipping"]
-        virtual_batch_size = ops.check_virtual_batch_size(virtual_batch_size, bool(synchronized))
-        adjustment = ops.check_adjustment(adjustment)
+        virtual_batch_size = core.check_virtual_batch_size(virtual_batch_size, bool(synchronized))
+        adjustment = core.check_adjustment(adjustment)
         if fused:
             for name, value in (
                 ("renorm", renorm),
@@ -186,7 +195,9 @@ class BatchNorm(keras.layers.BatchNormalization):
                         f"has no such option; received fused=True, {name}={value!r}. "
                         "Use fused=None (the default) or fused=False."
                     )
-        super().__init__(**base, **kwargs)
+        # Keras's layer refuses synchronized=True off TensorFlow; tfbn takes it everywhere.
+        super().__init__(**{**base, "synchronized": False}, **kwargs)
+        self.synchronized = base["synchronized"]
         arguments.check_floating_dtype(
             self.name, self.dtype_policy.variable_dtype, self.dtype_policy.compute_dtype
         )
@@ -205,18 +216,19 @@ class BatchNorm(keras.layers.BatchNormalization):
         """Keras's build (the same variables, in the same order), after tfbn's checks."""
         input_shape = tuple(input_shape)
         rank = len(input_shape)
-        axis = ops.canonical_axis(self.axis, rank)
+        axis = core.canonical_axis(self.axis, rank)
         if input_shape[axis] is None:
             raise ValueError(
                 f"The channel axis {self.axis} of the input to layer '{self.name}' must have a "
                 f"known size when the layer is built; received input_shape={input_shape}."
             )
-        if self.fused and fast.fused_data_format(rank, axis, "float32") is None:
+        if self.fused and core.fused_format(rank, axis) is None:
             raise ValueError(
                 f"Argument `fused=True` needs a rank-4 or rank-5 input with the channel axis 1 or "
                 f"last; layer '{self.name}' received input_shape={input_shape} with "
                 f"axis={self.axis}."
             )
+        # The channel axis as a non-negative int, settled here once for every call.
         self._channel_axis = axis
         self._rank = rank
         super().build(input_shape)
@@ -229,62 +241,65 @@ class BatchNorm(keras.layers.BatchNormalization):
         return None if self.moving_mean is None else int(self.moving_mean.shape[0])
 
     def compute_output_shape(self, input_shape):
-        ops.canonical_axis(self.axis, len(input_shape))
+        core.canonical_axis(self.axis, len(input_shape))
         return input_shape
 
     # ----------------------------------------------------------------------------- compute
     def _check_input(self, inputs, mask) -> None:
-        shape = inputs.shape
-        if mask is not None and len(mask.shape) != shape.rank - 1:
+        shape = tuple(inputs.shape)
+        rank = len(shape)
+        if mask is not None and len(mask.shape) != rank - 1:
             raise ValueError(
-                f"Layer '{self.name}' takes a mask of rank {shape.rank - 1} (the input's axes but "
+                f"Layer '{self.name}' takes a mask of rank {rank - 1} (the input's axes but "
                 f"the last); received mask.shape={tuple(mask.shape)} for an input of shape "
-                f"{tuple(shape)}."
+                f"{shape}."
             )
-        if shape.rank != self._rank:
+        if rank != self._rank:
             raise ValueError(
                 f"Layer '{self.name}' was built for inputs of rank {self._rank}; received an "
-                f"input of shape {tuple(shape)}."
+                f"input of shape {shape}."
             )
         channels = shape[self._channel_axis]
         if channels is not None and channels != self.channels:
             raise ValueError(
                 f"Layer '{self.name}' was built for {self.channels} channels on axis {self.axis}; "
-                f"received an input of shape {tuple(shape)} with {channels} channels."
+                f"received an input of shape {shape} with {channels} channels."
             )
-        if not inputs.dtype.is_floating:
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if not keras.backend.is_float_dtype(dtype):
             raise ValueError(
-                f"Layer '{self.name}' needs a floating-point input; received dtype="
-                f"{inputs.dtype.name}. Cast the input, e.g. to float32."
+                f"Layer '{self.name}' needs a floating-point input; received dtype={dtype}. "
+                "Cast the input, e.g. to float32."
             )
 
     def call(self, inputs, training=None, mask=None):
-        inputs = tf.convert_to_tensor(inputs)
+        inputs = ops.convert_to_tensor(inputs)
         self._check_input(inputs, mask)
-        stat_dtype = ops.statistics_dtype(inputs.dtype)
-        gamma = None if self.gamma is None else tf.cast(self.gamma, stat_dtype)
-        beta = None if self.beta is None else tf.cast(self.beta, stat_dtype)
+        compute = engine()
+        stat_dtype = core.statistics_dtype(inputs.dtype)
+        gamma = None if self.gamma is None else ops.cast(self.gamma, stat_dtype)
+        beta = None if self.beta is None else ops.cast(self.beta, stat_dtype)
         axis = self._channel_axis
 
         if not (training and self.trainable):
             # float16/bfloat16 inputs are normalized in float32: their squares overflow float16.
-            x = tf.cast(inputs, stat_dtype)
-            mean = tf.cast(self.moving_mean, stat_dtype)
-            variance = tf.cast(self.moving_variance, stat_dtype)
-            outputs = ops.batch_normalization(
+            x = ops.cast(inputs, stat_dtype)
+            mean = ops.cast(self.moving_mean, stat_dtype)
+            variance = ops.cast(self.moving_variance, stat_dtype)
+            outputs = compute.normalize(
                 x, mean, variance, axis, offset=beta, scale=gamma, epsilon=self.epsilon
             )
-            return tf.cast(outputs, self.compute_dtype)
+            return ops.cast(outputs, self.compute_dtype)
 
-        if self._rank == 2 and tf.executing_eagerly() and inputs.shape[0] == 1:
+        if self._rank == 2 and inputs.shape[0] == 1:
             raise ValueError(
                 f"Layer '{self.name}' cannot train on a batch of size 1 with rank-2 input: every "
                 "normalized value would be 0. Use a batch of 2 or more, or call with "
                 "training=False."
             )
         # Called once per step (it may draw random numbers).
-        adjustment = None if self.adjustment is None else self.adjustment(tf.shape(inputs))
-        outputs, stats = fast.training_batch_norm(
+        adjustment = None if self.adjustment is None else self.adjustment(compute.shape(inputs))
+        outputs, stats = compute.training(
             inputs,
             axis,
             gamma=gamma,
@@ -299,17 +314,17 @@ class BatchNorm(keras.layers.BatchNormalization):
             renorm_clipping=self.renorm_clipping,
             adjustment=adjustment,
         )
-        self._update_moving_statistics(stats)
-        return tf.cast(outputs, self.compute_dtype)
+        self._update_moving_statistics(compute, stats)
+        return ops.cast(outputs, self.compute_dtype)
 
-    def _update_moving_statistics(self, stats: ops.Moments) -> None:
-        # Unsynchronized statistics are averaged over replicas first, so that every copy of the
-        # moving variables receives the same update (see ops.moving_statistics_update).
+    def _update_moving_statistics(self, compute, stats: core.Moments) -> None:
+        # On TensorFlow, unsynchronized statistics are averaged over replicas first, so that every
+        # copy of the moving variables receives the same update (tfbn.ops.nn).
         names = ["moving_mean", "moving_variance"]
         if self.renorm:
             names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
         variables = {name: getattr(self, name) for name in names}
-        new = ops.moving_statistics_update(
+        new = compute.update(
             stats,
             variables,
             momentum=self.momentum,

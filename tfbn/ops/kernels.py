@@ -19,10 +19,11 @@ input):
 
 from __future__ import annotations
 
-import tensorflow as tf
-
+from tfbn.ops import core, reduction
 from tfbn.ops import nn as ops
-from tfbn.ops import reduction
+from tfbn.ops.engine import tensorflow_module
+
+tf = tensorflow_module(__name__)
 
 __all__ = [
     "FUSED_DTYPES",
@@ -36,8 +37,8 @@ __all__ = [
     "training_batch_norm",
 ]
 
-FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
-_FORMATS = {(4, -1): "NHWC", (4, 1): "NCHW", (5, -1): "NDHWC", (5, 1): "NCDHW"}
+# By name (a `tf.DType` equals its name), so that importing this module needs no TensorFlow.
+FUSED_DTYPES = ("float16", "bfloat16", "float32")
 # The most values per channel the default choice gives the fused kernel: its sums are long
 # float32 running sums, whose rounding grows with the count (docs/benchmarks/statistics.md).
 FUSED_MAX_COUNT = 2**17
@@ -46,10 +47,9 @@ KERNELS = ("reference", "ghost", "fused", "fused_rank4", "fused_or_composed", "c
 
 def fused_data_format(rank: int, axis: int, dtype: tf.DType) -> str | None:
     """The fused kernel's data format for this input, or `None` when the kernel cannot take it."""
-    if tf.as_dtype(dtype) not in FUSED_DTYPES or rank not in (4, 5):
+    if tf.as_dtype(dtype).name not in FUSED_DTYPES or rank not in (4, 5):
         return None
-    axis = ops.canonical_axis(axis, rank)
-    return _FORMATS.get((rank, -1 if axis == rank - 1 else axis))
+    return core.fused_format(rank, ops.canonical_axis(axis, rank))
 
 
 def kernel_for(
@@ -92,7 +92,7 @@ def kernel_for(
     if fused:
         return "fused"
     dtype = tf.as_dtype(dtype)
-    if fused is False or synchronized or dtype not in FUSED_DTYPES:
+    if fused is False or synchronized or dtype.name not in FUSED_DTYPES:
         return "composed"
     xla = reduction.in_xla_context() if xla is None else xla
     channels = shape[axis]

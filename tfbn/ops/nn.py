@@ -12,14 +12,27 @@ the single-device computation.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
-import tensorflow as tf
-
 from tfbn.ops import reduction
+
+# The checks and `Moments` live in `tfbn.ops.core` (backend-neutral); here for the callers of nn.
+from tfbn.ops.core import (  # noqa: F401
+    RENORM_CLIPPING_KEYS,
+    Moments,
+    canonical_axis,
+    check_adjustment,
+    check_axes,
+    check_epsilon,
+    check_renorm_clipping,
+    check_virtual_batch_size,
+)
+from tfbn.ops.core import plus as _plus
+from tfbn.ops.core import times as _times
+from tfbn.ops.engine import engine, tensorflow_module
+
+tf = tensorflow_module(__name__)
 
 __all__ = [
     "Moments",
@@ -29,46 +42,6 @@ __all__ = [
     "replica_mean_moments",
     "statistics_dtype",
 ]
-
-
-class Moments(NamedTuple):
-    """Per-channel batch statistics.
-
-    Attributes:
-        mean: Mean over every axis but the channel axis, shape `(channels,)`.
-        variance: Biased variance (divided by the count, as the chapter defines it).
-        count: Number of values (the sum of the weights) each channel's statistics were computed
-            from, shape `(channels,)`.
-    """
-
-    mean: tf.Tensor
-    variance: tf.Tensor
-    count: tf.Tensor
-
-
-def canonical_axis(axis: int, rank: int) -> int:
-    """Validates a channel axis for an input of rank `rank` and returns it as a non-negative int.
-
-    Raises:
-        ValueError: if `rank < 2` or `axis` is not an integer in `[-rank, rank)`.
-    """
-    if rank is None or rank < 2:
-        raise ValueError(
-            "Batch normalization needs inputs of rank 2 or more (a batch axis and a channel "
-            f"axis); received an input of rank {rank}."
-        )
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise ValueError(f"Argument `axis` must be an integer; received axis={axis!r}.")
-    if not -rank <= axis < rank:
-        raise ValueError(
-            f"Argument `axis` is out of range for an input of rank {rank}: expected an integer in "
-            f"[{-rank}, {rank}); received axis={axis}."
-        )
-    if axis % rank == 0:
-        raise ValueError(
-            f"Argument `axis` must not be the batch axis 0; received axis={axis} for rank {rank}."
-        )
-    return axis % rank
 
 
 def statistics_dtype(dtype: tf.DType) -> tf.DType:
@@ -296,17 +269,6 @@ def affine(
     return a, b
 
 
-def check_epsilon(epsilon) -> float:
-    """`epsilon` as a float if it is a finite real number > 0, else a `ValueError` naming it."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise ValueError(f"Argument `epsilon` must be a number > 0; received epsilon={epsilon!r}.")
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(
-            f"Argument `epsilon` must be finite and > 0; received epsilon={epsilon!r}."
-        )
-    return float(epsilon)
-
-
 def _floating(name: str, value) -> tf.Tensor:
     """`value` as a tensor of a floating dtype, else a `ValueError` naming the argument."""
     tensor = tf.convert_to_tensor(value)
@@ -318,32 +280,12 @@ def _floating(name: str, value) -> tf.Tensor:
     return tensor
 
 
-def _check_axes(axes, rank: int) -> list[int]:
-    """`axes` (an int or a sequence of ints in `[-rank, rank)`, no repeats) as sorted
-    non-negative ints."""
-    values = [axes] if isinstance(axes, int) else axes
-    if (
-        isinstance(axes, bool)
-        or not isinstance(values, (list, tuple))
-        or any(isinstance(a, bool) or not isinstance(a, int) for a in values)
-    ):
-        raise ValueError(f"Argument `axes` must be a list of integers; received axes={axes!r}.")
-    if any(not -rank <= a < rank for a in values):
-        raise ValueError(
-            f"Argument `axes` is out of range for an input of rank {rank}: expected integers in "
-            f"[{-rank}, {rank}); received axes={axes!r}."
-        )
-    canonical = sorted(a % rank for a in values)
-    if len(set(canonical)) != len(canonical):
-        raise ValueError(f"Argument `axes` repeats an axis; received axes={axes!r}.")
-    return canonical
-
-
 def moments(x, axes, keepdims=False, synchronized=False):
     """Calculates the mean and variance of `x` over `axes`: `keras.ops.moments`, exactly.
 
     Same arguments, defaults and return values as `keras.ops.moments`, so either can replace
-    the other. The statistics are computed by `centred_moments` (two passes shifted by a value of
+    the other, on the TensorFlow and JAX backends (`tfbn.ops.engine`). The statistics are computed
+    by `centred_moments` (`tfbn.ops.core.centred` off TensorFlow: two passes shifted by a value of
     the data, with bounded float32 sums), so they do not lose the variance of data with a large
     mean: at `|mean| / std = 1e4` the float32 variance of up to 2^20 values per statistic is
     within 1e-4 of the float64 one (tests/test_statistics.py). float16/bfloat16 inputs are
@@ -355,7 +297,8 @@ def moments(x, axes, keepdims=False, synchronized=False):
         keepdims: If `True`, the reduced axes are kept with size one.
         synchronized: If `True`, in a `tf.distribute` replica context with several replicas,
             the statistics are those of the global batch of all replicas (gradients flow through
-            the all-reduce). If `False`, each replica uses its own batch.
+            the all-reduce). If `False`, each replica uses its own batch. Under
+            `keras.distribution` on JAX the statistics are those of the global batch either way.
 
     Returns:
         A tuple `(mean, variance)` (the biased variance), of the input's dtype.
@@ -365,9 +308,15 @@ def moments(x, axes, keepdims=False, synchronized=False):
         >>> [round(float(t), 2) for t in tfbn.moments(x, axes=[0])]
         [21.2, 1553.36]
     """
+    return engine().moments(x, axes, keepdims=keepdims, synchronized=synchronized)
+
+
+def tf_moments(x, axes, keepdims=False, synchronized=False):
+    """`moments` on TensorFlow: statistics by `centred_moments`, across `tf.distribute` replicas
+    with `synchronized`."""
     x = _floating("x", x)
     rank = x.shape.rank
-    axes = _check_axes(axes, rank)
+    axes = check_axes(axes, rank)
     kept = [i for i in range(rank) if i not in axes]
     shape = tf.shape(x)
     # The result's shape: the kept axes, or every axis with the reduced ones of size 1.
@@ -399,8 +348,9 @@ def batch_normalization(x, mean, variance, axis, offset=None, scale=None, epsilo
     """Normalizes `x` by `mean` and `variance`: `keras.ops.batch_normalization`, exactly.
 
     Same arguments, defaults and result as `keras.ops.batch_normalization`:
-    `scale * (x - mean) / sqrt(variance + epsilon) + offset`, computed as one multiply-add per
-    element (`affine`) in the dtype of `x`.
+    `scale * (x - mean) / sqrt(variance + epsilon) + offset`, in the dtype of `x`: on TensorFlow
+    as one multiply-add per element (`affine`), on other backends as `(x - mean) * (scale *
+    rsqrt(variance + epsilon)) + offset` (`tfbn.ops.core.batch_normalization`).
 
     Args:
         x: Input tensor of a floating dtype.
@@ -425,6 +375,11 @@ def batch_normalization(x, mean, variance, axis, offset=None, scale=None, epsilo
     array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
     """
+    return engine().normalize(x, mean, variance, axis, offset=offset, scale=scale, epsilon=epsilon)
+
+
+def tf_batch_normalization(x, mean, variance, axis, offset=None, scale=None, epsilon=1e-3):
+    """`batch_normalization` on TensorFlow, as one multiply-add per element (`affine`)."""
     x = _floating("x", x)
     rank = x.shape.rank
     if isinstance(axis, bool) or not isinstance(axis, int) or not -rank <= axis < rank:
@@ -463,111 +418,6 @@ def batch_normalization(x, mean, variance, axis, offset=None, scale=None, epsilo
 # everything below: they only read their variables, call `batch_norm_training` or `batch_norm`,
 # and assign what `moving_statistics_update` returns.
 # ---------------------------------------------------------------------------------------------
-
-RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-
-
-def check_renorm_clipping(renorm_clipping) -> dict:
-    """Validates a batch-renormalization clipping dictionary and returns it with float values.
-
-    Args:
-        renorm_clipping: `None` or a dict with optional keys `"rmax"`, `"rmin"`, `"dmax"`.
-            A missing key (or `None`) means no clipping on that side (`inf`, `0`, `inf`).
-
-    Returns:
-        A new dict holding only the keys given, as Python floats.
-
-    Raises:
-        ValueError: if it is not a dict, has other keys (Keras's wording: "Received invalid
-            keys"), a value that is not a finite number, `rmax <= 0`, `rmin < 0`,
-            `rmax < rmin` ("rmax should be greater than rmin") or `dmax < 0` ("dmax should be
-            non-negative").
-    """
-    if renorm_clipping is None:
-        return {}
-    if not isinstance(renorm_clipping, dict):
-        raise ValueError(
-            "Argument `renorm_clipping` must be a dict with optional keys 'rmax', 'rmin', "
-            f"'dmax'; received renorm_clipping={renorm_clipping!r}."
-        )
-    unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS), key=str)
-    if unknown:
-        raise ValueError(
-            f"Received invalid keys for `renorm_clipping` argument: {unknown}. Supported "
-            f"values: {list(RENORM_CLIPPING_KEYS)}; received renorm_clipping={renorm_clipping!r}."
-        )
-    clipping = {}
-    for key, value in renorm_clipping.items():
-        if value is None:
-            continue
-        try:
-            number = None if isinstance(value, (bool, str, bytes)) else float(value)
-        except (TypeError, ValueError):
-            number = None
-        if number is None or not -float("inf") < number < float("inf"):  # NaN fails both
-            raise ValueError(
-                f"Argument `renorm_clipping` needs finite numbers (leave a key out for no bound); "
-                f"received {key}={value!r} in renorm_clipping={renorm_clipping!r}."
-            )
-        clipping[key] = number
-    rmax, rmin, dmax = (clipping.get(k) for k in RENORM_CLIPPING_KEYS)
-    problem = None
-    if rmax is not None and rmin is not None and rmax < rmin:
-        problem = "rmax should be greater than rmin"
-    elif rmax is not None and rmax <= 0:
-        problem = "rmax should be positive"
-    elif rmin is not None and rmin < 0:
-        problem = "rmin should be non-negative"
-    elif dmax is not None and dmax < 0:
-        problem = "dmax should be non-negative"
-    if problem:
-        raise ValueError(
-            f"{problem} in the `renorm_clipping` argument; received "
-            f"renorm_clipping={renorm_clipping!r}."
-        )
-    return clipping
-
-
-def check_virtual_batch_size(virtual_batch_size, synchronized: bool = False) -> int | None:
-    """Validates a ghost-batch size: `None` or a positive int, not combined with `synchronized`.
-
-    Raises:
-        ValueError: if it is not a positive integer, or `synchronized` is also set (a virtual
-            batch is a slice of one replica's batch; synchronizing it has no meaning).
-    """
-    if virtual_batch_size is None:
-        return None
-    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
-        raise ValueError(
-            "Argument `virtual_batch_size` must be a positive integer or None; received "
-            f"virtual_batch_size={virtual_batch_size!r}."
-        )
-    if virtual_batch_size <= 0:
-        raise ValueError(
-            "Argument `virtual_batch_size` must be a positive integer; received "
-            f"virtual_batch_size={virtual_batch_size}."
-        )
-    if synchronized:
-        raise ValueError(
-            "Argument `virtual_batch_size` cannot be combined with synchronized=True: ghost "
-            "batches are sub-batches of one replica's batch; received "
-            f"virtual_batch_size={virtual_batch_size}, synchronized=True."
-        )
-    return virtual_batch_size
-
-
-def check_adjustment(adjustment):
-    """Validates an `adjustment` argument: `None` or a callable `shape -> (scale, bias)`.
-
-    Raises:
-        ValueError: if it is neither `None` nor callable.
-    """
-    if adjustment is not None and not callable(adjustment):
-        raise ValueError(
-            "Argument `adjustment` must be None or a callable taking the input's shape and "
-            f"returning (scale, bias); received adjustment={adjustment!r}."
-        )
-    return adjustment
 
 
 def fold_adjustment(adj_scale, adj_bias, gamma, beta, shape, axis: int):
@@ -869,16 +719,6 @@ def batch_norm_training(
     if beta is not None:
         z = z + broadcast(tf.cast(beta, dtype))
     return z, moments_
-
-
-def _times(a, b):
-    """`a * b` where `None` means 1."""
-    return b if a is None else a if b is None else a * b
-
-
-def _plus(a, b):
-    """`a + b` where `None` means 0."""
-    return b if a is None else a if b is None else a + b
 
 
 def bessel_corrected(stats: Moments) -> Moments:

@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import tensorflow as tf
+from tfbn.ops.engine import tensorflow_module
+
+tf = tensorflow_module(__name__)
 
 __all__ = [
     "BLOCK_ROWS",

@@ -12,8 +12,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tfbn.ops import nn as ops
-
 __all__ = [
     "KERAS_ARGUMENTS",
     "check_backend",
@@ -117,15 +115,19 @@ def check_floating_dtype(layer_name: str, variable_dtype: str, compute_dtype: st
 
 
 def check_backend(backend: str) -> None:
-    """tfbn computes with TensorFlow: the Keras backend must be `"tensorflow"`.
+    """tfbn computes on the Keras backends of `tfbn.ops.engine.SUPPORTED_BACKENDS`.
 
     Raises:
-        ValueError: naming the backend in use otherwise.
+        ValueError: naming the backend in use and those supported otherwise.
     """
-    if backend != "tensorflow":
+    # Imported here: tfbn.ops imports Keras, whose import imports tfbn's library, which needs
+    # this module whole (`check_count`).
+    from tfbn.ops.engine import SUPPORTED_BACKENDS
+
+    if backend not in SUPPORTED_BACKENDS:
         raise ValueError(
-            f"tfbn.BatchNorm needs the TensorFlow Keras backend; the Keras backend is "
-            f"{backend!r}. Set KERAS_BACKEND=tensorflow before importing keras."
+            f"tfbn.BatchNorm runs on the Keras backends {', '.join(SUPPORTED_BACKENDS)}; the Keras "
+            f"backend is {backend!r}. Set KERAS_BACKEND to one of them before importing keras."
         )
 
 
@@ -138,15 +140,17 @@ def keras_arguments(given: Mapping) -> dict:
 
     Returns:
         A new dict of the names of `KERAS_ARGUMENTS`: `momentum` and `renorm_momentum` checked
-        (`check_momentum`) and `epsilon` (`tfbn.ops.nn.check_epsilon`), as floats; `center`,
+        (`check_momentum`) and `epsilon` (`tfbn.ops.core.check_epsilon`), as floats; `center`,
         `scale`, `renorm` and `synchronized` as bools; `renorm_clipping` checked
-        (`tfbn.ops.nn.check_renorm_clipping`: a dict of floats, `{}` for `None`); the others as
+        (`tfbn.ops.core.check_renorm_clipping`: a dict of floats, `{}` for `None`); the others as
         given.
 
     Raises:
         ValueError: for a bad `momentum`, `renorm_momentum`, `epsilon` or `renorm_clipping`,
             naming it.
     """
+    from tfbn.ops import core as ops  # here, as in `check_backend`
+
     forwarded = {name: given[name] for name in KERAS_ARGUMENTS}
     for name in ("momentum", "renorm_momentum"):
         forwarded[name] = check_momentum(name, forwarded[name])
