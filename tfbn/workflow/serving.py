@@ -25,10 +25,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfbn.cli.predict import check_inputs, check_top_k, resolve_model_dir
 from tfbn.utils.arguments import check_count
 from tfbn.utils.errors import UsageError
 from tfbn.workflow.config import CLASS_NAMES
+from tfbn.workflow.requests import check_inputs, check_top_k, resolve_model_dir
 
 __all__ = [
     "FilePredictions",
