@@ -16,7 +16,7 @@ DATA_DIR=/usr/share/datasets/fashion-mnist
 APT_LOCK_WAIT=${TFBN_APT_LOCK_WAIT:-600}
 # The locks apt-get and dpkg take (fcntl locks); TFBN_APT_LOCKS overrides the list.
 read -r -a APT_LOCKS <<<"${TFBN_APT_LOCKS:-/var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock /var/cache/apt/archives/lock}"
-EXTRAS="workflow,notebook,test,legacy,docs"
+EXTRAS="workflow,notebook,test,legacy,docs,jax"
 TEST_WORKERS=${TFBN_TEST_WORKERS:-2}
 
 say() { echo "[run.sh] $*" >&2; }

@@ -3,7 +3,8 @@
 The module ships inside the installed keras package
 (`keras/src/layers/normalization/batch_normalization_test.py`). It is read from there, every
 `layers.BatchNormalization` in it becomes `tfbn.BatchNorm`, and the result runs under pytest in
-a subprocess with the TensorFlow backend. Nothing of it is copied into this repository.
+a subprocess, once with the TensorFlow backend and once with JAX. Nothing of it is copied into
+this repository.
 """
 
 import importlib.util
@@ -56,12 +57,13 @@ def _outcomes(report: pathlib.Path) -> dict[str, str]:
     return outcomes
 
 
-def test_keras_batch_normalization_suite_passes_with_tfbn(tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_keras_batch_normalization_suite_passes_with_tfbn(tmp_path, backend):
     (tmp_path / "pytest.ini").write_text(PYTEST_INI)
     module = tmp_path / "test_tfbn_in_keras_suite.py"
     module.write_text(_with_tfbn(_keras_test_source()))
     report = tmp_path / "report.xml"
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     root = pathlib.Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     result = subprocess.run(
@@ -77,7 +79,10 @@ def test_keras_batch_normalization_suite_passes_with_tfbn(tmp_path):
     outcomes = _outcomes(report)
     failed = sorted(name for name, outcome in outcomes.items() if outcome in ("failed", "error"))
     passed = [name for name, outcome in outcomes.items() if outcome == "passed"]
-    print(f"Keras's suite with tfbn.BatchNorm: {len(passed)} passed, {len(failed)} failed")
+    print(
+        f"Keras's suite with tfbn.BatchNorm on {backend}: {len(passed)} passed, "
+        f"{len(failed)} failed"
+    )
     for name in failed:
         print("FAILED", name)
     assert not failed, f"{len(failed)} of {len(outcomes)} failed: {failed}\n{result.stdout[-4000:]}"

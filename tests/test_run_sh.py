@@ -148,7 +148,7 @@ def test_install_shows_pip_progress(tmp_path):
     calls = log.read_text().splitlines()
     assert calls == [
         "-m pip install --upgrade pip",
-        "-m pip install -e .[workflow,notebook,test,legacy,docs]",
+        "-m pip install -e .[workflow,notebook,test,legacy,docs,jax]",
     ]
     assert (venv / ".tfbn-installed").exists()
-    assert "installing tfbn[workflow,notebook,test,legacy,docs]" in result.stderr
+    assert "installing tfbn[workflow,notebook,test,legacy,docs,jax]" in result.stderr
