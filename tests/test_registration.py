@@ -250,3 +250,17 @@ def test_a_legacy_model_loads_in_tf_keras_after_import_tfbn_legacy(saved, load):
     assert report["legacy_classes"] == ["tfbn.legacy", "tfbn.legacy"]
     expected = np.load(saved / "legacy.npz")["y"]
     assert np.allclose(outputs["legacy"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_library_name_used_before_keras_is_imported_imports_the_library(tmp_path):
+    """`import tfbn; tfbn.BatchNorm` with Keras not yet imported (the hook and the name at once)."""
+    _python(
+        "import sys, tfbn\n"
+        "assert 'keras' not in sys.modules\n"
+        "layer = tfbn.BatchNorm()\n"
+        "import keras\n"
+        "assert keras.saving.get_registered_object('tfbn>BatchNorm') is tfbn.BatchNorm\n"
+        "assert keras.saving.get_registered_object('tfbn>ChannelAffine') is not None\n"
+        "assert tfbn.moments is sys.modules['tfbn.ops.nn'].moments\n",
+        str(tmp_path),
+    )

@@ -99,7 +99,14 @@ class _AfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def __getattr__(name: str):
-    target = _LIBRARY.get(name) or _APPLICATION.get(name)
+    if name in _LIBRARY:
+        # Keras first: its import imports the whole library (above), which binds the name.
+        import keras  # noqa: F401
+
+        if name not in globals():
+            _import_library()
+        return globals()[name]
+    target = _APPLICATION.get(name)
     if target is None:
         raise AttributeError(f"module 'tfbn' has no attribute {name!r}")
     value = _resolve(target)
