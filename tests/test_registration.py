@@ -264,3 +264,15 @@ def test_a_library_name_used_before_keras_is_imported_imports_the_library(tmp_pa
         "assert tfbn.moments is sys.modules['tfbn.ops.nn'].moments\n",
         str(tmp_path),
     )
+
+
+@pytest.mark.parametrize("module", ["tfbn.layers.batch_norm", "tfbn.legacy"])
+def test_importing_one_library_module_first_registers_every_class(tmp_path, module):
+    """A library module imported before Keras (Keras then loads inside it; `tfbn.legacy` also has
+    TensorFlow look Keras up first) still leaves every tfbn class registered."""
+    _python(
+        f"import sys, {module}, keras\n"
+        "for name in ('BatchNorm', 'ChannelAffine', 'FoldedAway'):\n"
+        "    assert keras.saving.get_registered_object(f'tfbn>{name}') is not None, name\n",
+        str(tmp_path),
+    )

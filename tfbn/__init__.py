@@ -77,13 +77,24 @@ def _import_library() -> None:
 
 
 class _AfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds `keras` as usual and imports tfbn's library right after Keras's own import ends."""
+    """Finds `keras` as usual and imports tfbn's library right after Keras's own import ends.
+
+    It stays in `sys.meta_path` until Keras is imported: a mere look-up of Keras's spec (as
+    TensorFlow makes at its import) does not use it up.
+    """
+
+    def __init__(self) -> None:
+        self._finding = False
+        self._keras_loader = None
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "keras":
+        if fullname != "keras" or self._finding:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("keras")
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec("keras")
+        finally:
+            self._finding = False
         if spec is None or spec.loader is None:
             return spec
         self._keras_loader = spec.loader
@@ -94,6 +105,8 @@ class _AfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self._keras_loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
         self._keras_loader.exec_module(module)
         _import_library()
 
