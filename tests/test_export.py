@@ -267,7 +267,7 @@ def test_interrupted_export_leaves_nothing(models, tmp_path, monkeypatch):
 
     kept = tfbn.export_saved_model(models["keras"], tmp_path, name="m", version=1)
     before = sorted((p.relative_to(kept), p.read_bytes()) for p in kept.rglob("*") if p.is_file())
-    monkeypatch.setattr(export.tf.saved_model, "save", failing_save)
+    monkeypatch.setattr(tf.saved_model, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         tfbn.export_saved_model(models["tfbn"], tmp_path, name="m", version=2)
     with pytest.raises(OSError, match="disk full"):

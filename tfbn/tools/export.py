@@ -27,6 +27,9 @@ BatchNorm is in inference mode in the graph: it uses the moving statistics, ther
 branch and nothing is assigned. With folding (the default), batch norms are merged into the layer
 before them where `tfbn.tools.folding` can, and become one per-channel multiply-add elsewhere.
 
+The export needs Keras's TensorFlow backend (the module itself imports on any backend, and
+TensorFlow only when an export runs); on another backend use Keras's own `model.export`.
+
 `jit_compile=True` compiles the model part of the signatures with XLA. On a CPU it helped at batch
 size 1 and hurt at batch 256 (XLA's CPU convolutions are slower than oneDNN's); measure on your
 hardware with `tfbn.workflow.serving.inference_throughput`.
@@ -39,16 +42,18 @@ import math
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tfbn.tools.folding import fold_batch_norm
 from tfbn.utils.arguments import check_count
 from tfbn.utils.files import check_writable_dir
 from tfbn.utils.versioned import write_version
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 __all__ = [
     "DEFAULT_NAME",
@@ -150,6 +155,8 @@ def _as_model_input(data, spec: _Input, pixel_range, argument: str) -> np.ndarra
 
 def _sample_inputs(spec: _Input, pixel_range) -> np.ndarray:
     """A deterministic batch: smooth images for an image model, normal values otherwise."""
+    import tensorflow as tf
+
     rng = np.random.default_rng(20150211)
     if not spec.image:
         return rng.normal(0.0, 1.0, (_CHECK_SAMPLE_SIZE, *spec.shape)).astype(np.float32)
@@ -209,6 +216,11 @@ def _outputs(model: keras.Model, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate(outputs).astype(np.float64)
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - np.max(logits, axis=-1, keepdims=True))
+    return exp / np.sum(exp, axis=-1, keepdims=True)
+
+
 def _are_probabilities(outputs: np.ndarray) -> bool:
     return bool(
         np.all(np.isfinite(outputs))
@@ -249,6 +261,8 @@ def _check_classes(outputs: np.ndarray, class_names) -> tuple[str, ...] | None:
 # ------------------------------------------------------------------------------------ the module
 def _signature_functions(core, spec: _Input, pixel_range, class_names, probabilities: bool):
     """One tf.function per signature around `core` (the model's forward pass)."""
+    import tensorflow as tf
+
     names = None if class_names is None else tf.constant(list(class_names), dtype=tf.string)
     low, high = pixel_range
 
@@ -298,6 +312,7 @@ def _signature_functions(core, spec: _Input, pixel_range, class_names, probabili
 
 def _serving_module(model, spec, pixel_range, class_names, probabilities, jit_compile):
     """A tf.Module holding the signature functions and the tf.Variables they read."""
+    import tensorflow as tf
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def core(x):
@@ -320,6 +335,8 @@ def _serving_module(model, spec, pixel_range, class_names, probabilities, jit_co
 
 def _save(module: tf.Module, signatures: dict, path: pathlib.Path) -> None:
     """`tf.saved_model.save`, with a file-system failure raised as the `OSError` it is."""
+    import tensorflow as tf
+
     try:
         tf.saved_model.save(module, str(path), signatures=signatures)
     except tf.errors.OpError as error:
@@ -372,6 +389,17 @@ def _check_version(root: pathlib.Path, version, overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------ the export
+def _check_backend() -> None:
+    """The SavedModel is TensorFlow's: refused on any other Keras backend, before any work."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            "export_saved_model writes a TensorFlow SavedModel and needs the TensorFlow backend "
+            f"(KERAS_BACKEND=tensorflow); the Keras backend is {backend!r}: there, use "
+            "model.export(path, format=...) from Keras."
+        )
+
+
 def _prepare(model, inputs: np.ndarray, fold: bool, verbose: int):
     """The model the signatures run (its final softmax split off, folded), the outputs it must
     reproduce on `inputs`, and whether those are the model's own probabilities."""
@@ -381,7 +409,7 @@ def _prepare(model, inputs: np.ndarray, fold: bool, verbose: int):
         serving, reference, probabilities = model, outputs, _are_probabilities(outputs)
     else:
         serving, reference, probabilities = logits_model, _outputs(logits_model, inputs), False
-        _check_close(outputs, tf.nn.softmax(reference).numpy(), "Model without its softmax")
+        _check_close(outputs, _softmax(reference), "Model without its softmax")
     hint = ""
     if fold:
         serving = fold_batch_norm(serving, verbose=verbose)
@@ -448,10 +476,12 @@ def export_saved_model(
         The path of the version folder written.
 
     Raises:
-        ValueError: if an argument is invalid, the version exists and `overwrite` is False, or
-            the served or exported model's outputs differ from `model`'s beyond the tolerance.
+        ValueError: if the Keras backend is not TensorFlow, an argument is invalid, the version
+            exists and `overwrite` is False, or the served or exported model's outputs differ
+            from `model`'s beyond the tolerance.
         OSError: if the export folder cannot be written (with the path concerned).
     """
+    _check_backend()
     if not isinstance(model, keras.Model) or not model.built:
         raise ValueError(f"Argument `model` must be a built keras.Model; received model={model!r}.")
     spec = _model_input(model, input_shape)
@@ -476,6 +506,8 @@ def export_saved_model(
     output = "probabilities" if probabilities else "logits"
 
     def write(path: pathlib.Path) -> None:
+        import tensorflow as tf
+
         _save(module, signatures, path)
         serve = tf.saved_model.load(str(path)).signatures["serving_float"]
         exported = np.concatenate(
