@@ -308,19 +308,24 @@ def test_every_form_of_data_gives_the_same_statistics(healthy_model):
     assert inspect(model, x, steps=2, verbose=0).examples == 2 * BATCH
 
 
-def test_one_trace_for_all_batch_sizes(healthy_model, monkeypatch):
-    model, x, _ = healthy_model
+def test_one_trace_for_all_batch_sizes_and_calls(healthy_model, monkeypatch):
+    source, x, y = healthy_model
+    model = _copy(source)
     compiled = []
     original = inspect_module._compile
 
-    def recording(function, flat):
-        compiled.append(original(function, flat))
+    def recording(function, flat, variables):
+        compiled.append(original(function, flat, variables))
         return compiled[-1]
 
     monkeypatch.setattr(inspect_module, "_compile", recording)
-    inspect(model, x[:70], batch_size=BATCH, verbose=0)  # batches of 32, 32 and 6
-    (function,) = compiled
-    assert function.experimental_get_tracing_count() == 1
+    first = inspect(model, x[:70], batch_size=BATCH, verbose=0)  # batches of 32, 32 and 6
+    _damage_mean(model.get_layer("bn2"), first.layers[1], 0)  # new values, same functions
+    second = inspect(model, (x[:70], y[:70]), batch_size=BATCH, verbose=0)
+    inspect(model, (x, y), batch_size=BATCH, verbose=0)
+    assert second.flagged == ["bn2"]
+    measure, labelled, forward = compiled  # a measure function with and without labels
+    assert all(f.experimental_get_tracing_count() == 1 for f in (measure, labelled, forward))
 
 
 @pytest.mark.parametrize(
@@ -352,7 +357,7 @@ def test_bad_input_is_one_line_before_any_pass(healthy_model, arguments, message
     def no_pass(*args):
         raise AssertionError("a pass started")
 
-    monkeypatch.setattr(inspect_module, "_compile", no_pass)
+    monkeypatch.setattr(inspect_module, "_runner", no_pass)
     with pytest.raises(ValueError) as error:
         inspect(model, verbose=0, **arguments)
     assert message in str(error.value) and "\n" not in str(error.value)

@@ -12,16 +12,21 @@ were meant to track, and it does not depend on the moving statistics upstream: a
 flagged and the healthy layers after it, which in inference mode merely receive its shifted
 output, are not.
 
-Per channel, the population mean and biased variance are exact over all values seen: per batch
-the sums of `x - m` and `(x - m)^2` (`m` the layer's moving mean, for precision) are taken on the
-device and accumulated in float64 on the host. Keras 3 tracks the biased batch variance; tools
-that track the Bessel-corrected one are off by a factor `n / (n - 1)`, far inside the default
-thresholds.
+Per channel, the population mean and biased variance are exact over all values seen: per batch,
+one read of each layer's input gives the sums of its values and squares shifted by a value of the
+data (of the order of its spread, however large its mean), from which the layer is normalized;
+the batches' statistics are merged in float64 on the host (Chan et al.'s pairwise update).
+Keras 3 tracks the biased batch variance; tools that track the Bessel-corrected one are off by a
+factor `n / (n - 1)`, far inside the default thresholds.
 
-The effect on the model is measured in the same pass: how far its output in inference mode is
-from its output with every batch norm normalizing with batch statistics, on the same batches.
-With labels, the report also has the accuracy as is and with the measured statistics (a second
-pass, in which they replace the moving statistics without changing the model).
+The effect on the model is measured in the same pass and compiled function: how far its output
+in inference mode is from its output with every batch norm normalizing with batch statistics, on
+the same batches (the inference part starts from the first tensor a batch norm changes). With
+labels, the report also has the accuracy as is and with the measured statistics (a second pass,
+in which they replace the moving statistics without changing the model). The compiled functions
+are traced once per model graph and backend (`jax.jit` on JAX, `tf.function` on TensorFlow) and
+kept with the model: a later call traces nothing again. TensorFlow is imported only on its
+backend.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import sys
 import time
 from collections.abc import Iterable, Iterator
 
 import keras
 import numpy as np
 
+from tfbn.ops import core
 from tfbn.tools import graph
 from tfbn.tools.folding import fold_plan
 from tfbn.tools.recalibration import batch_norm_layers
@@ -223,11 +230,8 @@ class InspectReport:
 
 # -------------------------------------------------------------------------------------- the data
 def _is_dataset(data) -> bool:
-    try:
-        import tensorflow as tf
-    except ModuleNotFoundError:
-        return False
-    return isinstance(data, tf.data.Dataset)
+    tf = sys.modules.get("tensorflow")  # not imported: `data` is no dataset
+    return tf is not None and isinstance(data, tf.data.Dataset)
 
 
 def _split(batch):
@@ -340,44 +344,42 @@ def _channel_axis(layer, rank: int) -> int:
     return int(layer.axis) % rank
 
 
-def _compute_dtype(x) -> str:
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    return "float64" if dtype == "float64" else "float32"
+def _batch_normalized(layer, x):
+    """`x` normalized by `layer` with the statistics of the batch itself, and those statistics.
 
+    One read of `x` gives both: per channel, the sums of `d = x - pivot` and of `d^2`, `pivot`
+    being the channel's mean over the batch's first example (a value of the order of the data, so
+    that the sums are of the order of its spread however large its mean: then the variance
+    `E[d^2] - E[d]^2` keeps its precision in float32).
 
-def _shifted_sums(layer, x, shift: np.ndarray):
-    """`[count, sum(x - shift)..., sum((x - shift)^2)...]` per channel of one batch."""
+    Returns:
+        `(y, (pivot, offset, variance, count))`: `y` in the dtype of `x`; per channel the pivot,
+        the batch mean minus the pivot, the biased batch variance (all in the statistics dtype)
+        and the int32 number of values per channel.
+    """
     rank = len(x.shape)
     axis = _channel_axis(layer, rank)
     axes = tuple(i for i in range(rank) if i != axis)
-    dtype = _compute_dtype(x)
+    dtype = core.statistics_dtype(x.dtype)
+    xf = keras.ops.cast(x, dtype)
+    pivot = keras.ops.mean(xf[:1], axis=axes, keepdims=True)
+    d = xf - pivot
+    count = keras.ops.cast(keras.ops.size(x), "int32") // int(x.shape[axis])
+    n = keras.ops.cast(count, dtype)
+    offset = keras.ops.sum(d, axis=axes, keepdims=True) / n
+    squares = keras.ops.sum(keras.ops.square(d), axis=axes, keepdims=True) / n
+    variance = keras.ops.maximum(squares - keras.ops.square(offset), 0.0)
+    inv = keras.ops.rsqrt(variance + keras.ops.cast(layer.epsilon, dtype))
     shape = [1] * rank
     shape[axis] = -1
-    d = keras.ops.cast(x, dtype) - keras.ops.reshape(keras.ops.cast(shift, dtype), shape)
-    count = keras.ops.cast(keras.ops.size(x) // int(x.shape[axis]), "float64")
-    return keras.ops.concatenate(
-        [
-            keras.ops.reshape(count, (1,)),
-            keras.ops.cast(keras.ops.sum(d, axis=axes), "float64"),
-            keras.ops.cast(keras.ops.sum(d * d, axis=axes), "float64"),
-        ]
-    )
-
-
-def _batch_normalized(layer, x):
-    """`x` normalized by `layer` with the mean and biased variance of the batch itself."""
-    rank = len(x.shape)
-    axis = _channel_axis(layer, rank)
-    axes = tuple(i for i in range(rank) if i != axis)
-    dtype = _compute_dtype(x)
-    xf = keras.ops.cast(x, dtype)
-    mean, variance = keras.ops.moments(xf, axes)
-    gamma = keras.ops.cast(layer.gamma, dtype) if layer.scale else None
-    beta = keras.ops.cast(layer.beta, dtype) if layer.center else None
-    y = keras.ops.batch_normalization(
-        xf, mean, variance, axis, offset=beta, scale=gamma, epsilon=layer.epsilon
-    )
-    return keras.ops.cast(y, x.dtype)
+    if layer.scale:
+        inv = inv * keras.ops.reshape(keras.ops.cast(layer.gamma, dtype), shape)
+    shift = -offset * inv
+    if layer.center:
+        shift = shift + keras.ops.reshape(keras.ops.cast(layer.beta, dtype), shape)
+    y = d * inv + shift
+    stats = tuple(keras.ops.reshape(t, (-1,)) for t in (pivot, offset, variance))
+    return keras.ops.cast(y, x.dtype), (*stats, count)
 
 
 def _outputs(flat: graph.Graph, values: dict):
@@ -399,40 +401,67 @@ def _downstream_of_batch_norms(flat: graph.Graph, steps) -> set[int]:
     return downstream
 
 
-def _measure_function(flat: graph.Graph, steps, shifts, labelled: bool):
-    """Per batch: each batch norm's shifted sums, the output-gap sums, whether the inputs are
-    finite and (`labelled`) the inference outputs."""
-    shift_of = {id(step.layer): (step, shift) for step, shift in zip(steps, shifts, strict=True)}
+def _output_summary(inference, training, inputs):
+    """`[sum |inference - training|, max |inference - training|, sum |training|, number of
+    output values, 1 if every floating input value is finite else 0]`, float32."""
+    gap = [keras.ops.abs(i - t) for i, t in zip(inference, training, strict=True)]
+    finite = [
+        keras.ops.all(keras.ops.isfinite(x))
+        for x in inputs
+        if keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype))
+    ]
+    all_finite = keras.ops.all(keras.ops.stack(finite)) if finite else True
+    return keras.ops.stack(
+        [
+            sum(keras.ops.sum(g) for g in gap),
+            keras.ops.max(keras.ops.stack([keras.ops.max(g) for g in gap])),
+            sum(keras.ops.sum(keras.ops.abs(t)) for t in training),
+            sum(keras.ops.cast(keras.ops.size(t), "float32") for t in training),
+            keras.ops.cast(all_finite, "float32"),
+        ]
+    )
+
+
+def _measure_function(flat: graph.Graph, steps, labelled: bool):
+    """Per batch, in one function: the model with every batch norm of `steps` normalizing with
+    batch statistics, and in inference mode from the first tensor a batch norm changes.
+
+    It returns `"moments"`, `(3, channels of all layers)`: each layer's pivot, batch mean minus
+    pivot and biased batch variance per channel (`_batch_normalized`), the layers one after the
+    other; `"counts"`, `(layers,)` int32: values
+    per channel; `"summary"`, as `_output_summary`; and with `labelled` the inference outputs,
+    `"outputs"`. One array of statistics per batch: one transfer to the host.
+    """
+    bn_ids = {id(step.layer) for step in steps}
     downstream = _downstream_of_batch_norms(flat, steps)
     rerun = [step for step in flat.steps if any(key in downstream for key in step.outputs)]
 
     def measure(*inputs):
-        sums = {}
+        stats = {}
 
         def call(step, args, kwargs):
-            if id(step.layer) not in shift_of:
+            if id(step.layer) not in bn_ids:
                 return step.layer(*args, **kwargs)
-            sums[id(step.layer)] = _shifted_sums(step.layer, args[0], shift_of[id(step.layer)][1])
-            return _batch_normalized(step.layer, args[0])
+            y, stats[id(step.layer)] = _batch_normalized(step.layer, args[0])
+            return y
 
         computed = graph.run(flat.steps, _feed(flat, inputs), call=call)
         training = _outputs(flat, computed)
         # The inference pass starts from the tensors no batch norm is upstream of: the same.
         shared = {key: value for key, value in computed.items() if key not in downstream}
         inference = _outputs(flat, graph.run(rerun, shared))
-        gap = [keras.ops.abs(i - t) for i, t in zip(inference, training, strict=True)]
-        finite = [
-            keras.ops.all(keras.ops.isfinite(x))
-            for x in inputs
-            if keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype))
-        ]
+        ordered = [stats[id(step.layer)] for step in steps]
+        dtypes = {keras.backend.standardize_dtype(s[0].dtype) for s in ordered}
+        dtype = "float64" if "float64" in dtypes else "float32"
         result = {
-            "sums": tuple(sums[id(step.layer)] for step in steps),
-            "gap_sum": sum(keras.ops.sum(g) for g in gap),
-            "gap_max": keras.ops.max(keras.ops.stack([keras.ops.max(g) for g in gap])),
-            "scale_sum": sum(keras.ops.sum(keras.ops.abs(t)) for t in training),
-            "values": sum(keras.ops.cast(keras.ops.size(t), "float32") for t in training),
-            "finite": keras.ops.all(keras.ops.stack(finite)) if finite else True,
+            "moments": keras.ops.stack(
+                [
+                    keras.ops.concatenate([keras.ops.cast(s[i], dtype) for s in ordered])
+                    for i in (0, 1, 2)
+                ]
+            ),
+            "counts": keras.ops.stack([s[3] for s in ordered]),
+            "summary": _output_summary(inference, training, inputs),
         }
         if labelled:
             result["outputs"] = tuple(inference)
@@ -441,36 +470,115 @@ def _measure_function(flat: graph.Graph, steps, shifts, labelled: bool):
     return measure
 
 
-def _recalibrated_function(flat: graph.Graph, steps, means, variances):
-    """Per batch: the inference outputs with `means` and `variances` as moving statistics."""
-    mapping = []
-    for step, mean, variance in zip(steps, means, variances, strict=True):
-        for variable, value in (
-            (step.layer.moving_mean, mean),
-            (step.layer.moving_variance, variance),
-        ):
-            mapping.append(
-                (variable, value.astype(keras.backend.standardize_dtype(variable.dtype)))
-            )
+def _forward_function(flat: graph.Graph):
+    """Per batch: the model's outputs in inference mode."""
 
     def forward(*inputs):
-        with keras.StatelessScope(state_mapping=mapping):
-            return tuple(_outputs(flat, graph.run(flat.steps, _feed(flat, inputs))))
+        return tuple(_outputs(flat, graph.run(flat.steps, _feed(flat, inputs))))
 
     return forward
 
 
-def _compile(function, flat: graph.Graph):
-    """`function` compiled once for batches of any size of the model's inputs."""
-    if keras.backend.backend() != "tensorflow":
-        return function
-    import tensorflow as tf
+def _compile(function, flat: graph.Graph, variables):
+    """`function(values, inputs)` compiled once for batches of any size of the model's inputs,
+    `values` holding one tensor per variable of `variables`."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    signature = [
-        tf.TensorSpec((None, *flat.tensors[key].shape[1:]), flat.tensors[key].dtype)
-        for key in flat.inputs
-    ]
-    return tf.function(function, input_signature=signature)
+        inputs = [
+            tf.TensorSpec((None, *flat.tensors[key].shape[1:]), flat.tensors[key].dtype)
+            for key in flat.inputs
+        ]
+        values = [tf.TensorSpec(v.shape, v.dtype) for v in variables]
+        return tf.function(function, input_signature=[values, inputs])
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    return function
+
+
+class _Runner:
+    """A per-batch function of the model, compiled once, with some variables read from the
+    call's arguments (`overridden`) instead of the model.
+
+    On JAX every variable of the model is an argument: `jax.jit` would otherwise bake the values
+    of the first call into the compiled function.
+    """
+
+    def __init__(self, model, flat: graph.Graph, function, overridden=()):
+        self.overridden = list(overridden)
+        if keras.backend.backend() == "jax":
+            unique = {id(v): v for v in model.variables}
+            self.variables = list(unique.values())
+        else:
+            self.variables = self.overridden
+        variables = self.variables
+
+        def run(values, inputs):
+            if not variables:
+                return function(*inputs)
+            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+                return function(*inputs)
+
+        self.compiled = _compile(run, flat, variables)
+
+    def state(self, overrides=()) -> list:
+        """The values to call with: `overrides` for the overridden variables (in their order),
+        the variables' own values for the others."""
+        given = {
+            id(v): np.asarray(value, keras.backend.standardize_dtype(v.dtype))
+            for v, value in zip(self.overridden, overrides, strict=True)
+        }
+        return [given[id(v)] if id(v) in given else v.value for v in self.variables]
+
+    def __call__(self, state: list, inputs: list):
+        result = self.compiled(state, inputs)
+        return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), result)
+
+
+_FUNCTIONS = "_tfbn_inspect_functions"
+
+
+def _runner(model, flat: graph.Graph, kind, make) -> _Runner:
+    """The `_Runner` `kind` kept with `model` (made by `make()` when missing), so that a later
+    call on the same graph and backend traces nothing again."""
+    key = (keras.backend.backend(), tuple(id(step.node) for step in flat.steps))
+    kept = model.__dict__.get(_FUNCTIONS)
+    if kept is None or kept[0] != key:
+        # Set past Keras's attribute tracking: the functions are no state of the model.
+        kept = (key, {})
+        object.__setattr__(model, _FUNCTIONS, kept)
+    if kind not in kept[1]:
+        kept[1][kind] = make()
+    return kept[1][kind]
+
+
+class _Moments:
+    """Per channel: count, mean and sum of squared deviations, merged batch by batch in float64
+    (Chan et al.'s pairwise update)."""
+
+    def __init__(self, channels: int):
+        self.count = np.zeros(channels)
+        self.mean = np.zeros(channels)
+        self.m2 = np.zeros(channels)
+
+    def add(self, count, pivot, offset, variance) -> None:
+        """Merges a batch's per-channel count, pivot, mean minus pivot and biased variance."""
+        count = np.asarray(count, np.float64)
+        mean = np.asarray(pivot, np.float64) + np.asarray(offset, np.float64)
+        total = self.count + count
+        weight = count / total
+        delta = mean - self.mean
+        self.m2 = (
+            self.m2 + np.asarray(variance, np.float64) * count + delta**2 * self.count * weight
+        )
+        self.mean = self.mean + delta * weight
+        self.count = total
+
+    def variance(self) -> np.ndarray:
+        return self.m2 / self.count
 
 
 def _model_inputs(flat: graph.Graph, x) -> list:
@@ -512,13 +620,11 @@ class _Progress:
 
 
 # ------------------------------------------------------------------------------------ the verdict
-def _layer_report(step, sums: np.ndarray, fold, mean_threshold, variance_threshold, shift):
+def _layer_report(
+    step, population_mean, population_variance, fold, mean_threshold, variance_threshold
+):
     layer = step.layer
-    channels = (len(sums) - 1) // 2
-    count = sums[0]
-    s1, s2 = sums[1 : 1 + channels] / count, sums[1 + channels :] / count
-    population_mean = shift + s1
-    population_variance = np.maximum(s2 - s1 * s1, 0.0)
+    channels = len(population_mean)
     moving_mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
     moving_variance = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
 
@@ -660,40 +766,50 @@ def inspect(
     _check_first_batch(model, flat, first)
     labelled = first[1] is not None and len(flat.outputs) == 1
 
-    shifts = []
-    for step in bn_steps:
-        moving = np.asarray(keras.ops.convert_to_numpy(step.layer.moving_mean), np.float64)
-        shifts.append(np.where(np.isfinite(moving), moving, 0.0))
-    measure = _compile(_measure_function(flat, bn_steps, shifts, labelled), flat)
-
-    totals = [0.0] * len(bn_steps)
+    measure = _runner(
+        model,
+        flat,
+        ("measure", labelled),
+        lambda: _Runner(model, flat, _measure_function(flat, bn_steps, labelled)),
+    )
+    state = measure.state()
+    channels = [int(step.layer.moving_mean.shape[0]) for step in bn_steps]
+    moments = _Moments(sum(channels))
     gap_sum = gap_max = scale_sum = values = 0.0
     examples = correct = count = 0
     progress = _Progress(verbose, length, "Statistics pass")
     for count, (x, y) in enumerate(itertools.chain([first], batches), start=1):
         inputs = _model_inputs(flat, x)
-        result = keras.tree.map_structure(keras.ops.convert_to_numpy, measure(*inputs))
-        if not bool(result["finite"]):
+        result = measure(state, inputs)
+        batch_gap, batch_gap_max, batch_scale, batch_values, finite = result["summary"].tolist()
+        if not finite:
             raise ValueError(
                 f"Argument `data`: batch {count} holds non-finite values (NaN or infinity); the "
                 "statistics need finite inputs."
             )
-        totals = [
-            t + np.asarray(s, np.float64) for t, s in zip(totals, result["sums"], strict=True)
-        ]
-        gap_sum += float(result["gap_sum"])
-        gap_max = max(gap_max, float(result["gap_max"]))
-        scale_sum += float(result["scale_sum"])
-        values += float(result["values"])
+        moments.add(np.repeat(result["counts"], channels), *result["moments"])
+        gap_sum += batch_gap
+        gap_max = max(gap_max, batch_gap_max)
+        scale_sum += batch_scale
+        values += batch_values
         examples += int(keras.ops.shape(inputs[0])[0])
         if labelled:
-            correct += _correct(y, np.asarray(result["outputs"][0]))
+            correct += _correct(y, result["outputs"][0])
         progress.update(count)
     progress.end(count)
 
+    bounds = np.cumsum([0, *channels])
+    variance = moments.variance()
     layers = tuple(
-        _layer_report(step, total, folds[step.path], mean_threshold, variance_threshold, shift)
-        for step, total, shift in zip(bn_steps, totals, shifts, strict=True)
+        _layer_report(
+            step,
+            moments.mean[start:end],
+            variance[start:end],
+            folds[step.path],
+            mean_threshold,
+            variance_threshold,
+        )
+        for step, start, end in zip(bn_steps, bounds[:-1], bounds[1:], strict=True)
     )
     scale = scale_sum / values
     report = InspectReport(
@@ -710,7 +826,7 @@ def inspect(
         recalibrated = None
         if not isinstance(data, Iterator):  # a one-shot iterator cannot give a second pass
             recalibrated = _recalibrated_accuracy(
-                flat, bn_steps, layers, data, batch_size, steps, verbose
+                model, flat, bn_steps, layers, data, batch_size, steps, verbose
             )
         report = dataclasses.replace(
             report, accuracy=correct / examples, accuracy_recalibrated=recalibrated
@@ -718,24 +834,22 @@ def inspect(
     return report
 
 
-def _recalibrated_accuracy(flat, bn_steps, layers, data, batch_size, steps, verbose) -> float:
+def _recalibrated_accuracy(model, flat, bn_steps, layers, data, batch_size, steps, verbose):
     """The accuracy on `data` with the measured population statistics as moving statistics."""
-    forward = _compile(
-        _recalibrated_function(
-            flat,
-            bn_steps,
-            [layer.population_mean for layer in layers],
-            [layer.population_variance for layer in layers],
-        ),
-        flat,
+    moving = [v for step in bn_steps for v in (step.layer.moving_mean, step.layer.moving_variance)]
+    forward = _runner(
+        model, flat, "forward", lambda: _Runner(model, flat, _forward_function(flat), moving)
+    )
+    state = forward.state(
+        [s for layer in layers for s in (layer.population_mean, layer.population_variance)]
     )
     batches, length = _batches(data, batch_size, steps)
     progress = _Progress(verbose, length, "Accuracy pass")
     correct = examples = count = 0
     for count, (x, y) in enumerate(batches, start=1):
-        outputs = forward(*_model_inputs(flat, x))
-        correct += _correct(y, np.asarray(keras.ops.convert_to_numpy(outputs[0])))
-        examples += len(np.asarray(keras.ops.convert_to_numpy(outputs[0])))
+        outputs = forward(state, _model_inputs(flat, x))
+        correct += _correct(y, outputs[0])
+        examples += len(outputs[0])
         progress.update(count)
     progress.end(count)
     return correct / examples
