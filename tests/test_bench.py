@@ -505,6 +505,7 @@ def test_real_model_cases_run_on_request_only(models_run):
         "models",
         "models_export",
         "recalibrate",
+        "jax",
     ]
     assert bench._check_cases(None) == ("layer", "lenet", "pipeline", "export")
     assert bench._check_cases("all") == tuple(c.name for c in bench.BENCH_CASES)
@@ -706,3 +707,98 @@ def test_recalibrate_case_passes_are_medians_over_predict(recalibrate_run):
     (line,) = _table(markdown, "| model | input | examples | batch | BN layers")
     assert line[:5] == ["MobileNetV2", "32x32", "4", "2", "52"]
     assert line[6:9] == [f"{row['passes'][v]:.2f}" for v in ("exact", "fast", "inspect")]
+
+
+# ----------------------------------------------------------------------------- JAX
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    """The `jax` case, quick: the layer's quick shapes and MobileNetV2 at 32x32 (batch 2)."""
+    out = tmp_path_factory.mktemp("bench_jax")
+    results = bench.run_benchmarks(cases="jax", quick=True, repeats=2, output_dir=out, verbose=0)
+    return results, (out / "results.md").read_text(encoding="utf-8")
+
+
+def _medians_recomputed(variants: dict, names=("keras", "tfbn")) -> dict[str, float]:
+    """Each variant's median from its raw samples (two: the repeats), checked against its row."""
+    medians = {}
+    for name in names:
+        samples = variants[name]["samples_s"]
+        assert len(samples) == 2 and all(s > 0 for s in samples)
+        medians[name] = statistics.median(samples)
+        assert _close(variants[name]["median_s"], medians[name])
+    return medians
+
+
+@pytest.mark.slow
+def test_jax_case_layer_ratios_from_samples_in_a_jax_process(jax_run):
+    import importlib.metadata
+
+    results, markdown = jax_run
+    assert list(results["cases"]) == ["jax"]
+    assert not next(c for c in bench.BENCH_CASES if c.name == "jax").default
+    case = results["cases"]["jax"]
+    # The numbers come from a JAX process: its JAX version is the one installed here.
+    assert case["jax"] == importlib.metadata.version("jax")
+    assert case["device"].startswith("cpu")
+    assert list(case["layer"]) == list(LAYER_SHAPES)
+    lines = _table(markdown, "| shape | axis | keras ms")
+    for (name, row), line in zip(case["layer"].items(), lines, strict=True):
+        assert tuple(row["shape"]) == LAYER_SHAPES[name] and row["axis"] == LAYER_AXES[name]
+        medians = _medians_recomputed(row["variants"])
+        assert _close(row["ratio"], medians["tfbn"] / medians["keras"])
+        # Both layers computed the same dx before they were timed.
+        assert row["max_abs_diff_vs_keras"] < 1e-4
+        assert line[0] == f"{name} {LAYER_SHAPES[name]}" and line[4] == f"{row['ratio']:.2f}"
+    targets = {t["key"]: t for t in results["targets"]}
+    for shape in ("4d", "2d"):
+        target = targets[f"jax_layer_{shape}_train_ratio"]
+        ratio = case["layer"][shape]["ratio"]
+        assert (target["value"], target["comparison"], target["threshold"]) == (ratio, "<=", 1.0)
+        assert target["pass"] == (ratio <= 1.0)
+    assert targets["layer_4d_train_ratio"]["pass"] is None  # TensorFlow's layer case: not run
+
+
+@pytest.mark.slow
+def test_jax_case_model_train_step_ratio_and_same_first_loss(jax_run):
+    import keras
+
+    results, markdown = jax_run
+    row = results["cases"]["jax"]["model"]
+    assert (row["name"], row["input_size"], row["batch_size"]) == ("MobileNetV2", 32, 2)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+    assert row["batch_norm_layers"] == sum(
+        type(layer) is keras.layers.BatchNormalization for layer in model.layers
+    )
+    medians = _medians_recomputed(row["variants"])
+    assert _close(row["ratio"], medians["tfbn"] / medians["keras"])
+    # Same weights, same batch: the first losses agree up to float32 rounding (see the models
+    # case's test for how far apart two normalizations of 2 examples per channel can drift).
+    loss = row["first_loss"]
+    assert math.isfinite(loss["keras"])
+    assert abs(loss["tfbn"] - loss["keras"]) <= 1e-2 * abs(loss["keras"])
+    target = next(t for t in results["targets"] if t["key"] == "jax_model_train_ratio")
+    assert (target["value"], target["pass"]) == (row["ratio"], row["ratio"] <= 1.0)
+    (line,) = _table(markdown, "| model | input | batch | BN layers")
+    assert line[:4] == ["MobileNetV2", "32x32", "2", str(row["batch_norm_layers"])]
+    assert line[6] == f"{row['ratio']:.2f}"
+
+
+def test_jax_worker_refuses_another_backend():
+    import keras
+
+    assert keras.backend.backend() == "tensorflow"
+    with pytest.raises(RuntimeError, match="JAX backend; received 'tensorflow'"):
+        bench._jax_worker()
+
+
+def test_jax_case_without_jax_is_refused_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "jax" else find_spec(name, *a)
+    )
+    monkeypatch.setattr(bench, "machine_description", _must_not_run)
+    with pytest.raises(ValueError, match=r"`jax` case needs JAX.*tfbn\[jax\]"):
+        bench.run_benchmarks(cases="layer,jax", output_dir=tmp_path / "out", verbose=0)
+    assert not (tmp_path / "out").exists()

@@ -22,8 +22,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated cases to run, from layer, lenet, pipeline, export, models (a "
         "training step of ResNet50, MobileNetV2, EfficientNetB0, keras against converted), "
-        "models_export (their folded, unfolded and no-BN exports); 'all' for every case "
-        "(default: all but models and models_export)",
+        "models_export (their folded, unfolded and no-BN exports), recalibrate (tfbn.recalibrate "
+        "and tfbn.inspect on those models, in model.predict passes), jax (the layer and "
+        "MobileNetV2's training step on Keras's JAX backend under jax.jit, in a process of its "
+        "own; needs JAX); 'all' for every case (default: all but models, models_export, "
+        "recalibrate and jax)",
     )
     parser.add_argument(
         "--output-dir",

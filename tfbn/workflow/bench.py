@@ -36,18 +36,26 @@ Cases (`BENCH_CASES`, one `Case` each: a function that measures, one that render
   on the same models (Keras's layer, 256 random examples, batch 64), each in *inference passes*:
   its median time over that of one `model.predict` over the same dataset, timed interleaved
   after a call that traces (its time is kept as `first_call_s`).
+- `jax` (not run by default): the same comparisons on Keras's JAX backend, in a process of its own
+  (`KERAS_BACKEND=jax`; the backend is fixed when Keras is imported) under `jax.jit`: the layer
+  forward+backward on the `layer` case's shapes, and a training step (SGD, batch 32, synthetic
+  data) of MobileNetV2 at 96x96 with Keras's layer against its `tfbn.convert` copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
+import importlib.util
 import json
 import math
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -104,6 +112,19 @@ TARGETS += tuple(
     )
     for name in MODEL_SIZES
     for mode, bound in RECALIBRATE_PASSES.items()
+)
+
+# The `jax` case: the layer's shapes under jax.jit and a model's training step.
+JAX_MODEL = "MobileNetV2"
+TARGETS += (
+    ("jax_layer_4d_train_ratio", "JAX, jit: layer 4D fwd+bwd tfbn / keras time", "<=", 1.0),
+    ("jax_layer_2d_train_ratio", "JAX, jit: layer 2D fwd+bwd tfbn / keras time", "<=", 1.0),
+    (
+        "jax_model_train_ratio",
+        f"JAX, jit: {JAX_MODEL} train step converted / keras time",
+        "<=",
+        1.0,
+    ),
 )
 
 # Each setting of a run: (full, --quick).
@@ -676,6 +697,195 @@ def _recalibrate_case(settings: dict, cases: dict, tick: Callable[[str], None]) 
     }
 
 
+# ----------------------------------------------------------------------------- JAX case
+_JAX_TIMEOUT_S = 3600
+
+
+def _jax_layer_step(layer, shape: tuple):
+    """A jitted forward+backward of `layer` on JAX, its variables held fixed.
+
+    Returns `step(x, dy) -> ((trainable gradients, dx), new non-trainable values)`: what
+    `_layer_function`'s train step computes (gradients, moving-statistics update).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    layer.build(shape)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(trainable, x, dy):
+        y, updated = layer.stateless_call(trainable, non_trainable, x, training=True)
+        return jnp.sum(y * dy), updated
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    return lambda x, dy: grad(trainable, x, dy)
+
+
+def _blocking(fn: Callable[[], object]) -> Callable[[], None]:
+    """`fn`, waiting for its JAX results (so that `_interleaved` times the computation)."""
+    import jax
+
+    def call() -> None:
+        jax.block_until_ready(fn())
+
+    return call
+
+
+def _jax_layer_row(shape_name: str, shape: tuple, settings: dict) -> dict:
+    """tfbn's layer and Keras's under jax.jit, forward+backward on one shape, interleaved."""
+    import numpy as np
+
+    axis = _CHANNEL_AXIS.get(shape_name, -1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=shape).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    steps = {
+        name: _jax_layer_step(_make_layer(f"jax_{name}_{shape_name}", kwargs, axis), tuple(shape))
+        for name, kwargs in (("keras", None), ("tfbn", {}))
+    }
+    dx = {name: np.asarray(step(x, dy)[0][1]) for name, step in steps.items()}
+    timings = _interleaved(
+        {name: _blocking(lambda step=step: step(x, dy)) for name, step in steps.items()},
+        settings["repeats"],
+        settings["min_sample_s"],
+    )
+    return {
+        "shape": list(shape),
+        "axis": axis,
+        "variants": timings,
+        "ratio": timings["tfbn"]["median_s"] / timings["keras"]["median_s"],
+        "max_abs_diff_vs_keras": float(np.abs(dx["tfbn"] - dx["keras"]).max()),
+    }
+
+
+def _jax_train_step(model, batch_size: int) -> Callable[[], object]:
+    """A jitted SGD step of `model` on one fixed synthetic batch (JAX); returns a call of it.
+
+    The model's and optimizer's state goes through the step as values (`stateless_call`,
+    `stateless_apply`, donated buffers), as Keras's JAX trainer does; each call returns the loss.
+    """
+    import jax
+    import keras
+    import numpy as np
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.SGD(0.01)
+    optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(batch_size, *model.input_shape[1:])).astype("float32")
+    labels = rng.integers(0, 10, size=(batch_size,)).astype("int32")
+
+    def loss(trainable, non_trainable, images, labels):
+        logits, non_trainable = model.stateless_call(
+            trainable, non_trainable, images, training=True
+        )
+        return loss_fn(labels, logits), non_trainable
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(trainable, non_trainable, optimizer_state, images, labels):
+        (value, non_trainable), grads = jax.value_and_grad(loss, has_aux=True)(
+            trainable, non_trainable, images, labels
+        )
+        trainable, optimizer_state = optimizer.stateless_apply(optimizer_state, grads, trainable)
+        return value, trainable, non_trainable, optimizer_state
+
+    state = [
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in optimizer.variables],
+    ]
+
+    def call():
+        value, *new_state = step(*state, images, labels)
+        state[:] = new_state
+        return value
+
+    return call
+
+
+def _jax_model_row(settings: dict) -> dict:
+    """`JAX_MODEL` with Keras's layer and its `tfbn.convert` copy: one jitted training step each."""
+    import keras
+
+    from tfbn.tools.conversion import convert
+
+    size, batch = settings["models"][JAX_MODEL], settings["models_batch"]
+    original = _application(JAX_MODEL, size)
+    converted = convert(original)
+    steps = {
+        variant: _jax_train_step(model, batch)
+        for variant, model in (("keras", original), ("tfbn", converted))
+    }
+    # The two start from the same weights on the same batch: their first losses agree.
+    first = {variant: float(step()) for variant, step in steps.items()}
+    timings = _interleaved(
+        {variant: _blocking(step) for variant, step in steps.items()},
+        settings["repeats"],
+        settings["min_sample_s"],
+    )
+    return {
+        "name": JAX_MODEL,
+        "input_size": size,
+        "batch_size": batch,
+        "batch_norm_layers": sum(
+            type(layer) is keras.layers.BatchNormalization for layer in original.layers
+        ),
+        "variants": timings,
+        "ratio": timings["tfbn"]["median_s"] / timings["keras"]["median_s"],
+        "first_loss": first,
+    }
+
+
+def _jax_worker() -> None:
+    """The `jax` case's process, run with `KERAS_BACKEND=jax`.
+
+    Reads the run's settings (JSON) from stdin and writes the case's results (JSON) to the file
+    its first argument names.
+    """
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"Expected Keras's JAX backend; received {keras.backend.backend()!r}.")
+    import jax
+
+    settings = json.loads(sys.stdin.read())
+    device = jax.devices()[0]
+    result = {
+        "jax": jax.__version__,
+        "device": f"{device.platform}: {device.device_kind}",
+        "layer": {
+            shape_name: _jax_layer_row(shape_name, tuple(shape), settings)
+            for shape_name, shape in settings["shapes"].items()
+        },
+        "model": _jax_model_row(settings),
+    }
+    atomic_write_text(sys.argv[1], json.dumps(result))
+
+
+def _jax_case(settings: dict, cases: dict, tick: Callable[[str], None]) -> dict:
+    tick("jax")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    code = "from tfbn.workflow.bench import _jax_worker; _jax_worker()"
+    with tempfile.TemporaryDirectory(prefix="tfbn-bench-jax-") as work_dir:
+        out = Path(work_dir) / "jax.json"
+        process = subprocess.run(
+            [sys.executable, "-c", code, str(out)],
+            input=json.dumps(settings),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=_JAX_TIMEOUT_S,
+        )
+        if process.returncode != 0 or not out.exists():
+            lines = process.stderr.strip().splitlines() or ["no output"]
+            raise RuntimeError(
+                f"The JAX benchmark process failed (exit {process.returncode}): {lines[-1]}"
+            )
+        result = json.loads(out.read_text(encoding="utf-8"))
+    return {"id": "jax", "repeats": settings["repeats"], **result}
+
+
 # ----------------------------------------------------------------------------- machine, targets
 def _cpu_model() -> str:
     try:
@@ -769,6 +979,10 @@ def _target_values(cases: dict) -> dict[str, float | None]:
         passes = cases.get("recalibrate", {}).get("models", {}).get(name, {}).get("passes", {})
         for mode in RECALIBRATE_PASSES:
             values[f"{name.lower()}_recalibrate_{mode}_passes"] = passes.get(mode)
+    jax = cases.get("jax", {})
+    for shape in ("4d", "2d"):
+        values[f"jax_layer_{shape}_train_ratio"] = jax.get("layer", {}).get(shape, {}).get("ratio")
+    values["jax_model_train_ratio"] = jax.get("model", {}).get("ratio")
     return values
 
 
@@ -1061,6 +1275,41 @@ def _recalibrate_markdown(result: dict) -> list[str]:
     ]  # fmt: skip
 
 
+def _jax_markdown(result: dict) -> list[str]:
+    m = result["model"]
+    return [
+        f"## Keras's JAX backend under jax.jit (JAX {result['jax']}, {result['device']})",
+        "",
+        "Run in a process of its own with `KERAS_BACKEND=jax`. The layer: forward + backward "
+        "(gradients for x, gamma, beta, and the moving-statistics update), float32; the last "
+        "column compares dx with Keras's.",
+        "",
+        *_table(
+            ("shape", "axis", "keras ms", "tfbn ms", "tfbn / keras", "max abs diff vs keras"),
+            (
+                (f"{name} {tuple(r['shape'])}", r["axis"], _ms(r["variants"]["keras"]["median_s"]),
+                 _ms(r["variants"]["tfbn"]["median_s"]), _fmt(r["ratio"]),
+                 _sci(r["max_abs_diff_vs_keras"]))
+                for name, r in result["layer"].items()
+            ),
+        ),
+        "",
+        f"A training step (SGD, synthetic data, `weights=None`, one jitted stateless step) of "
+        f"{m['name']} with Keras's layer and converted by `tfbn.convert`:",
+        "",
+        *_table(
+            ("model", "input", "batch", "BN layers", "keras ms", "tfbn ms", "tfbn / keras",
+             "first loss keras", "first loss tfbn"),
+            [
+                (m["name"], f"{m['input_size']}x{m['input_size']}", m["batch_size"],
+                 m["batch_norm_layers"], _ms(m["variants"]["keras"]["median_s"]),
+                 _ms(m["variants"]["tfbn"]["median_s"]), _fmt(m["ratio"]),
+                 _fmt(m["first_loss"]["keras"], 5), _fmt(m["first_loss"]["tfbn"], 5))
+            ],
+        ),
+    ]  # fmt: skip
+
+
 def render_markdown(results: dict) -> str:
     """Renders benchmark results (the dict `run_benchmarks` returns) as a Markdown report.
 
@@ -1143,6 +1392,7 @@ BENCH_CASES: tuple[Case, ...] = (
         lambda s: len(s["models"]),
         default=False,
     ),
+    Case("jax", _jax_case, _jax_markdown, default=False),
 )
 CASES: tuple[str, ...] = tuple(case.name for case in BENCH_CASES)
 
@@ -1186,6 +1436,11 @@ def _check_arguments(cases, repeats, output_dir, name, note) -> tuple[str, ...]:
         from tfbn.workflow.data import check_data_dir
 
         check_data_dir()
+    if "jax" in selected and importlib.util.find_spec("jax") is None:
+        raise UsageError(
+            "The `jax` case needs JAX, which is not installed: pip install tfbn[jax] (or "
+            "leave out `jax` from `cases`)."
+        )
     return selected
 
 
@@ -1246,9 +1501,9 @@ def run_benchmarks(
 
     Args:
         cases: The cases to run, names from `BENCH_CASES` (`"layer"`, `"lenet"`, `"pipeline"`,
-            `"export"`, `"models"`, `"models_export"`, `"recalibrate"`), as an iterable or a
-            comma-separated string; `"all"` runs every case; `None` runs the default ones (all
-            but the three real-model cases, which take minutes).
+            `"export"`, `"models"`, `"models_export"`, `"recalibrate"`, `"jax"`), as an iterable
+            or a comma-separated string; `"all"` runs every case; `None` runs the default ones
+            (all but the three real-model cases and `jax`, which take minutes).
         quick: Tiny shapes and few repeats: checks that the suite runs, measures nothing useful.
         repeats: Interleaved repeats per comparison (default 15, or 3 with `quick`).
         xla: Also time the layer cases under `tf.function(jit_compile=True)`.
@@ -1264,8 +1519,10 @@ def run_benchmarks(
         target in `TARGETS`), plus `files` (paths written) when `output_dir` is given.
 
     Raises:
-        UsageError: (a `ValueError`) if `cases`, `repeats`, `name` or `note` is invalid, or the
-            `pipeline` case is selected and the Fashion-MNIST files are missing (before any work).
+        UsageError: (a `ValueError`) if `cases`, `repeats`, `name` or `note` is invalid, the
+            `pipeline` case is selected and the Fashion-MNIST files are missing, or the `jax`
+            case is selected and JAX is not installed (before any work).
+        RuntimeError: if the `jax` case's process fails (its last line of error output).
         OSError: if no file can be written in `output_dir` (checked before any work, with the
             folder as `filename`), or writing the results fails.
     """
