@@ -427,6 +427,87 @@ def test_exact_at_a_large_mean_with_a_million_values_per_channel(rng):
     np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), rtol=1e-7)
 
 
+# --------------------------------------------------------------------- data as model.fit takes it
+class _Reiterable:
+    """Batches `(x, y)` made afresh at every iteration (no `len`, not a list)."""
+
+    def __init__(self, x, size):
+        self.x, self.size = x, size
+
+    def __iter__(self):
+        for start in range(0, len(self.x), self.size):
+            yield (
+                self.x[start : start + self.size],
+                np.zeros(len(self.x[start : start + self.size])),
+            )
+
+
+_DATA_KINDS = {
+    "array": lambda x: {"data": x},
+    "array_batch_size": lambda x: {"data": x, "batch_size": 64},
+    "tuple_x": lambda x: {"data": (x,)},
+    "tuple_x_y": lambda x: {"data": (x, np.arange(len(x)))},
+    "tuple_x_y_weights": lambda x: {"data": (x, np.arange(len(x)), np.ones(len(x)))},
+    "dataset": lambda x: {"data": tf.data.Dataset.from_tensor_slices(x).batch(50)},
+    "list_of_batches": lambda x: {"data": [x[i : i + 70] for i in range(0, len(x), 70)]},
+    "iterable_of_x_y": lambda x: {"data": _Reiterable(x, 45)},
+}
+
+
+@pytest.mark.parametrize("kind", list(_DATA_KINDS))
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_every_kind_of_data_gives_the_float64_population_statistics(kind, mode, rng):
+    model = _chain(2)
+    x = _randomized_inputs(model, rng, 205)
+    reference = _reference(model, x)
+    counter = model.get_layer("counter").seen
+    counter.assign(0.0)
+    arguments = _DATA_KINDS[kind](x)
+    passes = 2 if mode == "fast" else None  # two levels: two fast passes are exact too
+    report = recalibrate(model, **arguments, mode=mode, passes=passes, verbose=0)
+    _assert_matches_reference(model, reference, {n: {"count": 205} for n in report})
+    assert counter.numpy() == 205 * (2 if mode == "fast" else 1)  # every example, every pass
+
+
+def test_arrays_under_a_mirrored_strategy(rng, cpu_devices):
+    strategy = tf.distribute.MirroredStrategy(cpu_devices[:2])
+    with strategy.scope():
+        model = _sequential("keras")
+    x = _randomized_inputs(model, rng, 102)  # the last batch of 2: one example per replica
+    reference = _reference(model, x)
+    report = recalibrate(model, (x, np.zeros(102)), batch_size=20, strategy=strategy, verbose=0)
+    _assert_matches_reference(model, reference, report)
+
+
+def test_bad_data_is_refused_before_any_pass(rng):
+    model = _sequential("tfbn")
+    x = _randomized_inputs(model, rng, 16)
+    before = [v.numpy().copy() for v in model.non_trainable_variables]
+
+    def refused(data, message, **kwargs):
+        with pytest.raises(ValueError, match=message) as error:
+            recalibrate(model, data, verbose=0, **kwargs)
+        assert "\n" not in str(error.value)
+
+    refused(x[:0], "Argument `data` holds no examples")
+    refused(tf.data.Dataset.from_tensor_slices(x).take(0).batch(4), "holds no examples")
+    refused([], "holds no examples")
+    # A batch without its batch axis: both shapes named.
+    refused([x[0]], r"shape \(8, 8, 2\), but model 'sequential\w*' takes inputs of shape "
+            r"\(None, 8, 8, 2\)\.$")  # fmt: skip
+    refused(iter([x[0]]), r"shape \(8, 8, 2\), but")  # a one-shot iterator: at its first batch
+    refused((x, np.zeros(15)), r"same number of examples; received lengths \[15, 16\]")
+    refused(tf.data.Dataset.from_tensor_slices(x).batch(4), "`batch_size` applies to arrays",
+            batch_size=4)  # fmt: skip
+    refused(x[None], r"shape \(None, 16, 8, 8, 2\)")
+    refused("images/", "must be NumPy arrays")
+    nan = x.copy()
+    nan[9, 3, 2, 1] = np.nan
+    refused((nan, np.zeros(16)), "Argument `data` holds non-finite values", mode="fast")
+    for old, new in zip(before, model.non_trainable_variables, strict=True):
+        np.testing.assert_array_equal(old, new.numpy())
+
+
 # ----------------------------------------------------------------------------------- bad data
 def test_a_dataset_of_the_wrong_shape_is_refused_before_any_pass(rng):
     model = _sequential("tfbn")
