@@ -325,3 +325,47 @@ def test_tfbn_and_its_tools_run_without_tensorflow():
         timeout=300,
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
+
+
+# On a backend tfbn's layer does not run on (Keras's NumPy backend), folding a model with Keras's
+# batch norm needs only keras.ops; converting refuses in one line.
+_OTHER_BACKEND = """
+import sys
+sys.modules["tensorflow"] = None
+import numpy as np
+import tfbn
+import keras
+
+assert keras.backend.backend() == "numpy"
+rng = np.random.default_rng(0)
+model = keras.Sequential([
+    keras.Input((6, 6, 2)),
+    keras.layers.Conv2D(3, 3),
+    keras.layers.BatchNormalization(),
+    keras.layers.Flatten(),
+    keras.layers.Dense(4),
+    keras.layers.BatchNormalization(epsilon=0.1),
+])
+for layer in model.layers[1::3]:
+    layer.moving_mean.assign(rng.normal(2.0, 1.0, layer.moving_mean.shape).astype("float32"))
+    layer.moving_variance.assign(rng.uniform(0.5, 3.0, layer.moving_mean.shape).astype("float32"))
+x = rng.standard_normal((8, 6, 6, 2)).astype("float32")
+folded = tfbn.fold_batch_norm(model)
+assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
+np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+try:
+    tfbn.convert(model)
+except ValueError as error:
+    assert "the Keras backend is 'numpy'" in str(error) and "\\n" not in str(error), error
+else:
+    raise AssertionError("convert made tfbn.BatchNorm layers on the NumPy backend")
+print("ok")
+"""
+
+
+def test_fold_runs_and_convert_refuses_in_one_line_on_another_backend():
+    env = {**os.environ, "KERAS_BACKEND": "numpy"}
+    result = subprocess.run(
+        [sys.executable, "-c", _OTHER_BACKEND], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from tfbn.layers.batch_norm import BatchNorm
+from tfbn.utils.arguments import check_backend
 
 __all__ = ["convert", "convert_file"]
 
@@ -122,11 +123,13 @@ def convert(model: keras.Model) -> keras.Model:
         The converted `keras.Model` (of the same class for Sequential and functional models).
 
     Raises:
-        ValueError: if `model` is not a built Sequential or functional model (a subclassed
-            model's batch-norm layers live in its Python code, which cannot be rewritten), or a
-            layer holds batch-norm layers outside a graph, or a layer cannot be rebuilt from its
-            config; the message names the layer.
+        ValueError: if the Keras backend is not one `tfbn.BatchNorm` runs on, or `model` is not
+            a built Sequential or functional model (a subclassed model's batch-norm layers live
+            in its Python code, which cannot be rewritten), or a layer holds batch-norm layers
+            outside a graph, or a layer cannot be rebuilt from its config; the message names the
+            layer.
     """
+    check_backend(keras.backend.backend())
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"Argument `model` must be a keras.Model; received an object of type "
