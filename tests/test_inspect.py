@@ -171,6 +171,35 @@ def test_nested_model(rng):
     _check_against_reference(report.layers[1], outer, *_reference_statistics(model, outer, x))
 
 
+def test_statistics_at_a_large_mean():
+    """|mean| / std = 1e4 on bn1's input: its statistics and those downstream still exact."""
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(3, name="dense")
+    h = tfbn.BatchNorm(name="bn1")(dense(inputs))
+    h = keras.layers.BatchNormalization(name="bn2")(keras.layers.Dense(2, name="mid")(h))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(h))
+    kernel = np.random.default_rng(3).normal(0.0, 0.5, (4, 3)).astype("float32")
+    dense.set_weights([kernel, np.full(3, 1e4, "float32")])
+    x = np.random.default_rng(4).normal(0.0, 1.0, (200, 4)).astype("float32")
+    h1 = np.asarray(dense(x), np.float64)
+    mean, variance = h1.mean(axis=0), h1.var(axis=0)
+    std = np.sqrt(variance)
+    bn1 = model.get_layer("bn1")
+    bn1.moving_mean.assign((mean + np.array([0.0, 0.5, 3.0]) * std).astype("float32"))
+    bn1.moving_variance.assign(variance.astype("float32"))
+    report = inspect(model, x, verbose=0)
+    layer = report.layers[0]
+    np.testing.assert_allclose((layer.population_mean - mean) / std, 0.0, atol=1e-5)
+    np.testing.assert_allclose(layer.population_variance, variance, rtol=1e-5)
+    shifts = np.abs(np.asarray(bn1.moving_mean, np.float64) - mean) / std
+    assert layer.mean_shift == pytest.approx(shifts.max(), rel=1e-4)
+    assert layer.mean_shift_channel == 2 and layer.flagged
+    bn2 = model.get_layer("bn2")
+    downstream_mean, downstream_variance = _reference_statistics(model, bn2, x)
+    np.testing.assert_allclose(report.layers[1].population_mean, downstream_mean, atol=1e-5)
+    np.testing.assert_allclose(report.layers[1].population_variance, downstream_variance, 1e-4)
+
+
 # ------------------------------------------------------------------------------- the verdicts
 def _damage_mean(layer, report_layer, channel):
     mean = np.array(layer.moving_mean)
@@ -232,7 +261,41 @@ def test_recalibrated_model_flags_nothing(rng):
     report = inspect(model, x, verbose=0)
     assert report.flagged == []
     assert all(layer.mean_shift < 0.5 for layer in report.layers)
-    assert repr(report).splitlines()[-1].startswith("OK")
+    # In one batch of all the data, batch statistics are the population's: no output gap.
+    assert repr(inspect(model, x, batch_size=len(x), verbose=0)).splitlines()[-1].startswith("OK")
+
+
+def test_verdict_checks_a_large_output_gap_with_no_layer_flagged(healthy_model):
+    source, x, y = healthy_model
+    # One batch of all the data: its statistics are the population's, the model's own.
+    whole = inspect(source, x, batch_size=len(x), verbose=0)
+    assert whole.output_gap <= inspect_module.OUTPUT_GAP_WARNING
+    assert whole.verdict().startswith("OK: all 3 batch-norm layers match the data")
+    healthy = inspect(source, (x, y), verbose=0)
+    model = _copy(source)
+    # Every channel of every layer shifted by 0.9 std, every variance 3.5x: under the
+    # thresholds one by one, far off together.
+    for report_layer in healthy.layers:
+        layer = model.get_layer(report_layer.name)
+        std = np.sqrt(report_layer.population_variance)
+        layer.moving_mean.assign((report_layer.population_mean + 0.9 * std).astype("float32"))
+        layer.moving_variance.assign((report_layer.population_variance * 3.5).astype("float32"))
+    report = inspect(model, (x, y), verbose=0)
+    assert report.flagged == []
+    inference = np.asarray(model.predict(x, batch_size=BATCH, verbose=0), np.float64)
+    training = np.concatenate(
+        [np.asarray(_copy(model)(b, training=True), np.float64) for b in _batches(x)]
+    )
+    gap = np.abs(inference - training).mean() / np.abs(training).mean()
+    assert gap > inspect_module.OUTPUT_GAP_WARNING
+    verdict = report.verdict()
+    assert verdict.startswith("CHECK: no batch-norm layer's statistics are off by the thresholds")
+    assert report.output_gap == pytest.approx(gap, rel=1e-4)
+    assert f"{report.output_gap:.2%} of its scale" in verdict and "lower the thresholds" in verdict
+    assert repr(report).splitlines()[-1] == verdict and "\n" not in verdict
+    # Thresholds that flag the layers give the FLAGGED verdict instead.
+    strict = inspect(model, x, mean_threshold=0.5, verbose=0)
+    assert strict.flagged == ["bn1", "bn2", "bn3"] and strict.verdict().startswith("FLAGGED")
 
 
 def test_dead_channel_is_counted_not_flagged(rng):
@@ -436,6 +499,7 @@ def test_cli_healthy_model_exits_0_and_writes_json_and_png(saved, capsys):
     from tfbn import cli
 
     argv = ["inspect", str(saved / "healthy.keras"), "--data", str(saved / "data.npz")]
+    argv += ["--batch-size", "100"]  # the data in one batch: no batch-statistics noise
     argv += ["--output", str(saved / "out/report.json"), "--plot", str(saved / "out/report.png")]
     assert cli.main([*argv, "--verbose", "0"]) == 0
     printed = capsys.readouterr().out.splitlines()

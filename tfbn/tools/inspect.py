@@ -53,6 +53,10 @@ __all__ = ["InspectReport", "LayerReport", "inspect"]
 #: its normalized output is constant.
 DEAD_VARIANCE = 1e-4
 
+#: With no layer flagged, an output gap (`InspectReport.output_gap`) above this fraction of the
+#: output's scale makes the verdict "CHECK" instead of "OK".
+OUTPUT_GAP_WARNING = 0.1
+
 
 # ------------------------------------------------------------------------------------ the report
 def _number(value) -> float | None:
@@ -169,22 +173,42 @@ class InspectReport:
         return [layer.name for layer in self.layers if layer.flagged]
 
     def verdict(self) -> str:
-        """One line: which layers are flagged, the output gap and, with labels, the accuracies."""
+        """One line: which layers are flagged, the output gap and, with labels, the accuracies.
+
+        With no layer flagged, it reads "OK" only if the output gap is at most
+        `OUTPUT_GAP_WARNING`; otherwise "CHECK": the layers pass the thresholds one by one, but
+        together they move the output.
+        """
         if math.isfinite(self.output_gap):
             gap = f"inference output off by {self.output_gap:.2%} of its scale"
         else:
             gap = "inference output not finite"
+        accuracy = ""
         if self.accuracy is not None:
-            gap += f"; accuracy {self.accuracy:.4f} as is"
+            accuracy += f"; accuracy {self.accuracy:.4f} as is"
         if self.accuracy_recalibrated is not None:
-            gap += f", {self.accuracy_recalibrated:.4f} with the measured statistics"
-        flagged = self.flagged
-        if not flagged:
-            return f"OK: all {len(self.layers)} batch-norm layers match the data ({gap})."
+            accuracy += f", {self.accuracy_recalibrated:.4f} with the measured statistics"
+        flagged, count = self.flagged, len(self.layers)
+        if flagged:
+            return (
+                f"FLAGGED: {len(flagged)} of {count} batch-norm layers ({', '.join(flagged)}) do "
+                f"not match the data ({gap}{accuracy}); recalibrate the model on it "
+                "(tfbn.recalibrate)."
+            )
+        if self.output_gap <= OUTPUT_GAP_WARNING:
+            return f"OK: all {count} batch-norm layers match the data ({gap}{accuracy})."
+        if math.isfinite(self.output_gap):
+            gap = (
+                f"the inference output is {self.output_gap:.2%} of its scale away from the output "
+                "with batch statistics"
+            )
+        else:
+            gap = "the inference output is not finite"
         return (
-            f"FLAGGED: {len(flagged)} of {len(self.layers)} batch-norm layers "
-            f"({', '.join(flagged)}) do not match the data ({gap}); recalibrate the model on "
-            "it (tfbn.recalibrate)."
+            f"CHECK: no batch-norm layer's statistics are off by the thresholds, but {gap}"
+            f"{accuracy} (a shift spread thinly over many channels or layers, or batch "
+            "statistics that vary much at this batch size); lower the thresholds, or use larger "
+            "batches, or recalibrate the model on the data (tfbn.recalibrate)."
         )
 
     def to_dict(self) -> dict:
