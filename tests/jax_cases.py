@@ -156,6 +156,82 @@ def test_gradient_matches_the_closed_form_of_batch_normalization():
     np.testing.assert_allclose(dx, ref, atol=1e-4)
 
 
+def _closed_form_gradients(x, dy, gamma, axes):
+    """float64 (dx, dgamma, dbeta) of sum(dy * (gamma * x_hat + beta)) over the channel axis."""
+    _, var, xhat = _reference(x, len(x.shape) - 1)
+    d = dy.astype(np.float64)
+    dx = (gamma / np.sqrt(var + EPS)) * (
+        d - d.mean(axes, keepdims=True) - xhat * (d * xhat).mean(axes, keepdims=True)
+    )
+    return dx, (d * xhat).sum(axes), d.sum(axes)
+
+
+@pytest.mark.parametrize("shape", [(16, 6, 6, 8), (300, 5)])
+def test_gradients_match_float64_at_a_large_mean(shape):
+    import jax
+
+    rng = np.random.default_rng(10)
+    x = (1e4 + rng.standard_normal(shape)).astype("float32")
+    dy = rng.standard_normal(shape).astype("float32")
+    channels = shape[-1]
+    gamma = rng.uniform(0.5, 2.0, channels).astype("float32")
+    beta = rng.standard_normal(channels).astype("float32")
+
+    def loss(x, gamma, beta):
+        y, _ = tfbn.ops.core.training_batch_norm(x, len(shape) - 1, gamma=gamma, beta=beta)
+        return (y * dy).sum()
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, gamma, beta)
+    axes = tuple(range(len(shape) - 1))
+    for got, want in zip(grads, _closed_form_gradients(x, dy, gamma, axes), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_stay_exact_when_the_first_examples_are_far_from_the_mean():
+    rng = np.random.default_rng(11)
+    # Sorted: the first examples (where the shift is taken) lie far below the batch mean.
+    x = np.sort(1e4 + 50 * rng.standard_normal((512, 3)), axis=0).astype("float32")
+    layer = tfbn.BatchNorm(momentum=0.0)
+    y = np.asarray(jax_jit_call(layer, x))
+    mean, var, ref = _reference(x, 1)
+    np.testing.assert_allclose(np.asarray(layer.moving_variance), var.ravel(), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(layer.moving_mean), mean.ravel(), rtol=1e-7)
+    np.testing.assert_allclose(y, ref, atol=1e-4)
+    m, v = tfbn.moments(x, axes=[0])
+    np.testing.assert_allclose(np.asarray(v), var.ravel(), rtol=1e-4)
+
+
+def jax_jit_call(layer, x):
+    """`layer(x, training=True)` compiled with `jax.jit`, the moving statistics assigned back."""
+    import jax
+
+    layer.build(x.shape)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    step = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=True))
+    y, non_trainable = step(trainable, non_trainable, x)
+    for variable, value in zip(layer.non_trainable_variables, non_trainable, strict=True):
+        variable.assign(value)
+    return y
+
+
+def test_the_tf_keras_layer_computes_with_tensorflow_under_the_jax_backend():
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("tf_keras")
+    import tfbn.legacy
+
+    rng = np.random.default_rng(12)
+    x = (100 + rng.standard_normal((64, 5))).astype("float32")
+    layer = tfbn.legacy.BatchNorm(momentum=0.0)
+    trained = layer(tf.constant(x), training=True)
+    inferred = layer(tf.constant(x), training=False)
+    assert isinstance(trained, tf.Tensor) and isinstance(inferred, tf.Tensor)
+    _, var, ref = _reference(x, 1)
+    np.testing.assert_allclose(trained.numpy(), ref, atol=1e-4)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var.ravel(), rtol=1e-4)
+    np.testing.assert_allclose(inferred.numpy(), ref, atol=1e-4)
+
+
 def test_mixed_precision_trains_in_float32_and_returns_float16():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -3,7 +3,9 @@
 For code that still builds models with `tf_keras` (`pip install tfbn[legacy]`). The layer is a
 subclass of `tf_keras.layers.BatchNormalization`: tf-keras creates its variables, validates its
 arguments and chooses `fused`; tfbn computes the batch statistics and the normalization with the
-same functions as `tfbn.BatchNorm` (`tfbn.ops.nn` and `tfbn.ops.kernels`).
+same functions as `tfbn.BatchNorm` on TensorFlow (`tfbn.ops.nn`'s `tf_*` functions and
+`tfbn.ops.kernels`), whatever `KERAS_BACKEND` says: tf-keras runs on TensorFlow, so the layer never
+goes through `tfbn.ops.engine`, which serves Keras 3's backend.
 
 This module imports `tf_keras` and registers the layer with tf-keras: files holding it load in
 tf-keras after `import tfbn.legacy`; `import tfbn` does not import tf-keras (nor this module), so
@@ -257,7 +259,7 @@ class BatchNorm(tf_keras.layers.BatchNormalization):
     def _infer(self, inputs):
         dtype = ops.statistics_dtype(inputs.dtype)
         x = self._to_view(tf.cast(inputs, dtype))
-        outputs = ops.batch_normalization(
+        outputs = ops.tf_batch_normalization(
             x,
             self._flat(self.moving_mean, dtype),
             self._flat(self.moving_variance, dtype),

@@ -16,6 +16,7 @@ here, and so every batch statistic, is over the global batch: `synchronized` cha
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -315,14 +316,64 @@ class Centred(NamedTuple):
     centred: Any
 
 
-def centred(x, axes: list[int], weights=None) -> Centred:
-    """Two-pass statistics of `x` over `axes`, shifted by a value of the data.
+def pivot(x, axes: list[int]):
+    """A value of the data for each channel: the first along `axes`, without gradient.
 
-    Each kept position is shifted by its first value along `axes` (with weights, by its weighted
-    mean, since the first value may not count): then the mean is `pivot + sum(w * (x - pivot)) /
-    count` and the variance `sum(w * ((x - pivot) - (mean - pivot))**2) / count`, both sums of
-    values of the order of the spread of the data, not of its mean. Gradients flow through both
-    passes (the pivot is a constant).
+    A value of the data (not a mean of several), so that it is the same number wherever a
+    compiler recomputes it: `shifted_moments` relies on that. 0 for an empty batch.
+
+    Args:
+        x: A tensor with a static shape.
+        axes: Non-negative axes to reduce.
+
+    Returns:
+        A tensor of the shape of `x` with `axes` of size 1.
+    """
+    head = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape)))]
+    # A sum over size-1 axes: the first value, or 0 for an empty batch.
+    return ops.stop_gradient(ops.sum(head, axes, keepdims=True))
+
+
+def shifted_moments(x, axes: list[int]):
+    """Exact mean and biased variance of `x` over `axes`, in two passes over `x`.
+
+    The first pass sums `x - pivot` (`pivot`: a value of the data, so the difference is exact at
+    any mean and the sum is of the order of the spread); the mean rounded to the dtype of `x`
+    becomes the centre `c` of the second pass, which sums `(c - x)**2`. The mean is `c + e`,
+    with `e = mean - c` (below half a unit in the last place of the mean) kept apart, and the
+    variance `sum((c - x)**2) / n - e**2`: both sums are of values of the order of the spread,
+    never of the mean. Every expression that reads `x` differs from the others, so that XLA fuses
+    each into its reduction instead of writing a shared temporary the size of `x`. Gradients
+    flow through both passes (the pivot and the centre are constants).
+
+    Args:
+        x: A tensor in its statistics dtype, with a static shape.
+        axes: Non-negative axes to reduce, sorted.
+
+    Returns:
+        `(centre, error, variance, count)`, each of the shape of `x` with `axes` of size 1: the
+        mean is `centre + error` and `x - mean` is best formed as `(x - centre) - error`;
+        `count` is the number of values per channel (a float tensor).
+    """
+    base = pivot(x, axes)
+    count = math.prod(x.shape[i] for i in axes)
+    per = 1.0 / max(count, 1)
+    offset = ops.sum(x - base, axes, keepdims=True) * per
+    centre = ops.stop_gradient(base + offset)
+    error = (base - centre) + offset
+    squares = ops.sum(ops.square(centre - x), axes, keepdims=True) * per
+    variance = ops.relu(squares - ops.square(error))
+    return centre, error, variance, ops.full(ops.shape(base), count, dtype=x.dtype)
+
+
+def centred(x, axes: list[int], weights=None) -> Centred:
+    """Two-pass statistics of `x` over `axes`, shifted by values of the data.
+
+    Without weights, `shifted_moments`. With weights, each kept position is shifted by its
+    weighted mean (the first value may not count): then the mean is `pivot + sum(w * (x -
+    pivot)) / count` and the variance `sum(w * ((x - pivot) - (mean - pivot))**2) / count`, both
+    sums of values of the order of the spread of the data, not of its mean. Gradients flow
+    through both passes (the pivot is a constant).
 
     Args:
         x: A tensor in its statistics dtype.
@@ -333,27 +384,22 @@ def centred(x, axes: list[int], weights=None) -> Centred:
     Returns:
         `Centred`, statistics of shape `x.shape` with `axes` of size 1; 0 where the count is 0.
     """
-    rank = len(x.shape)
+    axes = sorted(axes)
     if weights is None:
-        head = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(rank))]
-        # A sum over size-1 axes: the first value, or 0 for an empty batch.
-        pivot = ops.sum(head, axes, keepdims=True)
-        per = math.prod(x.shape[i] for i in axes)
-        count = ops.full(ops.shape(pivot), per, dtype=x.dtype)
-    else:
-        weights = ops.broadcast_to(ops.cast(weights, x.dtype), ops.shape(x))
-        count = ops.sum(weights, axes, keepdims=True)
-        pivot = _divide(ops.sum(x * weights, axes, keepdims=True), count)
-    pivot = ops.stop_gradient(pivot)
-    shifted = x - pivot
+        centre, error, variance, count = shifted_moments(x, axes)
+        return Centred(centre + error, variance, count, (x - centre) - error)
+    weights = ops.broadcast_to(ops.cast(weights, x.dtype), ops.shape(x))
+    count = ops.sum(weights, axes, keepdims=True)
+    base = ops.stop_gradient(_divide(ops.sum(x * weights, axes, keepdims=True), count))
+    shifted = x - base
 
     def total(t):
-        return ops.sum(t if weights is None else t * weights, axes, keepdims=True)
+        return ops.sum(t * weights, axes, keepdims=True)
 
     offset = _divide(total(shifted), count)
     # The derivative of the sum of squares through the mean is -2 * sum(x - mean) = 0.
     variance = _divide(total(ops.square(shifted - ops.stop_gradient(offset))), count)
-    return Centred(pivot + offset, variance, count, shifted - offset)
+    return Centred(base + offset, variance, count, shifted - offset)
 
 
 def moments(x, axes, keepdims=False, synchronized=False):
@@ -537,22 +583,33 @@ def training_batch_norm(
         view, weights = _ghost_view(x, weights, virtual_batch_size)
         view_axis = axis + 1
     keep = (view_axis, 1) if virtual_batch_size is not None else (view_axis,)
-    stats = centred(view, [i for i in range(len(view.shape)) if i not in keep], weights)
-    per_group = Moments(*(ops.reshape(t, (-1, channels)) for t in stats[:3]))
-    batch = _pool(per_group)
-    r = d = None
-    if renorm_mean is not None or renorm_stddev is not None:
-        if renorm_mean is None or renorm_stddev is None:
-            raise ValueError("Batch renormalization needs both `renorm_mean` and `renorm_stddev`.")
-        r, d = renorm_correction(
-            batch.mean, batch.variance, renorm_mean, renorm_stddev, epsilon, renorm_clipping
-        )
+    axes = [i for i in range(len(view.shape)) if i not in keep]
+    renorm = renorm_mean is not None or renorm_stddev is not None
 
     def per_channel(value):
         """A per-channel vector broadcast against the view, or `None`."""
         if value is None:
             return None
         return ops.reshape(ops.cast(value, dtype), channel_shape(len(view.shape), view_axis))
+
+    if weights is None and adjustment is None and not renorm and keras.backend.backend() == "jax":
+        ones = ops.ones((channels,), dtype)
+        scale = per_channel(ones if gamma is None else gamma)
+        shift = per_channel(ops.zeros_like(ones) if beta is None else beta)
+        y, mean, variance = _jax_normalize(tuple(axes), float(epsilon))(view, scale, shift)
+        count = ops.full(ops.shape(mean), math.prod(view.shape[i] for i in axes), dtype=dtype)
+        per_group = Moments(*(ops.reshape(t, (-1, channels)) for t in (mean, variance, count)))
+        return ops.reshape(y, ops.shape(x)), _pool(per_group)
+    stats = centred(view, axes, weights)
+    per_group = Moments(*(ops.reshape(t, (-1, channels)) for t in stats[:3]))
+    batch = _pool(per_group)
+    r = d = None
+    if renorm:
+        if renorm_mean is None or renorm_stddev is None:
+            raise ValueError("Batch renormalization needs both `renorm_mean` and `renorm_stddev`.")
+        r, d = renorm_correction(
+            batch.mean, batch.variance, renorm_mean, renorm_stddev, epsilon, renorm_clipping
+        )
 
     inv = ops.rsqrt(stats.variance + ops.cast(epsilon, dtype))
     r, d = per_channel(r), per_channel(d)
@@ -569,6 +626,55 @@ def training_batch_norm(
     if beta is not None:
         z = z + ops.reshape(ops.cast(beta, dtype), channel_shape(rank, axis))
     return z, batch
+
+
+@functools.cache
+def _jax_normalize(axes: tuple[int, ...], epsilon: float):
+    """`(x, scale, shift) -> (y, mean, variance)` on JAX with a closed-form gradient.
+
+    `y = (x - mean) * rsqrt(variance + epsilon) * scale + shift`, the statistics over `axes` by
+    `shifted_moments` (kept as size-1 axes); `scale` and `shift` broadcast against `x`. The
+    gradient is that of batch normalization (Ioffe and Szegedy, 2015), with `x_hat` the
+    normalized value and `n` the count: `dx = scale * inv * (dy - mean(dy) - x_hat * mean(dy *
+    x_hat)) + (dmean + 2 * dvariance * (x - mean)) / n`, `dscale = sum(dy * x_hat)`, `dshift =
+    sum(dy)`, so that XLA reads `x` and `dy` twice each in the backward pass, and nothing of the
+    forward pass but `x` and the per-channel statistics is kept for it.
+    """
+    import jax
+
+    def forward(x, scale, shift):
+        centre, error, variance, _ = shifted_moments(x, list(axes))
+        inv = ops.rsqrt(variance + epsilon)
+        y = ((x - centre) - error) * (inv * scale) + shift
+        return (y, centre + error, variance), (x, centre, error, inv, scale, shift)
+
+    @jax.custom_vjp
+    def normalize(x, scale, shift):
+        return forward(x, scale, shift)[0]
+
+    def backward(saved, cotangents):
+        x, centre, error, inv, scale, shift = saved
+        dy, dmean, dvariance = cotangents
+        per = 1.0 / max(math.prod(x.shape[i] for i in axes), 1)
+        sum_dy = ops.sum(dy, axes, keepdims=True)
+        # sum(dy * x_hat) = -(sum(dy * (centre - x)) + error * sum(dy)) * inv: a sum of values
+        # of the order of the spread, reading x as the variance does (`shifted_moments`).
+        below = ops.sum(dy * (centre - x), axes, keepdims=True)
+        sum_dy_x_hat = -(below + error * sum_dy) * inv
+        x_hat = ((x - centre) - error) * inv
+        dx = (scale * inv) * (dy - (sum_dy + x_hat * sum_dy_x_hat) * per) + (
+            dmean + (2.0 * dvariance / inv) * x_hat
+        ) * per
+        return dx, _unbroadcast(sum_dy_x_hat, scale.shape), _unbroadcast(sum_dy, shift.shape)
+
+    normalize.defvjp(forward, backward)
+    return normalize
+
+
+def _unbroadcast(t, shape):
+    """`t` summed over the axes where `shape` has size 1 and `t` does not."""
+    axes = [i for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if b == 1 and a != 1]
+    return ops.sum(t, axes, keepdims=True) if axes else t
 
 
 def _pool(stats: Moments) -> Moments:
