@@ -34,7 +34,7 @@ class NoTensorFlow:
         return None
 
 sys.meta_path.insert(0, NoTensorFlow())
-sys.argv = [sys.argv[1], *sys.argv[2:]]
+sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 LINE = re.compile(r"^(PASS|FAIL) ([\w/.-]+): (.+)$")

@@ -734,12 +734,14 @@ def _blocking(fn: Callable[[], object]) -> Callable[[], None]:
 
 def _jax_layer_row(shape_name: str, shape: tuple, settings: dict) -> dict:
     """tfbn's layer and Keras's under jax.jit, forward+backward on one shape, interleaved."""
+    import jax
     import numpy as np
 
     axis = _CHANNEL_AXIS.get(shape_name, -1)
     rng = np.random.default_rng(0)
-    x = rng.normal(2.0, 3.0, size=shape).astype("float32")
-    dy = rng.normal(size=shape).astype("float32")
+    # On the device once, so that no call copies them there.
+    x = jax.device_put(rng.normal(2.0, 3.0, size=shape).astype("float32"))
+    dy = jax.device_put(rng.normal(size=shape).astype("float32"))
     steps = {
         name: _jax_layer_step(_make_layer(f"jax_{name}_{shape_name}", kwargs, axis), tuple(shape))
         for name, kwargs in (("keras", None), ("tfbn", {}))
@@ -773,8 +775,10 @@ def _jax_train_step(model, batch_size: int) -> Callable[[], object]:
     optimizer = keras.optimizers.SGD(0.01)
     optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
-    images = rng.uniform(size=(batch_size, *model.input_shape[1:])).astype("float32")
-    labels = rng.integers(0, 10, size=(batch_size,)).astype("int32")
+    images = jax.device_put(
+        rng.uniform(size=(batch_size, *model.input_shape[1:])).astype("float32")
+    )
+    labels = jax.device_put(rng.integers(0, 10, size=(batch_size,)).astype("int32"))
 
     def loss(trainable, non_trainable, images, labels):
         logits, non_trainable = model.stateless_call(
