@@ -398,10 +398,11 @@ def test_bad_constructor_arguments_raise_value_error(kwargs, match):
 
 
 def test_an_unsupported_keras_backend_is_a_value_error_naming_it(monkeypatch):
-    # keras's other backends import their own library (torch, openvino), which tfbn does not
-    # install: the backend Keras reports is patched instead. (JAX is tests/test_backends.py's.)
-    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
-    with pytest.raises(ValueError, match="Keras backend is 'torch'"):
+    # keras's other backends import their own library (openvino), which tfbn does not install:
+    # the backend Keras reports is patched instead. (JAX and PyTorch: tests/test_backends.py,
+    # tests/test_torch_backend.py.)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "openvino")
+    with pytest.raises(ValueError, match="Keras backend is 'openvino'"):
         tfbn.BatchNorm()
 
 

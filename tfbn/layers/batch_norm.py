@@ -31,9 +31,9 @@ class BatchNorm(keras.layers.BatchNormalization):
     In inference mode (`predict`, `evaluate`, a bare call) it normalizes with the moving statistics.
     The output is `gamma * (x - mean) / sqrt(variance + epsilon) + beta`.
 
-    It runs on Keras's TensorFlow and JAX backends (`tfbn.ops.engine` picks the kernels:
+    It runs on Keras's TensorFlow, JAX and PyTorch backends (`tfbn.ops.engine` picks the kernels:
     TensorFlow's fused and composed kernels, or `tfbn.ops.core` in `keras.ops`), with the same
-    variables and config, so a `.keras` file saved on one loads on the other. `fused` only
+    variables and config, so a `.keras` file saved on one loads on the others. `fused` only
     chooses among TensorFlow's kernels.
 
     Differences from `keras.layers.BatchNormalization`, all in its favour:
@@ -85,6 +85,8 @@ class BatchNorm(keras.layers.BatchNormalization):
             `False`, each replica normalizes with its own batch statistics. On JAX (where Keras's
             layer refuses `True`) it is accepted and changes nothing: under `keras.distribution`
             the arrays are global, so the statistics are those of the global batch either way.
+            On PyTorch it is accepted with a warning (once per process): each process
+            normalizes with the statistics of its own batch (no `torch.distributed` reduction).
         fused: Which training-mode kernel to use. `True`: TensorFlow's fused batch-norm kernel
             (cuDNN on GPU, oneDNN on CPU, XLA's own under `jit_compile`); it takes rank-4/5 inputs
             with the channel axis 1 or last, in float16, bfloat16 or float32, and not
@@ -122,7 +124,7 @@ class BatchNorm(keras.layers.BatchNormalization):
     Raises:
         ValueError: at construction, naming the argument and the value, for an argument outside
             the ranges above, and when the Keras backend is not one of
-            `tfbn.ops.engine.SUPPORTED_BACKENDS` (TensorFlow, JAX).
+            `tfbn.ops.engine.SUPPORTED_BACKENDS` (TensorFlow, JAX, PyTorch).
 
     Call arguments:
         inputs: Floating-point tensor of rank 2 to 5.
@@ -171,6 +173,8 @@ class BatchNorm(keras.layers.BatchNormalization):
         **kwargs,
     ):
         arguments.check_backend(keras.backend.backend())
+        if synchronized and keras.backend.backend() == "torch":
+            _warn_per_process_statistics()
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"Argument `axis` must be an integer; received axis={axis!r}.")
         base = arguments.keras_arguments(locals())
@@ -351,3 +355,19 @@ class BatchNorm(keras.layers.BatchNormalization):
                 stacklevel=2,
             )
         return config
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_per_process_statistics() -> None:
+    """Warns, once per process, that `synchronized=True` is per-process on PyTorch."""
+    if "torch" in _WARNED:
+        return
+    _WARNED.add("torch")
+    warnings.warn(
+        "tfbn.BatchNorm(synchronized=True) on the PyTorch backend normalizes with the "
+        "statistics of each process's own batch: tfbn does not reduce them across "
+        "torch.distributed processes.",
+        stacklevel=3,
+    )

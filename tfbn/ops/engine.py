@@ -1,9 +1,9 @@
 """The one place that chooses how tfbn computes on the Keras backend in use.
 
 On TensorFlow: `tfbn.ops.kernels` and `tfbn.ops.nn` (fused kernels, XLA layouts, `tf.distribute`
-replica logic). On any other backend (JAX): `tfbn.ops.core`, written in `keras.ops`. The layer and
-the public ops (`tfbn.moments`, `tfbn.batch_normalization`) ask `engine()` and never name a
-backend; TensorFlow is imported only when the backend is TensorFlow.
+replica logic). On any other backend (JAX, PyTorch): `tfbn.ops.core`, written in `keras.ops`.
+The layer and the public ops (`tfbn.moments`, `tfbn.batch_normalization`) ask `engine()` and
+never name a backend; TensorFlow is imported only when the backend is TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import keras
 __all__ = ["SUPPORTED_BACKENDS", "Engine", "engine", "tensorflow_module"]
 
 #: The Keras backends tfbn runs on.
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 class Engine(NamedTuple):
