@@ -1,17 +1,21 @@
 """Batch normalization in `keras.ops`: the math on every Keras backend but TensorFlow.
 
 On TensorFlow the layer runs `tfbn.ops.kernels` (fused kernels, XLA layouts, `tf.distribute`
-replicas); on any other backend it runs the functions here, which name no backend
-(`tfbn.ops.engine` chooses). The argument checks and `Moments` are shared by both.
+replicas); on any other backend (JAX, PyTorch) it runs the functions here, which name no backend
+(`tfbn.ops.engine` chooses) but one: on JAX the common training case (no mask, renorm or
+adjustment) has a closed-form gradient (`_jax_normalize`, a `jax.custom_vjp`). The argument
+checks and `Moments` are shared by both.
 
-The statistics are exact at large means: two passes shifted by the first value of each channel
-(a value of the data, so the shift itself rounds nothing), then the output is formed from the
-centred values as `(x - mean) * (gamma * rsqrt(variance + epsilon)) + beta`, never as
+The statistics are exact at large means: two passes, the first shifted by the first value of
+each channel (a value of the data, so the shift itself rounds nothing), the second centred on
+the rounded mean with the rounding error kept apart (`shifted_moments`); the output is formed
+from the centred values as `(x - mean) * (gamma * rsqrt(variance + epsilon)) + beta`, never as
 `x * a + (beta - mean * a)`, which loses the spread of data with a large mean. All statistics
 are computed in float32 (float64 for float64 inputs), whatever the input dtype.
 
 Under `keras.distribution` on JAX the arrays are global (sharded) arrays, so every reduction
 here, and so every batch statistic, is over the global batch: `synchronized` changes nothing.
+On PyTorch each process computes the statistics of its own batch.
 """
 
 from __future__ import annotations
@@ -342,9 +346,10 @@ def shifted_moments(x, axes: list[int]):
     becomes the centre `c` of the second pass, which sums `(c - x)**2`. The mean is `c + e`,
     with `e = mean - c` (below half a unit in the last place of the mean) kept apart, and the
     variance `sum((c - x)**2) / n - e**2`: both sums are of values of the order of the spread,
-    never of the mean. Every expression that reads `x` differs from the others, so that XLA fuses
-    each into its reduction instead of writing a shared temporary the size of `x`. Gradients
-    flow through both passes (the pivot and the centre are constants).
+    never of the mean. The two passes read `x` through different expressions (`x - pivot`,
+    `c - x`), so that XLA fuses each into its reduction instead of writing a shared temporary
+    the size of `x`. Gradients flow through both passes (the pivot and the centre are
+    constants).
 
     Args:
         x: A tensor in its statistics dtype, with a static shape.
