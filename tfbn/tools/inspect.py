@@ -452,9 +452,9 @@ def _measure_function(flat: graph.Graph, steps, labelled: bool):
 
     It returns `"moments"`, `(3, channels of all layers)`: each layer's pivot, batch mean minus
     pivot and biased batch variance per channel (`_batch_normalized`), the layers one after the
-    other; `"counts"`, `(layers,)` int32: values
-    per channel; `"summary"`, as `_output_summary`; and with `labelled` the inference outputs,
-    `"outputs"`. One array of statistics per batch: one transfer to the host.
+    other; `"counts"`, `(layers,)` int32: values per channel; `"summary"`, as `_output_summary`;
+    and with `labelled` the inference outputs, `"outputs"`. One array of statistics per batch:
+    one transfer to the host.
     """
     bn_ids = {id(step.layer) for step in steps}
     downstream = _downstream_of_batch_norms(flat, steps)
@@ -813,7 +813,7 @@ def inspect(
             )
         moments.add(np.repeat(result["counts"], channels), *result["moments"])
         gap_sum += batch_gap
-        gap_max = max(gap_max, batch_gap_max)
+        gap_max = float(np.maximum(gap_max, batch_gap_max))  # NaN stays NaN
         scale_sum += batch_scale
         values += batch_values
         examples += int(keras.ops.shape(inputs[0])[0])
