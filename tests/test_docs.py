@@ -127,3 +127,21 @@ def test_run_sh_docs_builds_the_site(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (site / "index.html").is_file()
     assert str(site / "index.html") in result.stderr
+
+
+def test_the_domain_shift_page_is_the_studys_own_output():
+    """docs/results/domain_shift.md is what domain_shift_study.py renders from its JSON, and the
+    study's damaged MobileNetV2 had exactly its two damaged layers flagged."""
+    import importlib.util
+    import json
+
+    path = ROOT / "docs" / "results" / "domain_shift_study.py"
+    spec = importlib.util.spec_from_file_location("domain_shift_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    result = json.loads((ROOT / "docs" / "results" / "domain_shift.json").read_text())
+    assert (ROOT / "docs" / "results" / "domain_shift.md").read_text() == study._markdown(result)
+    case = result["damaged_layers"]
+    assert case["flagged_when_healthy"] == []
+    assert sorted(case["flagged_when_damaged"]) == sorted(case["damaged"])
+    assert {row["shift"] for row in result["shifts"]} == set(study.SHIFTS)
