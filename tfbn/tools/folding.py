@@ -126,7 +126,8 @@ def _producer_of(bn, model, counts) -> tuple[object | None, str]:
         return None, f"{kind} '{producer.name}' is quantized or has LoRA weights"
     if len(producer._inbound_nodes) != 1:
         return None, f"{kind} '{producer.name}' is applied more than once"
-    if keras.activations.serialize(producer.activation) not in ("linear", None):
+    # Compared, not serialized: Keras's serialize imports TensorFlow on any backend.
+    if producer.activation not in (None, keras.activations.linear):
         return None, f"{kind} '{producer.name}' applies an activation"
     if counts.get(id(tensor), 0) != 1:
         return None, f"the output of {kind} '{producer.name}' is used elsewhere too"
