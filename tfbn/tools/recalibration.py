@@ -28,8 +28,8 @@ any iterable of batches. The passes run compiled functions (one per level in exa
 kind of sweep in fast mode), kept with the model: a later call on the same model, graph and
 strategy compiles nothing again. On TensorFlow they are `tf.function`s run on every replica of a
 `tf.distribute` strategy, traced once per input signature whatever the batch size; on JAX they
-are `jax.jit` functions of the model's variables (compiled once per batch shape), and TensorFlow
-is not imported.
+are `jax.jit` functions of the model's variables (compiled once per batch shape); other backends
+run them eagerly. Only the TensorFlow backend imports TensorFlow.
 
 In both modes the statistics are exact for the inputs seen: per batch and replica, the sums of
 `x - p` and `(x - p)^2` are taken on the device in the input's precision (float32 for float16,
@@ -644,8 +644,10 @@ class _Functions:
         if key not in self.made:
             if self.strategy is not None:
                 self.made[key] = _Compiled(self.strategy, make())
-            else:
+            elif keras.backend.backend() == "jax":
                 self.made[key] = _Jitted(self.variables, make())
+            else:  # another backend: Keras's eager calls
+                self.made[key] = make()
         return self.made[key]
 
     def segment(self, q: int, measure: bool):
