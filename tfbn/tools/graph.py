@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import keras
 
-__all__ = ["Graph", "Step", "flatten", "run"]
+__all__ = ["Graph", "Step", "check_input_shapes", "flatten", "run"]
 
 
 class Step(NamedTuple):
@@ -121,3 +121,27 @@ def run(steps, values: dict[int, object], training: bool = False, call=_call) ->
         for key, value in zip(step.outputs, outputs, strict=True):
             values[key] = value
     return values
+
+
+def check_input_shapes(model: keras.Model, flat: Graph, shapes) -> None:
+    """Checks that inputs of `shapes` fit the model's inputs (where both sizes are known).
+
+    Raises:
+        ValueError: naming both shapes, if the number of inputs, a rank or a size differs.
+    """
+    expected = [tuple(flat.tensors[key].shape) for key in flat.inputs]
+
+    def fits(shape, want) -> bool:
+        return len(shape) == len(want) and all(
+            a is None or b is None or a == b for a, b in zip(shape[1:], want[1:], strict=True)
+        )
+
+    if len(shapes) != len(expected) or not all(map(fits, shapes, expected)):
+
+        def show(found):
+            return found[0] if len(found) == 1 else found
+
+        raise ValueError(
+            f"Argument `data`: its batches hold inputs of shape {show(shapes)}, but model "
+            f"'{model.name}' takes inputs of shape {show(expected)}."
+        )

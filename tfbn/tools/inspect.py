@@ -344,23 +344,7 @@ def _batches(data, batch_size: int | None, steps: int | None) -> tuple[Iterator,
 def _check_first_batch(model, flat: graph.Graph, batch) -> None:
     """The batch's inputs have the model's input shapes (where both are known)."""
     x, _ = batch
-    found = [tuple(np.shape(leaf)) for leaf in keras.tree.flatten(x)]
-    expected = [tuple(flat.tensors[key].shape) for key in flat.inputs]
-
-    def fits(shape, want) -> bool:
-        return len(shape) == len(want) and all(
-            a is None or b is None or a == b for a, b in zip(shape[1:], want[1:], strict=True)
-        )
-
-    if len(found) != len(expected) or not all(map(fits, found, expected)):
-
-        def show(shapes):
-            return shapes[0] if len(shapes) == 1 else shapes
-
-        raise ValueError(
-            f"Argument `data`: a batch holds inputs of shape {show(found)}, but model "
-            f"'{model.name}' takes inputs of shape {show(expected)}."
-        )
+    graph.check_input_shapes(model, flat, [tuple(np.shape(leaf)) for leaf in keras.tree.flatten(x)])
 
 
 # ------------------------------------------------------------------------------ the computations

@@ -497,26 +497,6 @@ def _shapes(batch) -> list[tuple]:
     return [tuple(np.shape(x)) for x in keras.tree.flatten(_features(batch))]
 
 
-def _check_shapes(model: keras.Model, flat: graph.Graph, shapes) -> None:
-    """Inputs of `shapes` have the model's input shapes (where both are known)."""
-    expected = [tuple(flat.tensors[key].shape) for key in flat.inputs]
-
-    def fits(shape, want) -> bool:
-        return len(shape) == len(want) and all(
-            a is None or b is None or a == b for a, b in zip(shape[1:], want[1:], strict=True)
-        )
-
-    if len(shapes) != len(expected) or not all(map(fits, shapes, expected)):
-
-        def show(found):
-            return found[0] if len(found) == 1 else found
-
-        raise ValueError(
-            f"Argument `data`: its batches hold inputs of shape {show(shapes)}, but model "
-            f"'{model.name}' takes inputs of shape {show(expected)}."
-        )
-
-
 class _Checked:
     """`batches` whose first batch of each pass is checked against the model's input shapes
     (the data whose shapes are not known before a pass: one-shot iterables, generators)."""
@@ -528,7 +508,7 @@ class _Checked:
     def __iter__(self):
         for index, values in enumerate(self.batches):
             if index == 0 and (self.strategy is None or _is_default(self.strategy)):
-                _check_shapes(self.model, self.flat, [tuple(v.shape) for v in values])
+                graph.check_input_shapes(self.model, self.flat, [tuple(v.shape) for v in values])
             yield values
 
     def examples(self, values) -> int:
@@ -899,7 +879,7 @@ def recalibrate(
         strategy = strategy or _tf().distribute.get_strategy()
     batches = _Batches(data, batch_size, steps, strategy)
     if batches.shapes is not None:
-        _check_shapes(model, plan.graph, batches.shapes)
+        graph.check_input_shapes(model, plan.graph, batches.shapes)
     batches = _Checked(model, plan.graph, batches)
     functions = _functions_for(model, plan, strategy)
     plan = functions.plan  # the same graph: the steps the kept functions were made from
