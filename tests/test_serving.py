@@ -205,8 +205,10 @@ import gettext, locale, os, sys
 import tensorflow
 import tfbn.cli.predict, tfbn.workflow.serving
 from tfbn import cli
-# Everything imported first (the interpreter's own files may be readable by root only); then the
-# process becomes nobody, for whom the root-owned input of mode 0600 cannot be read.
+# Everything imported first, every command's module too (the interpreter's and the checkout's
+# files may be readable by root only); then the process becomes nobody, for whom the root-owned
+# input of mode 0600 cannot be read.
+cli.build_parser()
 os.setgid(65534)
 os.setuid(65534)
 sys.exit(cli.main(["predict", sys.argv[1], sys.argv[2]]))
