@@ -214,7 +214,8 @@ def test_recalibrate_a_model_that_is_not_lenet_on_the_users_data(tmp_path, rng, 
     layer = keras.saving.load_model(tmp_path / "out.keras").get_layer("bn")
     reference = x.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(layer.moving_mean.numpy(), reference.mean((0, 1, 2)), rtol=1e-6)
-    np.testing.assert_allclose(layer.moving_variance.numpy(), reference.var((0, 1, 2)), rtol=1e-6)
+    # Per-batch sums in float32 (tfbn.tools.recalibration), merged in float64.
+    np.testing.assert_allclose(layer.moving_variance.numpy(), reference.var((0, 1, 2)), rtol=2e-5)
 
 
 def test_recalibrate_refuses_data_that_do_not_fit_before_any_pass(tmp_path, capsys):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from tfbn.ops import core, reduction
+from tfbn.ops import reduction
 
 # The checks and `Moments` live in `tfbn.ops.core` (backend-neutral); here for the callers of nn.
 from tfbn.ops.core import (  # noqa: F401
@@ -741,12 +741,17 @@ def moving_statistics_update(
     synchronized: bool = False,
     renorm_momentum: float | None = None,
 ) -> dict:
-    """New values of a layer's moving statistics after one training batch, on TensorFlow.
+    """New values of a layer's moving statistics after one training batch.
 
-    `tfbn.ops.core.moving_statistics_update` (the update rule, renorm included), after one step of
-    TensorFlow's own: without `synchronized`, under a `tf.distribute` strategy the batch statistics
-    are first averaged over replicas (`replica_mean_moments`), so every replica's copy gets the
-    same value. A batch without examples leaves every value unchanged.
+    `value <- momentum * value + (1 - momentum) * batch_value` for `moving_mean` and
+    `moving_variance`. With batch renormalization (`moving` holds `moving_stddev`, `renorm_mean`
+    and `renorm_stddev`): `renorm_mean`/`renorm_stddev` move with `renorm_momentum` towards the
+    batch mean and `sqrt(variance + epsilon)`, `moving_stddev` moves with `momentum` towards the
+    latter, and `moving_variance = max(moving_stddev ** 2 - epsilon, 0)` (as in Keras).
+
+    Without `synchronized`, under a `tf.distribute` strategy the batch statistics are first
+    averaged over replicas (`replica_mean_moments`), so every replica's copy gets the same value.
+    A batch without examples leaves every value unchanged.
 
     Args:
         stats: Per-channel batch statistics, as returned by `batch_norm_training` or `moments`.
@@ -757,10 +762,28 @@ def moving_statistics_update(
         renorm_momentum: Momentum of the renorm moving averages (needed with renorm).
 
     Returns:
-        Dict of the new values, keyed like `moving`, in each variable's dtype.
+        Dict with a new value for every key of `moving`, each in its dtype.
     """
     if not synchronized:
         stats = replica_mean_moments(stats)
-    return core.moving_statistics_update(
-        stats, moving, momentum=momentum, epsilon=epsilon, renorm_momentum=renorm_momentum
-    )
+    dtype = stats.mean.dtype
+    seen = stats.count > 0
+    targets = {"moving_mean": (stats.mean, momentum)}
+    renorm = "renorm_mean" in moving
+    stddev = tf.sqrt(stats.variance + constant(epsilon, dtype))
+    if renorm:
+        if renorm_momentum is None:
+            raise ValueError("Batch renormalization needs `renorm_momentum`.")
+        targets["moving_stddev"] = (stddev, momentum)
+        targets["renorm_mean"] = (stats.mean, renorm_momentum)
+        targets["renorm_stddev"] = (stddev, renorm_momentum)
+    else:
+        targets["moving_variance"] = (stats.variance, momentum)
+    new = {}
+    for name, (value, decay) in targets.items():
+        old = tf.cast(moving[name], dtype)
+        new[name] = tf.where(seen, old * decay + value * (1.0 - decay), old)
+    if renorm:
+        variance = tf.nn.relu(tf.square(new["moving_stddev"]) - constant(epsilon, dtype))
+        new["moving_variance"] = variance
+    return {name: tf.cast(value, tf.as_dtype(moving[name].dtype)) for name, value in new.items()}

@@ -31,7 +31,8 @@ strategy compiles nothing again. On TensorFlow they are `tf.function`s run on ev
 are `jax.jit` functions of the model's variables (compiled once per batch shape); other backends
 run them eagerly. Only the TensorFlow backend imports TensorFlow.
 
-In both modes the statistics are exact for the inputs seen: per batch and replica, the sums of
+In both modes the statistics are those of the inputs seen, to the float32 rounding of one
+batch's sums (about 1e-5 relative): per batch and replica, the sums of
 `x - p` and `(x - p)^2` are taken on the device in the input's precision (float32 for float16,
 bfloat16 and float32), `p` a per-channel pivot inside the data (the channel's mean over the
 batch's first example), so that the sums are of the order of the spread of the data, not of its
