@@ -224,3 +224,46 @@ def test_keras_batch_normalization_suite_passes_with_tfbn(tmp_path):
         f"Keras's suite with tfbn on torch: {sum(k == 'passed' for k in outcomes.values())} "
         f"passed, {sum(k == 'skipped' for k in outcomes.values())} skipped"
     )
+
+
+def _tools_model(norm):
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inputs)
+    h = norm(name="bn1")(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras.layers.Flatten()(keras.layers.AveragePooling2D(2)(h))
+    h = keras.layers.Dense(5, name="dense")(h)
+    return keras.Model(inputs, norm(name="bn2")(h))
+
+
+def test_the_model_tools_run_on_torch_against_float64(tmp_path):
+    """convert, fold_batch_norm, recalibrate (both modes) and inspect under the torch backend."""
+    rng = np.random.default_rng(7)
+    x = (3.0 + 2.0 * rng.standard_normal((96, 8, 8, 3))).astype("float32")
+    model = _tools_model(keras.layers.BatchNormalization)
+    expected = model.predict(x, verbose=0)
+    converted = tfbn.convert(model)
+    assert isinstance(converted.get_layer("bn1"), tfbn.BatchNorm)
+    np.testing.assert_allclose(converted.predict(x, verbose=0), expected, atol=1e-5)
+    folded = tfbn.fold_batch_norm(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    np.testing.assert_allclose(folded.predict(x, verbose=0), expected, atol=1e-4)
+    conv_out = keras.Model(model.input, model.get_layer("conv").output)
+    h = conv_out.predict(x, verbose=0).astype(np.float64)
+    for mode in ("exact", "fast"):
+        copy = _tools_model(keras.layers.BatchNormalization)
+        copy.set_weights(model.get_weights())
+        tfbn.recalibrate(copy, x, mode=mode, verbose=0)
+        layer = copy.get_layer("bn1")
+        np.testing.assert_allclose(layer.moving_mean.numpy(), h.mean((0, 1, 2)), atol=1e-5)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), h.var((0, 1, 2)), rtol=2e-5)
+    copy = _tools_model(keras.layers.BatchNormalization)
+    copy.set_weights(model.get_weights())
+    tfbn.recalibrate(copy, x, verbose=0)
+    assert tfbn.inspect(copy, x, batch_size=96, verbose=0).flagged == []
+    damaged = copy.get_layer("bn1")
+    mean = damaged.moving_mean.numpy()
+    mean[2] += 3.0 * np.sqrt(h.var((0, 1, 2))[2])
+    damaged.moving_mean.assign(mean)
+    assert tfbn.inspect(copy, x, batch_size=96, verbose=0).flagged == ["bn1"]
+    assert "tensorflow" not in sys.modules
