@@ -242,6 +242,7 @@ def test_targets_pass_fail_follow_values(quick_run):
             for name in MODELS
             for mode in ("exact", "fast")
         },
+        **{f"{name.lower()}_inspect_passes": None for name in MODELS},
         # The jax case runs on request only.
         "jax_layer_4d_train_ratio": None,
         "jax_layer_2d_train_ratio": None,
@@ -261,6 +262,7 @@ def test_targets_pass_fail_follow_values(quick_run):
         **{f"{name.lower()}_export_of_bound": (">=", 0.95) for name in MODELS},
         **{f"{name.lower()}_recalibrate_exact_passes": ("<=", 3.0) for name in MODELS},
         **{f"{name.lower()}_recalibrate_fast_passes": ("<=", 1.5) for name in MODELS},
+        **{f"{name.lower()}_inspect_passes": ("<=", 1.5) for name in MODELS},
         "jax_layer_4d_train_ratio": ("<=", 1.0),
         "jax_layer_2d_train_ratio": ("<=", 1.0),
         "jax_model_train_ratio": ("<=", 1.0),
@@ -702,6 +704,9 @@ def test_recalibrate_case_passes_are_medians_over_predict(recalibrate_run):
     for variant in ("exact", "fast", "inspect"):
         assert _close(row["passes"][variant], medians[variant] / medians["predict"])
     targets = {t["key"]: t for t in results["targets"]}
+    inspect_target = targets["mobilenetv2_inspect_passes"]
+    assert (inspect_target["value"], inspect_target["threshold"]) == (row["passes"]["inspect"], 1.5)
+    assert inspect_target["pass"] == (row["passes"]["inspect"] <= 1.5)
     for mode, bound in (("exact", 3.0), ("fast", 1.5)):
         target = targets[f"mobilenetv2_recalibrate_{mode}_passes"]
         assert (target["value"], target["comparison"], target["threshold"]) == (

@@ -113,6 +113,16 @@ TARGETS += tuple(
     for name in MODEL_SIZES
     for mode, bound in RECALIBRATE_PASSES.items()
 )
+INSPECT_PASSES = 1.5
+TARGETS += tuple(
+    (
+        f"{name.lower()}_inspect_passes",
+        f"{name} tfbn.inspect: time / model.predict time",
+        "<=",
+        INSPECT_PASSES,
+    )
+    for name in MODEL_SIZES
+)
 
 # The `jax` case: the layer's shapes under jax.jit and a model's training step.
 JAX_MODEL = "MobileNetV2"
@@ -983,6 +993,7 @@ def _target_values(cases: dict) -> dict[str, float | None]:
         passes = cases.get("recalibrate", {}).get("models", {}).get(name, {}).get("passes", {})
         for mode in RECALIBRATE_PASSES:
             values[f"{name.lower()}_recalibrate_{mode}_passes"] = passes.get(mode)
+        values[f"{name.lower()}_inspect_passes"] = passes.get("inspect")
     jax = cases.get("jax", {})
     for shape in ("4d", "2d"):
         values[f"jax_layer_{shape}_train_ratio"] = jax.get("layer", {}).get(shape, {}).get("ratio")
