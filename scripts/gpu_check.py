@@ -275,23 +275,6 @@ def _inspect_check() -> bool:
 
 
 # ----------------------------------------------------------------------------- timing
-def _train_step(layer, shape):
-    """A jitted forward + backward of `layer` (dx, dgamma, dbeta and the moving statistics)."""
-    import jax
-    import jax.numpy as jnp
-
-    layer.build(shape)
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def loss(trainable, x, dy):
-        y, updated = layer.stateless_call(trainable, non_trainable, x, training=True)
-        return jnp.sum(y * dy), updated
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-    return lambda x, dy: grad(trainable, x, dy)
-
-
 def _interleaved(functions: dict, repeats: int, min_sample_s: float) -> dict[str, float]:
     """Median seconds per call of each function: warmed up, then timed in rotating order."""
     import jax
@@ -320,13 +303,14 @@ def _timing_check(shape_name, shape, repeats, min_sample_s, device) -> bool:
     import numpy as np
 
     import tfbn
+    from tfbn.workflow.bench import jax_layer_step
 
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.normal(2.0, 3.0, size=shape).astype("float32"), device)
     dy = jax.device_put(rng.standard_normal(shape).astype("float32"), device)
     steps = {
-        "tfbn": _train_step(tfbn.BatchNorm(epsilon=EPS), shape),
-        "keras": _train_step(keras.layers.BatchNormalization(epsilon=EPS), shape),
+        "tfbn": jax_layer_step(tfbn.BatchNorm(epsilon=EPS), shape),
+        "keras": jax_layer_step(keras.layers.BatchNormalization(epsilon=EPS), shape),
     }
     dx = {name: np.asarray(step(x, dy)[0][1]) for name, step in steps.items()}
     diff = float(np.abs(dx["tfbn"] - dx["keras"]).max() / max(1.0, np.abs(dx["keras"]).max()))

@@ -13,25 +13,13 @@ import pathlib
 import keras
 import numpy as np
 import pytest
+from backend_reference import EPS, reference
 
 import tfbn
-
-EPS = 1e-3
 
 
 def test_the_backend_is_jax():
     assert keras.backend.backend() == "jax"
-
-
-def _reference(x, axis, mask=None):
-    """float64 mean, biased variance and normalized x over every axis but `axis`."""
-    x = np.asarray(x, np.float64)
-    axes = tuple(i for i in range(x.ndim) if i != axis)
-    w = np.ones_like(x) if mask is None else np.broadcast_to(mask[..., None], x.shape) * 1.0
-    count = w.sum(axes, keepdims=True)
-    mean = (w * x).sum(axes, keepdims=True) / count
-    var = (w * (x - mean) ** 2).sum(axes, keepdims=True) / count
-    return mean, var, (x - mean) / np.sqrt(var + EPS)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +38,7 @@ def test_training_output_and_moving_statistics_match_float64_at_a_large_mean(sha
     layer = tfbn.BatchNorm(axis=axis, momentum=0.5, epsilon=EPS)
     y = np.asarray(layer(x, training=True))
     axis %= len(shape)
-    mean, var, ref = _reference(x, axis)
+    mean, var, ref = reference(x, axis)
     np.testing.assert_allclose(y, ref, atol=1e-4)
     np.testing.assert_allclose(
         np.asarray(layer.moving_variance), 0.5 + 0.5 * var.ravel(), rtol=1e-4
@@ -61,7 +49,7 @@ def test_training_output_and_moving_statistics_match_float64_at_a_large_mean(sha
 def test_moments_and_batch_normalization_match_float64_at_a_large_mean():
     rng = np.random.default_rng(1)
     x = (-1e4 + rng.standard_normal((64, 8, 8, 4))).astype("float32")
-    mean, var, ref = _reference(x, 3)
+    mean, var, ref = reference(x, 3)
     m, v = tfbn.moments(x, axes=[0, 1, 2])
     np.testing.assert_allclose(np.asarray(v), var.ravel(), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(m), mean.ravel(), rtol=1e-7)
@@ -79,7 +67,7 @@ def test_mask_keeps_masked_positions_out_of_the_statistics():
     mask = rng.random((6, 7)) > 0.4
     layer = tfbn.BatchNorm(momentum=0.0)
     layer(x, training=True, mask=mask)
-    mean, var, _ = _reference(x, 2, mask)
+    mean, var, _ = reference(x, 2, mask)
     np.testing.assert_allclose(np.asarray(layer.moving_mean), mean.ravel(), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(layer.moving_variance), var.ravel(), rtol=1e-5)
 
@@ -93,7 +81,7 @@ def test_ghost_batches_normalize_each_virtual_batch_with_its_own_statistics():
     means, variances = [], []
     for j in range(groups):
         part = x[j::groups]  # tf-keras's grouping: examples j, j + g, ...
-        mean, var, ref = _reference(part, 2)
+        mean, var, ref = reference(part, 2)
         np.testing.assert_allclose(y[j::groups], ref, atol=1e-5)
         means.append(mean.ravel())
         variances.append(var.ravel())
@@ -109,7 +97,7 @@ def test_renorm_output_follows_the_paper_with_clipping():
     layer.renorm_mean.assign([0.0, 1.0, 2.0])
     layer.renorm_stddev.assign([1.0, 2.0, 8.0])
     y = np.asarray(layer(x, training=True))
-    mean, var, xhat = _reference(x, 1)
+    mean, var, xhat = reference(x, 1)
     sigma = np.array([1.0, 2.0, 8.0])
     r = np.clip(np.sqrt(var.ravel() + EPS) / sigma, None, 1.5)
     d = np.clip((mean.ravel() - [0.0, 1.0, 2.0]) / sigma, -0.5, 0.5)
@@ -129,7 +117,7 @@ def test_adjustment_scales_and_shifts_the_normalized_value():
 
     layer = tfbn.BatchNorm(adjustment=adjustment, beta_initializer="ones")
     y = np.asarray(layer(x, training=True))
-    _, _, xhat = _reference(x, 2)
+    _, _, xhat = reference(x, 2)
     np.testing.assert_allclose(y, xhat * scale + bias + 1.0, atol=1e-5)
     assert seen == [(16, 4, 3)]
 
@@ -147,7 +135,7 @@ def test_gradient_matches_the_closed_form_of_batch_normalization():
         return (y * dy).sum()
 
     dx = np.asarray(jax.grad(loss)(x))
-    _, var, xhat = _reference(x, 2)
+    _, var, xhat = reference(x, 2)
     d = dy.astype(np.float64)
     axes = (0, 1)
     ref = (gamma / np.sqrt(var + EPS)) * (
@@ -158,7 +146,7 @@ def test_gradient_matches_the_closed_form_of_batch_normalization():
 
 def _closed_form_gradients(x, dy, gamma, axes):
     """float64 (dx, dgamma, dbeta) of sum(dy * (gamma * x_hat + beta)) over the channel axis."""
-    _, var, xhat = _reference(x, len(x.shape) - 1)
+    _, var, xhat = reference(x, len(x.shape) - 1)
     d = dy.astype(np.float64)
     dx = (gamma / np.sqrt(var + EPS)) * (
         d - d.mean(axes, keepdims=True) - xhat * (d * xhat).mean(axes, keepdims=True)
@@ -193,7 +181,7 @@ def test_statistics_stay_exact_when_the_first_examples_are_far_from_the_mean():
     x = np.sort(1e4 + 50 * rng.standard_normal((512, 3)), axis=0).astype("float32")
     layer = tfbn.BatchNorm(momentum=0.0)
     y = np.asarray(jax_jit_call(layer, x))
-    mean, var, ref = _reference(x, 1)
+    mean, var, ref = reference(x, 1)
     np.testing.assert_allclose(np.asarray(layer.moving_variance), var.ravel(), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(layer.moving_mean), mean.ravel(), rtol=1e-7)
     np.testing.assert_allclose(y, ref, atol=1e-4)
@@ -226,7 +214,7 @@ def test_the_tf_keras_layer_computes_with_tensorflow_under_the_jax_backend():
     trained = layer(tf.constant(x), training=True)
     inferred = layer(tf.constant(x), training=False)
     assert isinstance(trained, tf.Tensor) and isinstance(inferred, tf.Tensor)
-    _, var, ref = _reference(x, 1)
+    _, var, ref = reference(x, 1)
     np.testing.assert_allclose(trained.numpy(), ref, atol=1e-4)
     np.testing.assert_allclose(layer.moving_variance.numpy(), var.ravel(), rtol=1e-4)
     np.testing.assert_allclose(inferred.numpy(), ref, atol=1e-4)
@@ -240,7 +228,7 @@ def test_mixed_precision_trains_in_float32_and_returns_float16():
         y = layer(x, training=True)
         assert keras.backend.standardize_dtype(y.dtype) == "float16"
         assert keras.backend.standardize_dtype(layer.moving_variance.dtype) == "float32"
-        _, var, ref = _reference(x, 1)
+        _, var, ref = reference(x, 1)
         np.testing.assert_allclose(np.asarray(layer.moving_variance), var.ravel(), rtol=1e-4)
         np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=1e-2)
     finally:
@@ -278,7 +266,7 @@ def test_data_parallel_statistics_are_those_of_the_global_batch():
         model.fit(x, x, batch_size=32, epochs=1, shuffle=False, verbose=0)
     finally:
         keras.distribution.set_distribution(None)
-    mean, var, _ = _reference(x, 1)
+    mean, var, _ = reference(x, 1)
     np.testing.assert_allclose(np.asarray(layer.moving_mean), mean.ravel(), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(layer.moving_variance), var.ravel(), rtol=1e-4)
 

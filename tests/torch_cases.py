@@ -14,28 +14,16 @@ import keras
 import numpy as np
 import pytest
 import torch
+from backend_reference import EPS, reference
 
 import tfbn
 from tfbn.ops import core
-
-EPS = 1e-3
 
 
 def test_the_backend_is_torch_and_tensorflow_is_not_imported():
     assert keras.backend.backend() == "torch"
     tfbn.BatchNorm()(np.ones((4, 3), "float32"), training=True)
     assert "tensorflow" not in sys.modules
-
-
-def _reference(x, axis, mask=None):
-    """float64 mean, biased variance and normalized x over every axis but `axis`."""
-    x = np.asarray(x, np.float64)
-    axes = tuple(i for i in range(x.ndim) if i != axis)
-    w = np.ones_like(x) if mask is None else np.broadcast_to(mask[..., None], x.shape) * 1.0
-    count = w.sum(axes, keepdims=True)
-    mean = (w * x).sum(axes, keepdims=True) / count
-    var = (w * (x - mean) ** 2).sum(axes, keepdims=True) / count
-    return mean, var, (x - mean) / np.sqrt(var + EPS)
 
 
 def _numpy(t) -> np.ndarray:
@@ -52,7 +40,7 @@ def test_training_output_and_moving_statistics_match_float64_at_a_large_mean(sha
     layer = tfbn.BatchNorm(axis=axis, momentum=0.5, epsilon=EPS)
     y = _numpy(layer(x, training=True))
     axis %= len(shape)
-    mean, var, ref = _reference(x, axis)
+    mean, var, ref = reference(x, axis)
     np.testing.assert_allclose(y, ref, atol=1e-4)
     np.testing.assert_allclose(_numpy(layer.moving_variance), 0.5 + 0.5 * var.ravel(), rtol=1e-4)
     np.testing.assert_allclose(_numpy(layer.moving_mean), 0.5 * mean.ravel(), rtol=1e-6)
@@ -68,7 +56,7 @@ def test_training_output_and_moving_statistics_match_float64_at_a_large_mean(sha
 def test_moments_and_batch_normalization_match_float64_at_a_large_mean():
     rng = np.random.default_rng(1)
     x = (-1e4 + rng.standard_normal((64, 8, 8, 4))).astype("float32")
-    mean, var, _ = _reference(x, 3)
+    mean, var, _ = reference(x, 3)
     m, v = tfbn.moments(x, axes=[0, 1, 2])
     assert isinstance(m, torch.Tensor)
     np.testing.assert_allclose(_numpy(v), var.ravel(), rtol=1e-4)
@@ -83,7 +71,7 @@ def test_moments_and_batch_normalization_match_float64_at_a_large_mean():
 def test_statistics_stay_exact_when_the_first_examples_are_far_from_the_mean():
     rng = np.random.default_rng(2)
     x = np.sort(1e4 + 50 * rng.standard_normal((512, 3)), axis=0).astype("float32")
-    _, var, _ = _reference(x, 1)
+    _, var, _ = reference(x, 1)
     _, v = tfbn.moments(x, axes=[0])
     np.testing.assert_allclose(_numpy(v), var.ravel(), rtol=1e-4)
 
@@ -94,7 +82,7 @@ def test_mask_keeps_masked_positions_out_of_the_statistics():
     mask = rng.random((6, 7)) > 0.4
     layer = tfbn.BatchNorm(momentum=0.0)
     layer(x, training=True, mask=mask)
-    mean, var, _ = _reference(x, 2, mask)
+    mean, var, _ = reference(x, 2, mask)
     np.testing.assert_allclose(_numpy(layer.moving_mean), mean.ravel(), rtol=1e-5)
     np.testing.assert_allclose(_numpy(layer.moving_variance), var.ravel(), rtol=1e-5)
 
@@ -108,7 +96,7 @@ def test_ghost_batches_normalize_each_virtual_batch_with_its_own_statistics():
     means, variances = [], []
     for j in range(groups):
         part = x[j::groups]  # tf-keras's grouping: examples j, j + g, ...
-        mean, var, ref = _reference(part, 2)
+        mean, var, ref = reference(part, 2)
         np.testing.assert_allclose(y[j::groups], ref, atol=1e-5)
         means.append(mean.ravel())
         variances.append(var.ravel())
@@ -124,7 +112,7 @@ def test_renorm_output_follows_the_paper_with_clipping():
     layer.renorm_mean.assign([0.0, 1.0, 2.0])
     layer.renorm_stddev.assign([1.0, 2.0, 8.0])
     y = _numpy(layer(x, training=True))
-    mean, var, xhat = _reference(x, 1)
+    mean, var, xhat = reference(x, 1)
     sigma = np.array([1.0, 2.0, 8.0])
     r = np.clip(np.sqrt(var.ravel() + EPS) / sigma, None, 1.5)
     d = np.clip((mean.ravel() - [0.0, 1.0, 2.0]) / sigma, -0.5, 0.5)
@@ -141,7 +129,7 @@ def test_gradients_match_the_closed_form_at_a_large_mean():
     beta = torch.zeros(4, requires_grad=True)
     y, _ = core.training_batch_norm(x, 2, gamma=gamma, beta=beta, epsilon=EPS)
     (y * torch.tensor(dy)).sum().backward()
-    _, var, xhat = _reference(x_np, 2)
+    _, var, xhat = reference(x_np, 2)
     d = dy.astype(np.float64)
     axes = (0, 1)
     dx = (gamma_np / np.sqrt(var + EPS)) * (
@@ -176,7 +164,7 @@ def test_synchronized_warns_once_and_uses_the_batch_of_the_process():
     messages = [str(w.message) for w in caught if "synchronized=True" in str(w.message)]
     assert len(messages) <= 1  # once per process: an earlier case may have warned already
     layers[0](x, training=True)
-    mean, var, _ = _reference(x, 1)
+    mean, var, _ = reference(x, 1)
     np.testing.assert_allclose(_numpy(layers[0].moving_mean), mean.ravel(), rtol=1e-5)
     np.testing.assert_allclose(_numpy(layers[0].moving_variance), var.ravel(), rtol=1e-5)
 

@@ -711,7 +711,7 @@ def _recalibrate_case(settings: dict, cases: dict, tick: Callable[[str], None]) 
 _JAX_TIMEOUT_S = 3600
 
 
-def _jax_layer_step(layer, shape: tuple):
+def jax_layer_step(layer, shape: tuple):
     """A jitted forward+backward of `layer` on JAX, its variables held fixed.
 
     Returns `step(x, dy) -> ((trainable gradients, dx), new non-trainable values)`: what
@@ -753,7 +753,7 @@ def _jax_layer_row(shape_name: str, shape: tuple, settings: dict) -> dict:
     x = jax.device_put(rng.normal(2.0, 3.0, size=shape).astype("float32"))
     dy = jax.device_put(rng.normal(size=shape).astype("float32"))
     steps = {
-        name: _jax_layer_step(_make_layer(f"jax_{name}_{shape_name}", kwargs, axis), tuple(shape))
+        name: jax_layer_step(_make_layer(f"jax_{name}_{shape_name}", kwargs, axis), tuple(shape))
         for name, kwargs in (("keras", None), ("tfbn", {}))
     }
     dx = {name: np.asarray(step(x, dy)[0][1]) for name, step in steps.items()}
